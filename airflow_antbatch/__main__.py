@@ -1,0 +1,3 @@
+from airflow_antbatch.cli import main
+
+raise SystemExit(main())

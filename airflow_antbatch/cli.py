@@ -1,0 +1,239 @@
+"""``antbatch``: plan, run workers, watch and finalize jobs without Airflow.
+
+Errors print one line and exit non-zero; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+from airflow_antbatch import exit_codes
+from airflow_antbatch.errors import AntBatchError
+from airflow_antbatch.spec import JobSpec
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import FrameType
+
+log = logging.getLogger("airflow_antbatch.cli")
+
+
+def _storage_options(text: str | None) -> dict[str, Any]:
+    raw = text if text is not None else os.environ.get("ANTBATCH_STORAGE_OPTIONS")
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--storage-options is not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--storage-options must be a JSON object")
+    return value
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, nargs="+", help="input URI(s): a file, a directory or a glob")
+    p.add_argument("--output", required=True, help="output URI: one Parquet file per shard lands here")
+    p.add_argument("--model", required=True, help="'pkg.module:factory' or a saved TorchScript/.pt2 URL")
+    p.add_argument("--format", choices=["parquet", "jsonl", "csv"], help="input format (default: from extensions)")
+    p.add_argument("--preprocess", help="'pkg.module:fn', fn(RecordBatch) -> model input")
+    p.add_argument("--postprocess", help="'pkg.module:fn', fn(output, RecordBatch) -> dict of columns")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--id-column", help="column copied to the output to join predictions back")
+    p.add_argument("--keep-column", action="append", default=[], help="another column to copy (repeatable)")
+    p.add_argument("--max-shard-rows", type=int, default=100_000)
+    p.add_argument("--target-shard-mb", type=float, default=128.0)
+    p.add_argument("--lease-ttl", type=float, default=60.0, help="seconds before a silent worker's shards are taken")
+    p.add_argument("--max-attempts", type=int, default=3, help="tries per shard before it fails for good")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--state", help="ledger root (default: OUTPUT/_antbatch)")
+    p.add_argument("--force", action="store_true", help="start a fresh attempt even if a plan exists")
+
+
+def _spec_from_args(args: argparse.Namespace) -> JobSpec:
+    return JobSpec(
+        input_uri=args.input[0] if len(args.input) == 1 else tuple(args.input),
+        output_uri=args.output,
+        model=args.model,
+        input_format=args.format,
+        preprocess=args.preprocess,
+        postprocess=args.postprocess,
+        batch_size=args.batch_size,
+        id_column=args.id_column,
+        keep_columns=tuple(args.keep_column),
+        max_shard_rows=args.max_shard_rows,
+        target_shard_bytes=int(args.target_shard_mb * 2**20),
+        lease_ttl_s=args.lease_ttl,
+        max_shard_attempts=args.max_attempts,
+        device=args.device,
+        state_uri=args.state,
+        storage_options=args.storage_options,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="antbatch", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument(
+        "--storage-options",
+        type=_storage_options,
+        default=None,
+        help="fsspec options as JSON (no credentials: use the environment); default $ANTBATCH_STORAGE_OPTIONS",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="list the input, cut shards and write the plan (once)")
+    _add_spec_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("run", help="plan, run N local workers side by side, finalize")
+    _add_spec_args(p)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("worker", help="process shards of a planned job until none is left")
+    p.add_argument("--spec", required=True, help="plan URI (printed by 'antbatch plan')")
+    p.add_argument("--worker-id", required=True, help="stable id of this worker slot (e.g. worker-3)")
+    p.add_argument("--torch-threads", type=int, help="intra-op threads (default: CPUs available)")
+    p.add_argument("--summary-file", help="also write the summary JSON here (e.g. /airflow/xcom/return.json)")
+
+    p = sub.add_parser("status", help="shards by state, rows, throughput and ETA")
+    p.add_argument("uri", help="plan URI, state root or output URI")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("finalize", help="check every shard is committed and write the _SUCCESS manifest")
+    p.add_argument("--spec", required=True, help="plan URI")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.storage_options is None:
+        args.storage_options = _storage_options(None)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(_COMMANDS[args.command](args))
+    except (AntBatchError, FileNotFoundError) as exc:
+        if args.debug:
+            raise
+        print(f"antbatch {args.command}: error: {exc}", file=sys.stderr)
+        return exit_codes.ERROR
+
+
+def _print(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
+    print(json.dumps(doc, indent=1, default=str) if getattr(args, "json", False) else text)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from airflow_antbatch.planning import plan_job
+
+    result = plan_job(_spec_from_args(args), force=args.force)
+    verb = "reused" if result.reused else "wrote"
+    doc = {"plan_uri": result.plan_uri, "shards": len(result.plan.shards), "reused": result.reused}
+    _print(args, doc, f"{verb} plan {result.plan_uri}: {len(result.plan.shards)} shards")
+    return exit_codes.OK
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from airflow_antbatch.worker.run import run_worker
+
+    stop = threading.Event()
+
+    def on_term(signum: int, _frame: FrameType | None) -> None:
+        log.warning("signal %d: no new claims; releasing the shard in hand", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    summary = run_worker(
+        args.spec, args.worker_id, storage_options=args.storage_options, stop=stop, torch_threads=args.torch_threads
+    )
+    doc = summary.to_dict()
+    if args.summary_file:
+        os.makedirs(os.path.dirname(os.path.abspath(args.summary_file)), exist_ok=True)
+        with open(args.summary_file, "w") as handle:
+            json.dump(doc, handle)
+    print(json.dumps(doc))
+    if summary.outcome == "preempted":
+        return exit_codes.PREEMPTED
+    return exit_codes.SHARDS_FAILED if summary.failed_for_good else exit_codes.OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from airflow_antbatch.finalize import finalize_job
+    from airflow_antbatch.planning import plan_job
+    from airflow_antbatch.worker.local import run_local_workers
+    from airflow_antbatch.worker.run import available_cpus
+
+    if args.workers < 1:
+        raise AntBatchError(f"--workers must be >= 1, got {args.workers}")
+    result = plan_job(_spec_from_args(args), force=args.force)
+    print(f"{'reused' if result.reused else 'wrote'} plan {result.plan_uri}: {len(result.plan.shards)} shards")
+    ids = [f"worker-{i}" for i in range(args.workers)]
+    threads = max(1, available_cpus() // args.workers)
+    results = run_local_workers(result.plan_uri, ids, storage_options=args.storage_options, torch_threads=threads)
+    for r in results:
+        s = r["summary"] or {}
+        print(
+            f"{r['worker_id']}: exit {r['exit_code']}, committed {s.get('shards_committed', '?')} shards "
+            f"({s.get('rows_committed', '?')} rows), skipped {s.get('shards_skipped', '?')} already committed"
+        )
+    manifest = finalize_job(result.plan_uri, args.storage_options)
+    doc = {"plan_uri": result.plan_uri, "workers": results, "manifest": manifest}
+    _print(
+        args,
+        doc,
+        f"done: {manifest['rows']} rows in {manifest['shards']} files; manifest "
+        f"{result.plan.spec.output_uri.rstrip('/')}/_SUCCESS",
+    )
+    return exit_codes.OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from airflow_antbatch.ledger import Ledger
+    from airflow_antbatch.planning import resolve_plan_uri
+
+    plan_uri = resolve_plan_uri(args.uri, args.storage_options)
+    status = Ledger.open(plan_uri, args.storage_options).status()
+    eta = "-" if status.eta_s is None else f"{status.eta_s:.0f}s"
+    lines = [
+        f"plan {plan_uri}",
+        f"shards: {status.committed}/{status.planned} committed, {status.leased} leased, "
+        f"{status.pending} pending, {status.failed} failed",
+        f"rows: {status.rows_committed}"
+        + (f"/{status.rows_planned}" if status.rows_planned is not None else "")
+        + f", {status.rows_per_s:.1f} rows/s, ETA {eta}",
+    ]
+    lines += [
+        f"  {w.worker_id:<16} {w.state:<10} {w.shards_committed:>6} shards {w.rows_committed:>10} rows "
+        f"{w.rows_per_s:>9.1f} rows/s  beat {w.last_beat_age_s:.0f}s ago"
+        for w in status.workers
+    ]
+    lines += [f"  failed {shard}: {error}" for shard, error in status.failures]
+    _print(args, {"plan_uri": plan_uri, **status.to_dict()}, "\n".join(lines))
+    return exit_codes.OK
+
+
+def _cmd_finalize(args: argparse.Namespace) -> int:
+    from airflow_antbatch.finalize import finalize_job
+
+    manifest = finalize_job(args.spec, args.storage_options)
+    _print(args, manifest, f"manifest: {manifest['rows']} rows in {manifest['shards']} files")
+    return exit_codes.OK
+
+
+_COMMANDS = {
+    "plan": _cmd_plan,
+    "run": _cmd_run,
+    "worker": _cmd_worker,
+    "status": _cmd_status,
+    "finalize": _cmd_finalize,
+}

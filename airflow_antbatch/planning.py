@@ -1,0 +1,292 @@
+"""Input listing and sharding: turn an input URI into a plan, once per job attempt.
+
+Shards are cut deterministically from the sorted listing, so the same input always gives the
+same shard ids; a rerun of the plan step reuses the stored plan when the input is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+import pyarrow.parquet as pq
+
+from airflow_antbatch.errors import InputError, InputNotFoundError, PlanConflictError
+from airflow_antbatch.ledger import PLAN_FILE
+from airflow_antbatch.shards import JobPlan, Piece, Shard
+from airflow_antbatch.store import AtomicStore
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from airflow_antbatch.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+_GLOB_CHARS = frozenset("*?[")
+# Spec fields whose change changes the results: a plan made with other values is another job.
+_RESULT_FIELDS = (
+    "output_uri",
+    "model",
+    "preprocess",
+    "postprocess",
+    "id_column",
+    "keep_columns",
+    "max_shard_rows",
+    "target_shard_bytes",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFile:
+    """One listed input file and what identifies its version (etag, or size and mtime)."""
+
+    path: str
+    size: int
+    version: str
+    row_groups: tuple[tuple[int, int], ...] | None = None  # (rows, bytes) per Parquet row group
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanResult:
+    plan: JobPlan
+    plan_uri: str
+    reused: bool
+
+
+def plan_job(spec: JobSpec, *, force: bool = False) -> PlanResult:
+    """Write the job's plan once; reuse it when the input is unchanged; refuse a changed one.
+
+    ``force`` starts a fresh attempt (new shard ids and output names) even if a plan exists.
+    """
+    fmt, files = list_input(spec)
+    fingerprint = plan_fingerprint(spec, fmt, files)
+    store = AtomicStore(spec.state_root, dict(spec.storage_options))
+    attempt, existing = _latest_plan(store)
+    if existing is not None and not force:
+        if existing.fingerprint == fingerprint:
+            log.info("reusing plan %s: input unchanged, %d shards", store.uri(_plan_rel(attempt)), len(existing.shards))
+            return PlanResult(existing, store.uri(_plan_rel(attempt)), reused=True)
+        raise PlanConflictError(_describe_conflict(existing, spec, fmt, files, store.uri(_plan_rel(attempt))))
+    attempt = 0 if existing is None else attempt + 1
+    plan = JobPlan(
+        spec=spec,
+        attempt=attempt,
+        fingerprint=fingerprint,
+        input_format=fmt,
+        shards=tuple(cut_shards(files, spec.max_shard_rows, spec.target_shard_bytes)),
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+    rel = _plan_rel(attempt)
+    if not store.create(rel, plan.to_json()):
+        # Another planner won the race for this attempt: use its plan if it is the same job.
+        data = store.read(rel)
+        assert data is not None
+        other = JobPlan.from_json(data, source=store.uri(rel))
+        if other.fingerprint != fingerprint:
+            raise PlanConflictError(f"a concurrent planner wrote a different plan at {store.uri(rel)}")
+        return PlanResult(other, store.uri(rel), reused=True)
+    log.info("planned %d shards from %d %s files into %s", len(plan.shards), len(files), fmt, store.uri(rel))
+    return PlanResult(plan, store.uri(rel), reused=False)
+
+
+def resolve_plan_uri(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The plan behind ``uri``: a plan file, a state root, or an output URI (latest attempt)."""
+    uri = uri.rstrip("/")
+    if uri.endswith("/" + PLAN_FILE):
+        return uri
+    for root in (uri, uri + "/_antbatch"):
+        store = AtomicStore(root, storage_options)
+        attempt, plan = _latest_plan(store)
+        if plan is not None:
+            return store.uri(_plan_rel(attempt))
+    raise FileNotFoundError(f"no airflow-antbatch plan under {uri} (looked for attempt-*/{PLAN_FILE} and _antbatch/)")
+
+
+def _plan_rel(attempt: int) -> str:
+    return f"attempt-{attempt:03d}/{PLAN_FILE}"
+
+
+def _latest_plan(store: AtomicStore) -> tuple[int, JobPlan | None]:
+    """Probe attempt-000, attempt-001, ... and return the last plan found."""
+    attempt, plan = -1, None
+    while True:
+        data = store.read(_plan_rel(attempt + 1))
+        if data is None:
+            return attempt, plan
+        attempt += 1
+        plan = JobPlan.from_json(data, source=store.uri(_plan_rel(attempt)))
+
+
+def _describe_conflict(existing: JobPlan, spec: JobSpec, fmt: str, files: list[InputFile], where: str) -> str:
+    changed = [f for f in _RESULT_FIELDS if getattr(existing.spec, f) != getattr(spec, f)]
+    if changed:
+        what = f"job settings differ ({', '.join(changed)})"
+    else:
+        planned = {p.path for s in existing.shards for p in s.pieces}
+        listed = {f.path for f in files}
+        what = (
+            f"the input changed since it was planned ({len(listed - planned)} new, "
+            f"{len(planned - listed)} gone, or files rewritten in place)"
+        )
+    return (
+        f"a plan already exists at {where} but {what}; a different job must use another output_uri "
+        "or state_uri, and a changed input needs force=True (--force) to start a fresh attempt"
+    )
+
+
+def plan_fingerprint(spec: JobSpec, fmt: str, files: Iterable[InputFile]) -> str:
+    doc = {
+        "format": fmt,
+        "files": [(f.path, f.size, f.version) for f in files],
+        "spec": {name: _jsonable(getattr(spec, name)) for name in _RESULT_FIELDS},
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+# -- listing ---------------------------------------------------------------------------------
+
+
+def list_input(spec: JobSpec) -> tuple[str, list[InputFile]]:
+    """The input's format and its files, sorted, with Parquet row-group sizes read."""
+    fs, _ = fsspec.core.url_to_fs(spec.input_uris[0], **spec.storage_options)
+    infos: dict[str, dict[str, Any]] = {}
+    for uri in spec.input_uris:
+        infos.update(_list_one(fs, uri, spec.input_format))
+    infos = {p: i for p, i in infos.items() if _keep_size(p, i)}
+    if not infos:
+        raise InputNotFoundError(f"input {list(spec.input_uris)} holds no non-empty data files")
+    fmt = spec.input_format or _infer_format(sorted(infos))
+    files = []
+    for path in sorted(infos):
+        info = infos[path]
+        url = fs.unstrip_protocol(path)
+        version = str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
+        groups = _row_groups(fs, path, url) if fmt == "parquet" else None
+        files.append(InputFile(url, int(info["size"]), version, groups))
+    return fmt, files
+
+
+def _list_one(fs: fsspec.AbstractFileSystem, uri: str, fmt: str | None) -> dict[str, dict[str, Any]]:
+    path = fs._strip_protocol(uri)
+    if _GLOB_CHARS & set(path):
+        found = fs.glob(path, detail=True)
+        if not found:
+            raise InputNotFoundError(f"input glob {uri} matches no files")
+    elif fs.isdir(path):
+        found = fs.find(path, detail=True)
+        found = {p: i for p, i in found.items() if _is_data_name(p[len(path) :], fmt)}
+        if not found:
+            wanted = f"{fmt} " if fmt else ""
+            raise InputNotFoundError(f"input directory {uri} holds no {wanted}data files")
+    elif fs.isfile(path):
+        found = {path: fs.info(path)}
+    else:
+        raise InputNotFoundError(f"input {uri} does not exist")
+    return {p: i for p, i in found.items() if i.get("type", "file") == "file"}
+
+
+def _is_data_name(rel: str, fmt: str | None) -> bool:
+    """Skip hidden and bookkeeping files (``.tmp``, ``_SUCCESS``, ``_antbatch/``) in a directory."""
+    parts = [p for p in rel.split("/") if p]
+    if any(p.startswith((".", "_")) for p in parts):
+        return False
+    ext = _extension(rel)
+    return _EXTENSIONS.get(ext) == fmt if fmt else ext in _EXTENSIONS
+
+
+def _keep_size(path: str, info: dict[str, Any]) -> bool:
+    if int(info.get("size") or 0) == 0:
+        log.warning("skipping zero-byte input file %s: it holds no rows", path)
+        return False
+    return True
+
+
+def _extension(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    return "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+def _infer_format(paths: list[str]) -> str:
+    formats: dict[str, str] = {}
+    for path in paths:
+        fmt = _EXTENSIONS.get(_extension(path))
+        if fmt is None:
+            raise InputError(
+                f"cannot tell the format of input file {path}: set input_format to one of "
+                f"{sorted(set(_EXTENSIONS.values()))}"
+            )
+        formats.setdefault(fmt, path)
+    if len(formats) > 1:
+        examples = ", ".join(f"{f} ({p})" for f, p in sorted(formats.items()))
+        raise InputError(f"input mixes formats: {examples}; point input_uri at one format or set input_format")
+    return next(iter(formats))
+
+
+def _row_groups(fs: fsspec.AbstractFileSystem, path: str, url: str) -> tuple[tuple[int, int], ...]:
+    try:
+        with fs.open(path, "rb") as handle:
+            meta = pq.read_metadata(handle)
+    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError variants for bad footers
+        raise InputError(f"input file {url} is not a readable Parquet file: {exc}") from exc
+    return tuple((meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups))
+
+
+# -- sharding --------------------------------------------------------------------------------
+
+
+def cut_shards(files: list[InputFile], max_rows: int, target_bytes: int) -> list[Shard]:
+    """Pack files (or Parquet row groups) in order into shards under both limits.
+
+    A unit larger than a limit on its own (one huge row group, one big JSONL file) becomes a
+    shard by itself: units are never split.
+    """
+    shards: list[list[Piece]] = []
+    current: list[Piece] = []
+    rows = size = 0
+    for unit in _units(files):
+        unit_rows = unit.rows or 0
+        if current and (rows + unit_rows > max_rows or size + unit.size > target_bytes):
+            shards.append(current)
+            current, rows, size = [], 0, 0
+        current = _append(current, unit)
+        rows += unit_rows
+        size += unit.size
+    if current:
+        shards.append(current)
+    return [_make_shard(i, pieces) for i, pieces in enumerate(shards)]
+
+
+def _units(files: list[InputFile]) -> Iterable[Piece]:
+    for f in files:
+        if f.row_groups is None:
+            yield Piece(f.path, f.size)
+        else:
+            for index, (rows, size) in enumerate(f.row_groups):
+                yield Piece(f.path, size, rows, (index,))
+
+
+def _append(pieces: list[Piece], unit: Piece) -> list[Piece]:
+    """Merge consecutive row groups of one file into one piece."""
+    last = pieces[-1] if pieces else None
+    if last is not None and last.path == unit.path and last.row_groups is not None and unit.row_groups is not None:
+        merged = Piece(
+            last.path, last.size + unit.size, (last.rows or 0) + (unit.rows or 0), last.row_groups + unit.row_groups
+        )
+        return [*pieces[:-1], merged]
+    return [*pieces, unit]
+
+
+def _make_shard(index: int, pieces: list[Piece]) -> Shard:
+    digest = hashlib.sha1(json.dumps([p.to_dict() for p in pieces], sort_keys=True).encode()).hexdigest()
+    return Shard(shard_id=f"{index:05d}-{digest[:8]}", pieces=tuple(pieces))

@@ -1,0 +1,123 @@
+"""The plan's data model: pieces of input files, shards of pieces, and the job plan.
+
+Kept apart from planning (which lists and cuts) and the ledger (which tracks progress), since
+the worker, the ledger, the planner and the Airflow side all read these shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from airflow_antbatch.errors import LedgerCorruptError, SpecError
+from airflow_antbatch.spec import JobSpec
+
+PLAN_FORMAT = "airflow-antbatch/plan"
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A whole input file, or some row groups of a Parquet file."""
+
+    path: str
+    size: int
+    rows: int | None = None
+    row_groups: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"path": self.path, "size": self.size, "rows": self.rows}
+        if self.row_groups is not None:
+            out["row_groups"] = list(self.row_groups)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Piece:
+        groups = data.get("row_groups")
+        return cls(
+            path=data["path"],
+            size=int(data["size"]),
+            rows=data.get("rows"),
+            row_groups=tuple(groups) if groups is not None else None,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """The unit of claiming, output and commit: minutes of work, never hours."""
+
+    shard_id: str
+    pieces: tuple[Piece, ...]
+
+    @property
+    def rows(self) -> int | None:
+        """Planned rows, when every piece's row count is known (Parquet); else None."""
+        counts = [p.rows for p in self.pieces]
+        return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
+
+    @property
+    def size(self) -> int:
+        return sum(p.size for p in self.pieces)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.shard_id, "pieces": [p.to_dict() for p in self.pieces]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Shard:
+        return cls(shard_id=data["id"], pieces=tuple(Piece.from_dict(p) for p in data["pieces"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class JobPlan:
+    """A job spec, its shards, and the fingerprint of the input they were cut from."""
+
+    spec: JobSpec
+    attempt: int
+    fingerprint: str
+    input_format: str
+    shards: tuple[Shard, ...]
+    created_at: str
+
+    @property
+    def shard_ids(self) -> tuple[str, ...]:
+        return tuple(s.shard_id for s in self.shards)
+
+    @property
+    def planned_rows(self) -> int | None:
+        counts = [s.rows for s in self.shards]
+        return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
+
+    def output_name(self, shard_id: str) -> str:
+        """The shard's output file, relative to the output root: the same for every try."""
+        return f"part-{self.attempt:03d}-{shard_id}.parquet"
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": PLAN_FORMAT,
+            "attempt": self.attempt,
+            "fingerprint": self.fingerprint,
+            "input_format": self.input_format,
+            "created_at": self.created_at,
+            "spec": self.spec.to_dict(),
+            "shards": [s.to_dict() for s in self.shards],
+        }
+        return json.dumps(doc, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, source: str) -> JobPlan:
+        try:
+            doc = json.loads(data)
+            if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
+                raise LedgerCorruptError(f"{source} is not an airflow-antbatch plan (no format {PLAN_FORMAT!r})")
+            return cls(
+                spec=JobSpec.from_dict(doc["spec"]),
+                attempt=int(doc["attempt"]),
+                fingerprint=str(doc["fingerprint"]),
+                input_format=str(doc["input_format"]),
+                shards=tuple(Shard.from_dict(s) for s in doc["shards"]),
+                created_at=str(doc["created_at"]),
+            )
+        except SpecError as exc:
+            raise LedgerCorruptError(f"{source}: {exc}") from exc
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LedgerCorruptError(f"{source} is malformed: {exc!r}") from exc

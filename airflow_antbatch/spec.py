@@ -1,0 +1,151 @@
+"""JobSpec: the one contract between the Airflow side and the workers.
+
+The planner writes it into the ledger; workers read it back by URI. It is plain JSON with a
+version number, so that a worker image and an Airflow deployment of different releases can
+tell when they do not speak the same language.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from airflow_antbatch.errors import SpecError
+
+SPEC_VERSION = 1
+INPUT_FORMATS = ("parquet", "jsonl", "csv")
+# Credentials belong in the environment (Kubernetes secrets, Airflow connections), never in a
+# spec that is written into the object store next to the data.
+_SECRET_OPTION_KEYS = frozenset(
+    {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "session_token"}
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    """What to score, with which model, and where the results and the ledger live."""
+
+    input_uri: str | tuple[str, ...]
+    output_uri: str
+    model: str
+    input_format: str | None = None
+    preprocess: str | None = None
+    postprocess: str | None = None
+    batch_size: int = 256
+    id_column: str | None = None
+    keep_columns: tuple[str, ...] = ()
+    state_uri: str | None = None
+    lease_ttl_s: float = 60.0
+    max_shard_rows: int = 100_000
+    target_shard_bytes: int = 128 * 2**20
+    max_shard_attempts: int = 3
+    device: str = "cpu"
+    storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    spec_version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        # Normalise list-like inputs so that a spec read back from JSON compares equal.
+        if isinstance(self.input_uri, list):
+            object.__setattr__(self, "input_uri", tuple(self.input_uri))
+        if isinstance(self.keep_columns, list):
+            object.__setattr__(self, "keep_columns", tuple(self.keep_columns))
+        object.__setattr__(self, "storage_options", dict(self.storage_options))
+        _validate(self)
+
+    @property
+    def state_root(self) -> str:
+        """Where the ledger lives: ``state_uri``, or ``_antbatch`` beside the output."""
+        return self.state_uri or self.output_uri.rstrip("/") + "/_antbatch"
+
+    @property
+    def input_uris(self) -> tuple[str, ...]:
+        return self.input_uri if isinstance(self.input_uri, tuple) else (self.input_uri,)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["input_uri"] = list(self.input_uri) if isinstance(self.input_uri, tuple) else self.input_uri
+        out["keep_columns"] = list(self.keep_columns)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
+        if not isinstance(data, Mapping):
+            raise SpecError(f"job spec must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError(f"unknown job spec field(s) {unknown}; known fields: {sorted(known)}")
+        missing = sorted(f for f in ("input_uri", "output_uri", "model") if f not in data)
+        if missing:
+            raise SpecError(f"job spec is missing required field(s) {missing}")
+        version = data.get("spec_version", SPEC_VERSION)
+        if version != SPEC_VERSION:
+            raise SpecError(f"job spec field 'spec_version' is {version!r}; this release reads version {SPEC_VERSION}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, source: str = "job spec") -> JobSpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"{source} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+
+def _check_type(name: str, value: object, types: type | tuple[type, ...], allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    # bool is an int subclass; a spec saying batch_size=true is a mistake, not 1.
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise SpecError(f"job spec field '{name}' must be {_type_name(types)}, got {value!r}")
+    if not isinstance(value, types):
+        raise SpecError(f"job spec field '{name}' must be {_type_name(types)}, got {value!r}")
+
+
+def _type_name(types: type | tuple[type, ...]) -> str:
+    seq = types if isinstance(types, tuple) else (types,)
+    return " or ".join(t.__name__ for t in seq)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise SpecError(f"job spec field '{name}' must be > 0, got {value!r}")
+
+
+def _validate(spec: JobSpec) -> None:
+    _check_type("input_uri", spec.input_uri, (str, tuple))
+    if not spec.input_uris or not all(isinstance(u, str) and u for u in spec.input_uris):
+        raise SpecError(f"job spec field 'input_uri' must be a non-empty URI or list of URIs, got {spec.input_uri!r}")
+    for name in ("output_uri", "model"):
+        value = getattr(spec, name)
+        _check_type(name, value, str)
+        if not value:
+            raise SpecError(f"job spec field '{name}' must not be empty")
+    for name in ("preprocess", "postprocess", "id_column", "state_uri", "input_format"):
+        _check_type(name, getattr(spec, name), str, allow_none=True)
+    if spec.input_format is not None and spec.input_format not in INPUT_FORMATS:
+        raise SpecError(
+            f"job spec field 'input_format' must be one of {list(INPUT_FORMATS)}, got {spec.input_format!r}"
+        )
+    for name in ("batch_size", "max_shard_rows", "target_shard_bytes", "max_shard_attempts"):
+        _check_type(name, getattr(spec, name), int)
+        _check_positive(name, getattr(spec, name))
+    _check_type("lease_ttl_s", spec.lease_ttl_s, (int, float))
+    _check_positive("lease_ttl_s", spec.lease_ttl_s)
+    _check_type("device", spec.device, str)
+    _check_type("keep_columns", spec.keep_columns, tuple)
+    if not all(isinstance(c, str) for c in spec.keep_columns):
+        raise SpecError(f"job spec field 'keep_columns' must be a list of column names, got {spec.keep_columns!r}")
+    if spec.id_column is not None and spec.id_column in spec.keep_columns:
+        raise SpecError(f"job spec field 'keep_columns' repeats the id column {spec.id_column!r}")
+    secrets = sorted(_SECRET_OPTION_KEYS & set(spec.storage_options))
+    if secrets:
+        raise SpecError(
+            f"job spec field 'storage_options' holds credentials {secrets}: pass them through the "
+            "environment (Kubernetes secret, Airflow connection), not the spec"
+        )

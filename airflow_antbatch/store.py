@@ -1,0 +1,209 @@
+"""An fsspec root plus the one primitive the ledger relies on: atomic create-if-absent.
+
+fsspec's generic ``mode="x"`` is check-then-write, so it is not used. Each supported backend
+uses its own truly atomic path (see docs/adr/0001-atomic-create.md):
+
+- local files: write a temp file, then ``os.link`` it to the final name (fails if the name
+  exists, and readers never see a half-written file);
+- S3 (s3fs): ``PutObject`` with ``If-None-Match: *``;
+- memory: a process-wide lock (the memory filesystem is process-local anyway).
+
+Any other protocol is refused with ``UnsupportedStoreError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
+
+from airflow_antbatch.errors import StoreError, UnsupportedStoreError
+
+_MEMORY_LOCK = threading.Lock()
+_S3_PROTOCOLS = frozenset({"s3", "s3a"})
+# AWS answers 409 ConditionalRequestConflict while a competing conditional write is in flight.
+_CONFLICT_RETRIES = 5
+
+
+class AtomicStore:
+    """Files under one root, addressed by relative paths, with request counting.
+
+    ``counts`` tallies every request by kind (create, read, put, list, delete), so that tests
+    and benchmarks can check what the ledger costs per shard.
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.fs: fsspec.AbstractFileSystem = fs
+        self.url = url.rstrip("/")
+        self.root = root.rstrip("/")
+        self.kind = _backend_kind(fs, url)
+        self.counts: Counter[str] = Counter()
+        self._count_lock = threading.Lock()
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def uri(self, rel: str) -> str:
+        """The full URL of ``rel``, as users and other processes can open it."""
+        return f"{self.url}/{rel}" if rel else self.url
+
+    def _count(self, kind: str) -> None:
+        with self._count_lock:
+            self.counts[kind] += 1
+
+    def create(self, rel: str, data: bytes) -> bool:
+        """Write ``data`` at ``rel`` unless something is there; True if this call created it."""
+        self._count("create")
+        path = self.path(rel)
+        try:
+            if self.kind == "local":
+                return _local_create(path, data)
+            if self.kind == "memory":
+                return _memory_create(self.fs, path, data)
+            return _s3_create(self.fs, path, data)
+        except (StoreError, FileNotFoundError):
+            raise
+        except OSError as exc:
+            raise StoreError(f"create of {self.uri(rel)} failed: {exc}") from exc
+
+    def read(self, rel: str) -> bytes | None:
+        """The bytes at ``rel``, or None if nothing is there (one GET, never a listing)."""
+        self._count("read")
+        try:
+            return bytes(self.fs.cat_file(self.path(rel)))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"read of {self.uri(rel)} failed: {exc}") from exc
+
+    def put(self, rel: str, data: bytes, *, kind: str = "put") -> None:
+        """Overwrite ``rel`` atomically: readers see the old bytes or the new, never a part."""
+        self._count(kind)
+        path = self.path(rel)
+        try:
+            if self.kind == "local":
+                _local_replace(path, data)
+            else:
+                self.fs.pipe_file(path, data)
+        except OSError as exc:
+            raise StoreError(f"write of {self.uri(rel)} failed: {exc}") from exc
+
+    def list(self, rel: str, *, recursive: bool = True) -> list[str]:
+        """Files below ``rel``, relative to it, hidden temp files left out (one paginated listing)."""
+        self._count("list")
+        base = self.path(rel)
+        self.fs.invalidate_cache(base)
+        try:
+            found = self.fs.find(base) if recursive else self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StoreError(f"listing of {self.uri(rel)} failed: {exc}") from exc
+        prefix = base.rstrip("/") + "/"
+        names = (p[len(prefix) :] for p in found if p.startswith(prefix))
+        return sorted(n for n in names if not any(part.startswith(".") for part in n.split("/")))
+
+    def delete(self, rel: str) -> None:
+        self._count("delete")
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path(rel))
+
+
+def _backend_kind(fs: fsspec.AbstractFileSystem, url: str) -> str:
+    if isinstance(fs, LocalFileSystem):
+        return "local"
+    if isinstance(fs, MemoryFileSystem):
+        return "memory"
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & _S3_PROTOCOLS:
+        return "s3"
+    raise UnsupportedStoreError(
+        f"{url!r}: the {sorted(protocols)} filesystem has no atomic create-if-absent that "
+        "airflow-antbatch can rely on (supported: local files, s3://, memory://); "
+        "exactly-once output cannot be promised there"
+    )
+
+
+def _local_create(path: str, data: bytes) -> bool:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _write_temp(path, data)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
+def _local_replace(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _write_temp(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _write_temp(path: str, data: bytes) -> str:
+    """A fully written, fsynced sibling of ``path`` whose name marks it as temporary."""
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def _memory_create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    with _MEMORY_LOCK:
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        return True
+
+
+def _s3_create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    for attempt in range(_CONFLICT_RETRIES):
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            status, code = _s3_error_status(exc)
+            # Servers word a lost race differently (moto: FileExistsError; SeaweedFS:
+            # EINVAL carrying a 412): every 412 PreconditionFailed means "already exists".
+            if status == 412 or code == "PreconditionFailed":
+                return False
+            if status == 409 and attempt + 1 < _CONFLICT_RETRIES:
+                time.sleep(0.05 * (attempt + 1))
+                continue
+            raise
+    raise StoreError(f"create of {path} kept conflicting with concurrent writers")
+
+
+def _s3_error_status(exc: BaseException) -> tuple[int | None, str | None]:
+    """HTTP status and error code of the botocore error behind an s3fs exception, if any."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = response.get("Error", {}).get("Code")
+            return status, code
+        cause = cause.__cause__
+    return None, None

@@ -1,0 +1,1 @@
+"""The worker side: pulls shards from the ledger and scores them. Imports no Airflow."""

@@ -1,0 +1,80 @@
+"""The embedded local launcher: N ``antbatch worker`` subprocesses on this machine.
+
+It runs the very command a pod runs, so the local mode exercises the same code path as the
+Kubernetes one. SIGTERM and SIGINT sent to the launcher are forwarded to every worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import FrameType
+
+
+def worker_command(
+    plan_uri: str,
+    worker_id: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    torch_threads: int | None = None,
+    summary_file: str | None = None,
+) -> list[str]:
+    """The ``antbatch worker`` command line, for subprocesses and pods alike."""
+    cmd = [sys.executable, "-m", "airflow_antbatch", "worker", "--spec", plan_uri, "--worker-id", worker_id]
+    if storage_options:
+        cmd += ["--storage-options", json.dumps(storage_options)]
+    if torch_threads:
+        cmd += ["--torch-threads", str(torch_threads)]
+    if summary_file:
+        cmd += ["--summary-file", summary_file]
+    return cmd
+
+
+def run_local_workers(
+    plan_uri: str,
+    worker_ids: Sequence[str],
+    *,
+    storage_options: dict[str, Any] | None = None,
+    torch_threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Run the workers side by side and wait; each result has the exit code and the summary."""
+    with tempfile.TemporaryDirectory(prefix="antbatch-") as tmp:
+        procs = []
+        for worker_id in worker_ids:
+            summary_file = os.path.join(tmp, f"{worker_id}.json")
+            cmd = worker_command(
+                plan_uri,
+                worker_id,
+                storage_options=storage_options,
+                torch_threads=torch_threads,
+                summary_file=summary_file,
+            )
+            procs.append((worker_id, summary_file, subprocess.Popen(cmd)))
+
+        def forward(signum: int, _frame: FrameType | None) -> None:
+            for _, _, proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signum)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            results = []
+            for worker_id, summary_file, proc in procs:
+                code = proc.wait()
+                summary = None
+                if os.path.exists(summary_file):
+                    with open(summary_file) as handle:
+                        summary = json.load(handle)
+                results.append({"worker_id": worker_id, "exit_code": code, "summary": summary})
+            return results
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
