@@ -161,7 +161,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.summary_file)), exist_ok=True)
         with open(args.summary_file, "w") as handle:
             json.dump(doc, handle)
-    print(json.dumps(doc))
+    else:
+        print(json.dumps(doc))
     if summary.outcome == "preempted":
         return exit_codes.PREEMPTED
     return exit_codes.SHARDS_FAILED if summary.failed_for_good else exit_codes.OK
@@ -176,7 +177,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise AntBatchError(f"--workers must be >= 1, got {args.workers}")
     result = plan_job(_spec_from_args(args), force=args.force)
-    print(f"{'reused' if result.reused else 'wrote'} plan {result.plan_uri}: {len(result.plan.shards)} shards")
+    # Progress goes to stderr so that stdout holds only the result (plain JSON with --json).
+    verb = "reused" if result.reused else "wrote"
+    print(f"{verb} plan {result.plan_uri}: {len(result.plan.shards)} shards", file=sys.stderr)
     ids = [f"worker-{i}" for i in range(args.workers)]
     threads = max(1, available_cpus() // args.workers)
     results = run_local_workers(result.plan_uri, ids, storage_options=args.storage_options, torch_threads=threads)
@@ -184,7 +187,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         s = r["summary"] or {}
         print(
             f"{r['worker_id']}: exit {r['exit_code']}, committed {s.get('shards_committed', '?')} shards "
-            f"({s.get('rows_committed', '?')} rows), skipped {s.get('shards_skipped', '?')} already committed"
+            f"({s.get('rows_committed', '?')} rows), skipped {s.get('shards_skipped', '?')} already committed",
+            file=sys.stderr,
         )
     manifest = finalize_job(result.plan_uri, args.storage_options)
     doc = {"plan_uri": result.plan_uri, "workers": results, "manifest": manifest}

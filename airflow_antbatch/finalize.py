@@ -34,22 +34,22 @@ def finalize_job(plan_uri: str, storage_options: dict[str, Any] | None = None) -
         )
     output = AtomicStore(plan.spec.output_uri, dict(plan.spec.storage_options))
     present = set(output.list("", recursive=False))
-    files = []
+    files: list[dict[str, Any]] = []
     for shard_id in plan.shard_ids:
         record = records[shard_id]
         if record.file not in present:
             raise StoreError(f"shard {shard_id} is committed but its output {output.uri(record.file)} is missing")
         files.append({"path": record.file, "uri": output.uri(record.file), "shard": shard_id, "rows": record.rows})
-    manifest = {
+    manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "plan": plan_uri,
         "attempt": plan.attempt,
         "shards": len(files),
-        "rows": sum(f["rows"] for f in files),
+        "rows": sum(records[s].rows for s in plan.shard_ids),
         "files": files,
     }
     previous = read_manifest(plan.spec.output_uri, storage_options)
-    if previous is not None and {k: previous.get(k) for k in manifest} == manifest:
+    if previous is not None and all(previous.get(k) == v for k, v in manifest.items()):
         return previous  # a rerun of a finished job: nothing to rewrite
     manifest["finalized_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     output.put(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())

@@ -332,17 +332,8 @@ class Ledger:
     def status(self) -> JobStatus:
         """Shards by state, rows and throughput, from a handful of listings."""
         committed = self.committed_shards()
-        planned_ids = set(self.plan.shard_ids)
-        latest_claim: dict[str, int] = {}
-        for name in self.store.list("claims"):
-            shard_id, _, epoch = name.removesuffix(".json").partition("/")
-            if shard_id in planned_ids and epoch.isdigit():
-                latest_claim[shard_id] = max(latest_claim.get(shard_id, -1), int(epoch))
-        released: dict[str, list[int]] = {}
-        for name in self.store.list("releases"):
-            shard_id, _, epoch = name.removesuffix(".json").partition("/")
-            if shard_id in planned_ids and shard_id not in committed and epoch.isdigit():
-                released.setdefault(shard_id, []).append(int(epoch))
+        latest_claim = {shard: max(epochs) for shard, epochs in self._epochs_listed("claims").items()}
+        released = {s: e for s, e in self._epochs_listed("releases").items() if s not in committed}
         workers = self._worker_statuses()
         fresh = {w.token for w in workers if w.state == "running" and w.last_beat_age_s < self._ttl}
         failures: list[tuple[str, str]] = []
@@ -354,12 +345,12 @@ class Ledger:
                 if release is not None and release.get("failed"):
                     n_failed += 1
                     failures.append((shard_id, str(release.get("error"))))
-            epoch = latest_claim.get(shard_id)
+            latest = latest_claim.get(shard_id)
             live = (
-                epoch is not None
+                latest is not None
                 and shard_id not in committed
-                and epoch not in released.get(shard_id, [])
-                and self._read_claim(shard_id, epoch)["token"] in fresh
+                and latest not in released.get(shard_id, [])
+                and self._read_claim(shard_id, latest)["token"] in fresh
             )
             state = shard_state(
                 committed=shard_id in committed,
@@ -369,6 +360,16 @@ class Ledger:
             )
             counts[state] += 1
         return self._summarise(counts, workers, failures)
+
+    def _epochs_listed(self, directory: str) -> dict[str, list[int]]:
+        """``claims/`` or ``releases/`` as {shard: [epochs]}, for planned shards only."""
+        planned = set(self.plan.shard_ids)
+        out: dict[str, list[int]] = {}
+        for name in self.store.list(directory):
+            shard_id, _, epoch = name.removesuffix(".json").partition("/")
+            if shard_id in planned and epoch.isdigit():
+                out.setdefault(shard_id, []).append(int(epoch))
+        return out
 
     def _summarise(
         self, counts: dict[ShardState, int], workers: list[WorkerStatus], failures: list[tuple[str, str]]

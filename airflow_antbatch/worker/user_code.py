@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import io
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import fsspec
 import torch
@@ -53,7 +53,9 @@ def load_model(ref: str, *, device: str, storage_options: dict[str, Any] | None 
     if not isinstance(model, torch.nn.Module):
         raise UserCodeError(f"model {ref!r} gave a {type(model).__name__}, not a torch.nn.Module")
     try:
-        return model.to(device).eval()
+        model = model.to(device)
+        # A torch.export program keeps the mode it was exported in and refuses eval().
+        return model if ref.lower().endswith(".pt2") else model.eval()
     except (RuntimeError, AssertionError) as exc:
         raise UserCodeError(f"model {ref!r} cannot be moved to device {device!r}: {exc}") from exc
 
@@ -66,7 +68,9 @@ def _load_saved(url: str, storage_options: dict[str, Any]) -> torch.nn.Module:
         raise UserCodeError(f"saved model {url!r} does not exist") from exc
     try:
         if url.lower().endswith(".pt2"):
-            return torch.export.load(data).module()
-        return torch.jit.load(data, map_location="cpu")
+            loaded: Any = torch.export.load(data).module()
+        else:
+            loaded = torch.jit.load(data, map_location="cpu")  # type: ignore[no-untyped-call]
+        return cast(torch.nn.Module, loaded)
     except Exception as exc:
         raise UserCodeError(f"saved model {url!r} cannot be loaded by torch: {exc!r}") from exc

@@ -1,0 +1,167 @@
+"""Planning: listing through fsspec, deterministic shards, and a plan written once."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from airflow_antbatch.errors import InputError, InputNotFoundError, PlanConflictError
+from airflow_antbatch.planning import InputFile, cut_shards, list_input, plan_job, resolve_plan_uri
+from airflow_antbatch.spec import JobSpec
+from tests.conftest import TABULAR, write_transactions
+
+
+def _spec(input_uri: str | tuple[str, ...], output: pathlib.Path, **kw: object) -> JobSpec:
+    return JobSpec(input_uri=input_uri, output_uri=str(output), model=f"{TABULAR}:build_model", **kw)  # type: ignore[arg-type]
+
+
+def test_parquet_is_cut_by_row_groups_under_max_rows(
+    transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path
+) -> None:
+    directory, _ = transactions
+    result = plan_job(_spec(str(directory), tmp_path / "out", max_shard_rows=500))
+    shards = result.plan.shards
+    assert len(shards) == 6  # 3 files x 4 row groups of 250, two groups per shard
+    assert all(s.rows == 500 for s in shards)
+    assert all(len(s.pieces) == 1 and s.pieces[0].row_groups is not None for s in shards)
+    assert result.plan.planned_rows == 3000
+    assert not result.reused
+
+
+def test_small_files_are_grouped_into_one_shard(tmp_path: pathlib.Path) -> None:
+    directory = tmp_path / "many"
+    write_transactions(directory, files=10, rows_per_file=20, row_group_size=20)
+    plan = plan_job(_spec(str(directory), tmp_path / "out")).plan
+    assert len(plan.shards) == 1
+    assert len(plan.shards[0].pieces) == 10
+
+
+def test_shard_ids_are_deterministic(transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path) -> None:
+    directory, _ = transactions
+    first = plan_job(_spec(str(directory), tmp_path / "a", max_shard_rows=250)).plan
+    second = plan_job(_spec(str(directory), tmp_path / "b", max_shard_rows=250)).plan
+    assert first.shard_ids == second.shard_ids
+    assert len(set(first.shard_ids)) == 12
+
+
+def test_rerun_reuses_the_plan(transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path) -> None:
+    directory, _ = transactions
+    spec = _spec(str(directory), tmp_path / "out")
+    first = plan_job(spec)
+    again = plan_job(spec)
+    assert again.reused
+    assert again.plan_uri == first.plan_uri
+    assert again.plan.shard_ids == first.plan.shard_ids
+
+
+def test_changed_input_is_refused_unless_forced(
+    transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path
+) -> None:
+    directory, _ = transactions
+    spec = _spec(str(directory), tmp_path / "out")
+    first = plan_job(spec)
+    write_transactions(directory / "late", files=1, rows_per_file=10, row_group_size=10)
+    with pytest.raises(PlanConflictError, match=r"input changed since it was planned \(1 new"):
+        plan_job(spec)
+    forced = plan_job(spec, force=True)
+    assert forced.plan.attempt == first.plan.attempt + 1
+    assert "attempt-001" in forced.plan_uri
+    assert resolve_plan_uri(str(tmp_path / "out")) == forced.plan_uri
+
+
+def test_other_job_on_the_same_output_is_refused(
+    transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path
+) -> None:
+    directory, _ = transactions
+    plan_job(_spec(str(directory), tmp_path / "out"))
+    with pytest.raises(PlanConflictError, match=r"job settings differ \(model\)"):
+        plan_job(JobSpec(input_uri=str(directory), output_uri=str(tmp_path / "out"), model="other:model"))
+
+
+def test_glob_and_list_inputs(transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path) -> None:
+    directory, _ = transactions
+    _, by_glob = list_input(_spec(str(directory / "part-00[01].parquet"), tmp_path / "o"))
+    _, by_list = list_input(_spec((str(directory / "part-000.parquet"), str(directory / "part-001.parquet")), tmp_path))
+    assert [f.path for f in by_glob] == [f.path for f in by_list]
+    assert len(by_glob) == 2
+
+
+def test_directory_listing_skips_hidden_and_bookkeeping_files(
+    transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path
+) -> None:
+    directory, _ = transactions
+    (directory / "_SUCCESS").write_text("{}")
+    (directory / ".part-9.parquet.tmp-1").write_bytes(b"junk")
+    (directory / "empty.parquet").write_bytes(b"")
+    fmt, files = list_input(_spec(str(directory), tmp_path / "o"))
+    assert fmt == "parquet"
+    assert [pathlib.Path(f.path).name for f in files] == ["part-000.parquet", "part-001.parquet", "part-002.parquet"]
+
+
+def test_jsonl_and_csv_are_whole_file_pieces(tmp_path: pathlib.Path) -> None:
+    directory = tmp_path / "text"
+    directory.mkdir()
+    (directory / "a.jsonl").write_text("".join(json.dumps({"id": i, "x": i * 0.5}) + "\n" for i in range(5)))
+    pacsv.write_csv(pa.table({"id": [1, 2], "x": [0.1, 0.2]}), directory / "b.csv")
+    with pytest.raises(InputError, match=r"input mixes formats: csv \(.*b.csv\), jsonl \(.*a.jsonl\)"):
+        list_input(_spec(str(directory), tmp_path / "o"))
+    fmt, files = list_input(_spec(str(directory), tmp_path / "o", input_format="jsonl"))
+    assert fmt == "jsonl"
+    assert [pathlib.Path(f.path).name for f in files] == ["a.jsonl"]
+    assert files[0].row_groups is None
+
+
+def test_missing_input_names_the_path(tmp_path: pathlib.Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(InputNotFoundError, match=f"input {missing} does not exist"):
+        plan_job(_spec(str(missing), tmp_path / "out"))
+
+
+def test_unknown_format_names_the_file(tmp_path: pathlib.Path) -> None:
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"\x00\x01")
+    with pytest.raises(InputError, match=r"cannot tell the format of input file .*data.bin: set input_format"):
+        plan_job(_spec(str(data), tmp_path / "out"))
+
+
+def test_corrupt_parquet_names_the_file(tmp_path: pathlib.Path) -> None:
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match=r"input file .*bad.parquet is not a readable Parquet file"):
+        plan_job(_spec(str(bad), tmp_path / "out"))
+
+
+_units = st.lists(
+    st.tuples(
+        st.integers(1, 3), st.lists(st.tuples(st.integers(0, 400), st.integers(1, 5000)), min_size=1, max_size=6)
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(files=_units, max_rows=st.integers(1, 1000), target_bytes=st.integers(1, 20000))
+def test_cut_shards_covers_every_row_group_once_in_order_within_limits(
+    files: list[tuple[int, list[tuple[int, int]]]], max_rows: int, target_bytes: int
+) -> None:
+    inputs = [
+        InputFile(f"/f{i}.parquet", sum(b for _, b in groups), "v", tuple(groups))
+        for i, (_, groups) in enumerate(files)
+    ]
+    shards = cut_shards(inputs, max_rows, target_bytes)
+    units = [(p.path, g) for s in shards for p in s.pieces for g in (p.row_groups or ())]
+    expected = [(f.path, g) for f in inputs for g in range(len(f.row_groups or ()))]
+    assert units == expected  # every row group exactly once, in listing order
+    assert len({s.shard_id for s in shards}) == len(shards)
+    for shard in shards:
+        groups = sum(len(p.row_groups or ()) for p in shard.pieces)
+        if groups > 1:  # only a single oversized row group may exceed a limit
+            assert (shard.rows or 0) <= max_rows
+            assert shard.size <= target_bytes

@@ -1,0 +1,90 @@
+"""The worker loop in-process: commits, skips on rerun, releases on stop, fails bad shards for good."""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from airflow_antbatch.examples import tabular
+from airflow_antbatch.ledger import Ledger, WorkerIdentity
+from airflow_antbatch.planning import plan_job
+from airflow_antbatch.spec import JobSpec
+from airflow_antbatch.worker.inference import BatchScorer
+from airflow_antbatch.worker.loop import Worker
+from tests.conftest import TABULAR
+
+
+@pytest.fixture
+def plan_uri(transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path) -> str:
+    directory, _ = transactions
+    spec = JobSpec(
+        input_uri=str(directory),
+        output_uri=str(tmp_path / "out"),
+        model=f"{TABULAR}:build_model",
+        id_column="txn_id",
+        max_shard_rows=500,
+        batch_size=100,
+        lease_ttl_s=5.0,
+    )
+    return plan_job(spec).plan_uri
+
+
+def _worker(plan_uri: str, worker_id: str, scorer: BatchScorer | None = None, **kw: object) -> Worker:
+    scorer = scorer or BatchScorer(tabular.build_model(), preprocess=tabular.preprocess, id_column="txn_id")
+    return Worker(Ledger.open(plan_uri), WorkerIdentity(worker_id), scorer, **kw)  # type: ignore[arg-type]
+
+
+def test_one_worker_commits_every_shard_once(plan_uri: str, transactions: tuple[pathlib.Path, pa.Table]) -> None:
+    summary = _worker(plan_uri, "w0").run()
+    assert summary.outcome == "finished"
+    assert summary.shards_committed == 6
+    assert summary.rows_committed == 3000
+    ledger = Ledger.open(plan_uri)
+    records = ledger.commit_records()
+    out = pq.read_table([str(pathlib.Path(ledger.plan.spec.output_uri) / r.file) for r in records])
+    assert sorted(out.column("txn_id").to_pylist()) == sorted(transactions[1].column("txn_id").to_pylist())
+    status = ledger.status()
+    assert status.succeeded and status.rows_committed == 3000 and status.eta_s == 0.0
+
+
+def test_rerun_skips_committed_shards_without_claiming(plan_uri: str) -> None:
+    _worker(plan_uri, "w0").run()
+    again = _worker(plan_uri, "w0")
+    summary = again.run()
+    assert (summary.shards_skipped, summary.shards_committed) == (6, 0)
+    assert "create" not in summary.requests  # not a single claim attempted
+
+
+def test_stop_releases_the_shard_in_hand_for_others(plan_uri: str) -> None:
+    stop = threading.Event()
+
+    def stop_after_first_batch(batch: pa.RecordBatch) -> object:
+        stop.set()
+        return tabular.preprocess(batch)
+
+    scorer = BatchScorer(tabular.build_model(), preprocess=stop_after_first_batch, id_column="txn_id")
+    preempted = _worker(plan_uri, "w0", scorer, stop=stop).run()
+    assert preempted.outcome == "preempted"
+    assert preempted.shards_committed == 0
+    releases = Ledger.open(plan_uri).store.list("releases")
+    assert len(releases) == 1
+    # The released try is taken over at once by another worker: no lease TTL to wait out.
+    summary = _worker(plan_uri, "w1").run()
+    assert summary.shards_committed == 6
+
+
+def test_failing_shards_fail_for_good_after_max_attempts(plan_uri: str) -> None:
+    from tests.slow_model import build_failing_model
+
+    scorer = BatchScorer(build_failing_model(), preprocess=tabular.preprocess)
+    summary = _worker(plan_uri, "w0", scorer).run()
+    assert summary.outcome == "finished"
+    assert summary.shards_failed == 6 * 3
+    assert len(summary.failed_for_good) == 6
+    status = Ledger.open(plan_uri).status()
+    assert status.failed == 6 and status.finished and not status.succeeded
+    assert "boom on a batch of 100 rows" in status.failures[0][1]
