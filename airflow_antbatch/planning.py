@@ -80,7 +80,7 @@ def plan_job(spec: JobSpec, *, force: bool = False) -> PlanResult:
         attempt=attempt,
         fingerprint=fingerprint,
         input_format=fmt,
-        shards=tuple(cut_shards(files, spec.max_shard_rows, spec.target_shard_bytes)),
+        shards=tuple(cut_shards(files, spec.max_shard_rows, spec.target_shard_bytes, split_lines=fmt == "jsonl")),
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
     rel = _plan_rel(attempt)
@@ -245,16 +245,17 @@ def _row_groups(fs: fsspec.AbstractFileSystem, path: str, url: str) -> tuple[tup
 # -- sharding --------------------------------------------------------------------------------
 
 
-def cut_shards(files: list[InputFile], max_rows: int, target_bytes: int) -> list[Shard]:
+def cut_shards(files: list[InputFile], max_rows: int, target_bytes: int, *, split_lines: bool = False) -> list[Shard]:
     """Pack files (or Parquet row groups) in order into shards under both limits.
 
-    A unit larger than a limit on its own (one huge row group, one big JSONL file) becomes a
-    shard by itself: units are never split.
+    Big JSONL files (``split_lines``) are first cut into byte ranges of ``target_bytes``. A
+    unit larger than a limit on its own (one huge row group, one big CSV file) becomes a shard
+    by itself: row groups and CSV files are never split (a quoted newline makes CSV ranges unsafe).
     """
     shards: list[list[Piece]] = []
     current: list[Piece] = []
     rows = size = 0
-    for unit in _units(files):
+    for unit in _units(files, target_bytes if split_lines else None):
         unit_rows = unit.rows or 0
         if current and (rows + unit_rows > max_rows or size + unit.size > target_bytes):
             shards.append(current)
@@ -267,9 +268,13 @@ def cut_shards(files: list[InputFile], max_rows: int, target_bytes: int) -> list
     return [_make_shard(i, pieces) for i, pieces in enumerate(shards)]
 
 
-def _units(files: list[InputFile]) -> Iterable[Piece]:
+def _units(files: list[InputFile], range_bytes: int | None) -> Iterable[Piece]:
     for f in files:
-        if f.row_groups is None:
+        if f.row_groups is None and range_bytes is not None and f.size > range_bytes:
+            for start in range(0, f.size, range_bytes):
+                end = min(f.size, start + range_bytes)
+                yield Piece(f.path, end - start, byte_range=(start, end))
+        elif f.row_groups is None:
             yield Piece(f.path, f.size)
         else:
             for index, (rows, size) in enumerate(f.row_groups):

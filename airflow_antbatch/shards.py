@@ -18,27 +18,36 @@ PLAN_FORMAT = "airflow-antbatch/plan"
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
-    """A whole input file, or some row groups of a Parquet file."""
+    """A whole input file, some row groups of a Parquet file, or a byte range of a JSONL file.
+
+    A byte range ``(start, end)`` holds the lines that *start* inside it, so consecutive ranges
+    cover every line of the file exactly once.
+    """
 
     path: str
     size: int
     rows: int | None = None
     row_groups: tuple[int, ...] | None = None
+    byte_range: tuple[int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"path": self.path, "size": self.size, "rows": self.rows}
         if self.row_groups is not None:
             out["row_groups"] = list(self.row_groups)
+        if self.byte_range is not None:
+            out["byte_range"] = list(self.byte_range)
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Piece:
         groups = data.get("row_groups")
+        byte_range = data.get("byte_range")
         return cls(
             path=data["path"],
             size=int(data["size"]),
             rows=data.get("rows"),
             row_groups=tuple(groups) if groups is not None else None,
+            byte_range=(int(byte_range[0]), int(byte_range[1])) if byte_range is not None else None,
         )
 
 

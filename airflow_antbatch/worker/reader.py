@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import io
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import fsspec
 import pyarrow as pa
@@ -37,10 +38,34 @@ def _read_piece(piece: Piece, fmt: str, batch_size: int, storage_options: dict[s
             groups = list(piece.row_groups) if piece.row_groups is not None else None
             yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size, row_groups=groups)
             return
-        if fmt == "jsonl":
+        if fmt == "jsonl" and piece.byte_range is not None:
+            table = pajson.read_json(io.BytesIO(read_line_range(handle, *piece.byte_range)))
+        elif fmt == "jsonl":
             table = pajson.read_json(handle)
         elif fmt == "csv":
             table = pacsv.read_csv(handle)
         else:
             raise InputError(f"unknown input format {fmt!r} for {piece.path}")
         yield from table.to_batches(max_chunksize=batch_size)
+
+
+def read_line_range(handle: BinaryIO, start: int, end: int) -> bytes:
+    """The whole lines that start in ``[start, end)``: Hadoop's rule for splitting text files.
+
+    A line straddling ``start`` belongs to the previous range, so the reader skips to the
+    first line break at or after ``start - 1``; it then reads lines while they start before ``end``.
+    """
+    if start > 0:
+        handle.seek(start - 1)
+        handle.readline()
+    else:
+        handle.seek(0)
+    chunks = []
+    position = handle.tell()
+    while position < end:
+        line = handle.readline()
+        if not line:
+            break
+        chunks.append(line)
+        position += len(line)
+    return b"".join(chunks)
