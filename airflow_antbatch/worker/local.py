@@ -28,9 +28,10 @@ def worker_command(
     summary_file: str | None = None,
 ) -> list[str]:
     """The ``antbatch worker`` command line, for subprocesses and pods alike."""
-    cmd = [sys.executable, "-m", "airflow_antbatch", "worker", "--spec", plan_uri, "--worker-id", worker_id]
-    if storage_options:
+    cmd = [sys.executable, "-m", "airflow_antbatch"]
+    if storage_options:  # a top-level option: it must come before the subcommand
         cmd += ["--storage-options", json.dumps(storage_options)]
+    cmd += ["worker", "--spec", plan_uri, "--worker-id", worker_id]
     if torch_threads:
         cmd += ["--torch-threads", str(torch_threads)]
     if summary_file:

@@ -1,0 +1,1 @@
+"""Airflow operators of airflow-antbatch: plan, local worker, finalize."""

@@ -1,0 +1,200 @@
+"""The ``local`` launcher: one mapped task runs one ``antbatch worker`` subprocess.
+
+It runs the very command a Kubernetes pod runs, on the Airflow worker itself: the embedded
+mode for laptops, the demo and the tests.
+
+The child stays in the task's process group, so when Airflow's supervisor signals the group
+(task killed, marked failed, timed out) the worker gets the signal too; ``on_kill`` and every
+exit path of ``execute`` also stop it (SIGTERM, a grace period, then SIGKILL of it and anything
+it started), so no worker outlives its task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+import psutil  # type: ignore[import-untyped]  # an Airflow dependency; no stubs installed
+
+from airflow_antbatch import exit_codes
+from airflow_antbatch.version_compat import AirflowException, AirflowFailException, BaseOperator
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from airflow_antbatch.version_compat import Context
+
+
+class LocalBatchWorkerOperator(BaseOperator):
+    """Runs one elastic worker until no shard is left for it; returns the worker's summary.
+
+    The summary (shards and rows committed, shards skipped, throughput) is the XCom return
+    value, for the UI and downstream tasks; the ledger stays the source of truth.
+
+    :param plan_uri: the plan written by the plan task (mapped from its output).
+    :param worker_id: stable id of this worker slot, e.g. ``worker-0`` (mapped likewise).
+    :param storage_options: fsspec options for the ledger's store (no credentials).
+    :param torch_threads: intra-op threads; default ``max(1, CPUs // workers_on_host)``,
+        counted on the machine that runs the task.
+    :param workers_on_host: how many local workers may run side by side on one machine.
+    :param kill_grace_s: how long a stopped worker gets to release its shard before SIGKILL.
+    """
+
+    template_fields: Sequence[str] = ("plan_uri", "worker_id")
+    ui_color = "#fef3e8"
+
+    def __init__(
+        self,
+        *,
+        plan_uri: str,
+        worker_id: str,
+        storage_options: dict[str, Any] | None = None,
+        torch_threads: int | None = None,
+        workers_on_host: int = 1,
+        kill_grace_s: float = 20.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.plan_uri = plan_uri
+        self.worker_id = worker_id
+        self.storage_options = storage_options
+        self.torch_threads = torch_threads
+        self.workers_on_host = workers_on_host
+        self.kill_grace_s = kill_grace_s
+        self._proc: subprocess.Popen[str] | None = None
+
+    @classmethod
+    def launcher_defaults(cls, *, max_workers: int) -> dict[str, Any]:
+        """Builder hook: all of a job's local workers may share one machine's CPUs."""
+        return {"workers_on_host": max_workers}
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from airflow_antbatch.worker.local import worker_command
+
+        with tempfile.TemporaryDirectory(prefix="antbatch-") as tmp:
+            summary_file = os.path.join(tmp, "summary.json")
+            cmd = worker_command(
+                self.plan_uri,
+                self.worker_id,
+                torch_threads=self.torch_threads or self.default_torch_threads(),
+                summary_file=summary_file,
+            )
+            env = dict(os.environ)
+            if self.storage_options:
+                # The CLI's documented fallback; worker_command's --storage-options lands after the
+                # subcommand, where the CLI does not accept it (see tests/test_concurrency.py).
+                env["ANTBATCH_STORAGE_OPTIONS"] = json.dumps(self.storage_options)
+            self.log.info("Running %s", " ".join(cmd))
+            code = self._run(cmd, env)
+            summary = _read_summary(summary_file)
+        self._raise_for(code, summary)
+        return summary
+
+    def default_torch_threads(self) -> int:
+        # OpenMP threads of several workers spinning against each other make inference many
+        # times slower: give each worker its share of this machine's CPUs.
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, cpus // max(1, self.workers_on_host))
+
+    def _run(self, cmd: list[str], env: dict[str, str] | None = None) -> int:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+        )
+        self._proc = proc
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                self.log.log(_level_of(line), "%s", line.rstrip("\n"))
+            return proc.wait()
+        finally:
+            # Whatever ends this loop (an exception, a task timeout), the worker goes with it.
+            self._stop(proc)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+    def _raise_for(self, code: int, summary: dict[str, Any]) -> None:
+        if code == exit_codes.OK:
+            self.log.info(
+                "%s committed %s shards (%s rows), skipped %s already committed",
+                self.worker_id,
+                summary.get("shards_committed"),
+                summary.get("rows_committed"),
+                summary.get("shards_skipped"),
+            )
+            return
+        if code == exit_codes.PREEMPTED:
+            raise AirflowException(f"{self.worker_id} was preempted (SIGTERM), shards released; retry continues")
+        if code == exit_codes.SHARDS_FAILED:
+            failed = list(summary.get("failed_for_good", []))
+            raise AirflowFailException(
+                f"{self.worker_id}: {len(failed)} shards failed for good (max_shard_attempts reached), "
+                f"e.g. {failed[:3]}; fix the cause and rerun with force_rerun, see the log above for errors"
+            )
+        if code < 0:
+            raise AirflowException(
+                f"{self.worker_id}: antbatch worker was killed by {signal.Signals(-code).name}; "
+                "its lease expires and other workers or a retry take its shard over"
+            )
+        raise AirflowException(f"{self.worker_id}: antbatch worker exited with code {code}; see the log above")
+
+    def on_kill(self) -> None:
+        """SIGTERM the worker (it releases its shard), then SIGKILL after the grace period."""
+        if self._proc is not None:
+            self._stop(self._proc)
+
+    def _stop(self, proc: subprocess.Popen[str]) -> None:
+        if proc.poll() is not None:
+            return
+        self.log.warning("Stopping %s (pid %d): SIGTERM, SIGKILL in %.0fs", self.worker_id, proc.pid, self.kill_grace_s)
+        family = _descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=self.kill_grace_s)
+        except subprocess.TimeoutExpired:
+            family += _descendants(proc.pid)
+            proc.kill()
+            # Timed, never a blocking wait: on_kill may run in a signal handler that interrupted
+            # a wait in execute, and Popen's wait lock is not reentrant.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        for child in family:  # whatever the worker started and left behind
+            with contextlib.suppress(psutil.Error):
+                child.kill()  # psutil checks that the pid was not reused
+        psutil.wait_procs(family, timeout=5)
+
+
+def _level_of(line: str) -> int:
+    """The worker's own log level (``asctime LEVEL name: message``), so errors stand out in the UI."""
+    head = line[:40]
+    for name in ("CRITICAL", "ERROR", "WARNING"):
+        if f" {name} " in head:
+            return int(getattr(logging, name))
+    return logging.INFO
+
+
+def _read_summary(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as handle:
+        data = json.load(handle)
+    return data if isinstance(data, dict) else {}
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    """Processes the worker started (e.g. preprocess pools), to kill along with it."""
+    try:
+        return list(psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return []

@@ -1,0 +1,140 @@
+"""The plan task: list the input, cut shards, write the plan once, size the worker fan-out."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from airflow_antbatch.errors import PlanConflictError, SpecError
+from airflow_antbatch.spec import JobSpec
+from airflow_antbatch.version_compat import AirflowFailException, BaseOperator
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from airflow_antbatch.version_compat import Context
+
+PLAN_URI_KEY = "plan_uri"
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off", "", "none"})
+
+
+class PlanBatchInferenceOperator(BaseOperator):
+    """Writes the job plan into the ledger and returns one kwargs dict per worker to map over.
+
+    A rerun with unchanged input reuses the stored plan, so cleared or retried runs skip the
+    committed shards; a changed input fails unless ``force_rerun`` is true, which starts a fresh
+    attempt. The plan URI is pushed to XCom under ``plan_uri`` for the sensor and finalize.
+    The job fields are those of :class:`~airflow_antbatch.spec.JobSpec`; they are validated
+    when the DAG is parsed, and the URI and import-path fields are templated.
+    """
+
+    template_fields: Sequence[str] = (
+        "input_uri",
+        "output_uri",
+        "state_uri",
+        "model",
+        "preprocess",
+        "postprocess",
+        "force_rerun",
+    )
+    ui_color = "#e8f0fe"
+
+    def __init__(
+        self,
+        *,
+        input_uri: str | Sequence[str],
+        output_uri: str,
+        model: str,
+        preprocess: str | None = None,
+        postprocess: str | None = None,
+        input_format: str | None = None,
+        id_column: str | None = None,
+        keep_columns: Sequence[str] = (),
+        batch_size: int = 256,
+        max_shard_rows: int = 100_000,
+        target_shard_bytes: int = 128 * 2**20,
+        lease_ttl_s: float = 60.0,
+        max_shard_attempts: int = 3,
+        device: str = "cpu",
+        storage_options: Mapping[str, Any] | None = None,
+        state_uri: str | None = None,
+        max_workers: int = 4,
+        min_shards_per_worker: int = 1,
+        force_rerun: bool | str = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        for name, value in (("max_workers", max_workers), ("min_shards_per_worker", min_shards_per_worker)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.input_uri = input_uri if isinstance(input_uri, str) else list(input_uri)
+        self.output_uri = output_uri
+        self.state_uri = state_uri
+        self.model = model
+        self.preprocess = preprocess
+        self.postprocess = postprocess
+        self.options: dict[str, Any] = {
+            "input_format": input_format,
+            "id_column": id_column,
+            "keep_columns": tuple(keep_columns),
+            "batch_size": batch_size,
+            "max_shard_rows": max_shard_rows,
+            "target_shard_bytes": target_shard_bytes,
+            "lease_ttl_s": lease_ttl_s,
+            "max_shard_attempts": max_shard_attempts,
+            "device": device,
+            "storage_options": dict(storage_options or {}),
+        }
+        self.max_workers = max_workers
+        self.min_shards_per_worker = min_shards_per_worker
+        self.force_rerun = force_rerun
+        self.job_spec()  # a bad setting fails when the DAG is parsed, not at 2 a.m.
+
+    def job_spec(self) -> JobSpec:
+        """The JobSpec from the (rendered, at run time) fields."""
+        return JobSpec(
+            input_uri=self.input_uri if isinstance(self.input_uri, str) else tuple(self.input_uri),
+            output_uri=self.output_uri,
+            model=self.model,
+            preprocess=self.preprocess,
+            postprocess=self.postprocess,
+            state_uri=self.state_uri,
+            **self.options,
+        )
+
+    def execute(self, context: Context) -> list[dict[str, str]]:
+        from airflow_antbatch.planning import plan_job
+
+        force = as_bool(self.force_rerun, "force_rerun")
+        try:
+            result = plan_job(self.job_spec(), force=force)
+        except (SpecError, PlanConflictError) as exc:
+            raise AirflowFailException(str(exc)) from exc  # a retry cannot fix the settings
+        shards = len(result.plan.shards)
+        if result.reused:
+            self.log.info("Reusing plan %s (%d shards): input unchanged, commits kept", result.plan_uri, shards)
+        else:
+            why = " (force_rerun)" if force else ""
+            self.log.info("Wrote plan %s: %d shards, attempt %d%s", result.plan_uri, shards, result.plan.attempt, why)
+        context["ti"].xcom_push(key=PLAN_URI_KEY, value=result.plan_uri)
+        workers = worker_count(shards, self.max_workers, self.min_shards_per_worker)
+        self.log.info("Fanning out to %d workers (max_workers %d)", workers, self.max_workers)
+        return [{"plan_uri": result.plan_uri, "worker_id": f"worker-{i}"} for i in range(workers)]
+
+
+def worker_count(shards: int, max_workers: int, min_shards_per_worker: int = 1) -> int:
+    """Few workers for a small night; never more than there are shards to share."""
+    return max(1, min(max_workers, math.ceil(shards / min_shards_per_worker)))
+
+
+def as_bool(value: object, name: str) -> bool:
+    """Templated params render to strings ("True", "false") unless the DAG renders native objects."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise AirflowFailException(f"{name} must be true or false, got {value!r}")

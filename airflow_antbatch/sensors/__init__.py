@@ -1,0 +1,1 @@
+"""Airflow sensors of airflow-antbatch: the shard-ledger sensor."""

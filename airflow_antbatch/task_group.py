@@ -1,0 +1,137 @@
+"""``elastic_batch_inference``: the one-call builder of a batch-inference job in a DAG.
+
+    plan -> worker x N (mapped, one per worker, not per shard) -> wait_for_shards -> finalize
+
+Workers are launched by a *launcher*: ``local`` runs each as a subprocess on the Airflow
+worker. A launcher is an operator class that takes the mapped kwargs ``plan_uri`` and
+``worker_id`` plus ``storage_options``, runs the same ``antbatch worker`` command, and may
+offer ``launcher_defaults(max_workers=...)`` for its own defaults; a pod launcher registers
+beside ``local`` without changing the builder. The registry holds import paths, so that parsing
+a DAG imports only the launcher it uses (a pod launcher pulls in the kubernetes client).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from airflow_antbatch.operators.finalize import FinalizeBatchInferenceOperator
+from airflow_antbatch.operators.plan import PLAN_URI_KEY, PlanBatchInferenceOperator
+from airflow_antbatch.sensors.ledger import ShardLedgerSensor
+from airflow_antbatch.version_compat import TaskGroup, TriggerRule
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from airflow_antbatch.version_compat import BaseOperator
+
+# launcher name -> "module:OperatorClass"
+LAUNCHERS: dict[str, str] = {
+    "local": "airflow_antbatch.operators.local_worker:LocalBatchWorkerOperator",
+}
+
+
+def launcher_operator(name: str) -> type[BaseOperator]:
+    """The worker operator class registered as launcher ``name``."""
+    if name not in LAUNCHERS:
+        raise ValueError(f"unknown launcher {name!r}; available launchers: {', '.join(sorted(LAUNCHERS))}")
+    module, _, attr = LAUNCHERS[name].partition(":")
+    cls: type[BaseOperator] = getattr(importlib.import_module(module), attr)
+    return cls
+
+
+def elastic_batch_inference(
+    group_id: str = "batch_inference",
+    *,
+    input_uri: str | Sequence[str],
+    output_uri: str,
+    model: str,
+    preprocess: str | None = None,
+    postprocess: str | None = None,
+    input_format: str | None = None,
+    id_column: str | None = None,
+    keep_columns: Sequence[str] = (),
+    batch_size: int = 256,
+    max_shard_rows: int = 100_000,
+    target_shard_bytes: int = 128 * 2**20,
+    lease_ttl_s: float = 60.0,
+    max_shard_attempts: int = 3,
+    device: str = "cpu",
+    storage_options: dict[str, Any] | None = None,
+    state_uri: str | None = None,
+    launcher: str = "local",
+    max_workers: int = 4,
+    min_shards_per_worker: int = 1,
+    worker_retries: int = 2,
+    worker_retry_delay: dt.timedelta = dt.timedelta(seconds=10),
+    poke_interval: float = 10.0,
+    sensor_timeout: float = 24 * 3600.0,
+    force_rerun: bool | str = False,
+    worker_kwargs: Mapping[str, Any] | None = None,
+) -> TaskGroup:
+    """Build the job's task group inside the current DAG and return it.
+
+    Job fields are validated now (a typo fails DAG parsing, not the nightly run); URIs and
+    ``force_rerun`` may be Jinja templates such as ``"s3://lake/x/ds={{ ds }}/"`` or
+    ``"{{ params.force_rerun }}"``. ``worker_kwargs`` go to the launcher's operator (e.g. an
+    image or resources for a pod launcher, ``torch_threads`` for ``local``).
+
+    The sensor runs once every worker task has ended, whatever its state, and succeeds when
+    every shard is committed: a failed worker task does not fail the job if others finished
+    its shards. The DAG run's state follows the sensor and finalize.
+    """
+    worker_cls = launcher_operator(launcher)
+    with TaskGroup(group_id=group_id) as group:
+        plan = PlanBatchInferenceOperator(
+            task_id="plan",
+            input_uri=input_uri,
+            output_uri=output_uri,
+            model=model,
+            preprocess=preprocess,
+            postprocess=postprocess,
+            input_format=input_format,
+            id_column=id_column,
+            keep_columns=keep_columns,
+            batch_size=batch_size,
+            max_shard_rows=max_shard_rows,
+            target_shard_bytes=target_shard_bytes,
+            lease_ttl_s=lease_ttl_s,
+            max_shard_attempts=max_shard_attempts,
+            device=device,
+            storage_options=storage_options,
+            state_uri=state_uri,
+            max_workers=max_workers,
+            min_shards_per_worker=min_shards_per_worker,
+            force_rerun=force_rerun,
+        )
+        defaults = getattr(worker_cls, "launcher_defaults", None)
+        launcher_kwargs = {**(defaults(max_workers=max_workers) if defaults else {}), **(worker_kwargs or {})}
+        workers = worker_cls.partial(
+            task_id="worker",
+            storage_options=storage_options,
+            retries=worker_retries,
+            retry_delay=worker_retry_delay,
+            map_index_template="{{ task.worker_id }}",
+            **launcher_kwargs,
+        ).expand_kwargs(plan.output)
+        plan_uri = f"{{{{ ti.xcom_pull(task_ids='{plan.task_id}', key='{PLAN_URI_KEY}') }}}}"
+        sensor = ShardLedgerSensor(
+            task_id="wait_for_shards",
+            plan_uri=plan_uri,
+            storage_options=storage_options,
+            poke_interval=poke_interval,
+            timeout=sensor_timeout,
+            mode="poke",
+            # Runs when every worker task has ended, failed ones included, as long as the plan
+            # succeeded (a failed plan marks it upstream_failed instead of running it).
+            trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS,
+            # It starts after the workers ended: shards left with no live worker are abandoned.
+            stall_timeout=max(3 * lease_ttl_s, 2 * poke_interval),
+        )
+        finalize = FinalizeBatchInferenceOperator(
+            task_id="finalize", plan_uri=plan_uri, storage_options=storage_options
+        )
+        plan >> workers >> sensor >> finalize
+        plan >> sensor
+    return group

@@ -1,0 +1,1 @@
+"""Developer scripts run from the Makefile (``python -m scripts.<name>``)."""

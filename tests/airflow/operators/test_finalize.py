@@ -1,0 +1,44 @@
+"""FinalizeBatchInferenceOperator: manifest in the store, a compact summary in XCom."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from airflow_antbatch.errors import JobIncompleteError
+from airflow_antbatch.finalize import read_manifest
+from airflow_antbatch.operators.finalize import FinalizeBatchInferenceOperator
+from airflow_antbatch.operators.plan import PlanBatchInferenceOperator
+from tests.airflow.conftest import TABULAR, FakeTaskInstance, FinishedJob
+
+if TYPE_CHECKING:
+    import pathlib
+
+    import pyarrow as pa
+
+CTX = FakeTaskInstance().context()  # finalize reads nothing from its context
+
+
+def test_returns_a_compact_summary_of_the_manifest(finished_job: FinishedJob) -> None:
+    summary = FinalizeBatchInferenceOperator(task_id="finalize", plan_uri=finished_job.plan_uri).execute(CTX)
+    assert summary == {
+        "manifest_uri": f"{finished_job.output_uri}/_SUCCESS",
+        "output_uri": finished_job.output_uri,
+        "plan_uri": finished_job.plan_uri,
+        "rows": finished_job.rows,
+        "shards": 4,
+        "attempt": 0,
+    }
+    manifest = read_manifest(finished_job.output_uri)
+    assert manifest is not None and len(manifest["files"]) == 4  # the file list stays out of XCom
+
+
+def test_refuses_an_unfinished_job(transactions: tuple[pathlib.Path, pa.Table]) -> None:
+    directory, _ = transactions
+    ti = FakeTaskInstance()
+    PlanBatchInferenceOperator(
+        task_id="plan", input_uri=str(directory), output_uri=str(directory.parent / "out"), model=f"{TABULAR}:m"
+    ).execute(ti.context())
+    with pytest.raises(JobIncompleteError, match="1 of 1 shards are not committed"):
+        FinalizeBatchInferenceOperator(task_id="finalize", plan_uri=str(ti.xcom["plan_uri"])).execute(CTX)

@@ -1,0 +1,136 @@
+"""ShardLedgerSensor: success from the ledger, fast failure with a sample, no endless wait."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from airflow.sdk.exceptions import AirflowFailException
+
+from airflow_antbatch.ledger import JobStatus, Lease, Ledger, WorkerIdentity, WorkerStatus
+from airflow_antbatch.operators.plan import PlanBatchInferenceOperator
+from airflow_antbatch.sensors.ledger import JobFailed, ShardLedgerSensor, judge, progress_line
+from tests.airflow.conftest import TABULAR, FakeTaskInstance, FinishedJob
+
+if TYPE_CHECKING:
+    import pathlib
+
+    import pyarrow as pa
+
+CTX = FakeTaskInstance().context()  # the sensor reads nothing from its context
+
+
+def _sensor(plan_uri: str, **kwargs: Any) -> ShardLedgerSensor:
+    return ShardLedgerSensor(task_id="wait_for_shards", plan_uri=plan_uri, **kwargs)
+
+
+@pytest.fixture
+def ledger(transactions: tuple[pathlib.Path, pa.Table]) -> Ledger:
+    """A planned job of 3 shards (one per input file), with at most 2 tries per shard."""
+    directory, _ = transactions
+    ti = FakeTaskInstance()
+    PlanBatchInferenceOperator(
+        task_id="plan",
+        input_uri=str(directory),
+        output_uri=str(directory.parent / "out"),
+        model=f"{TABULAR}:build_model",
+        max_shard_rows=1000,
+        max_shard_attempts=2,
+        lease_ttl_s=5,
+    ).execute(ti.context())
+    return Ledger.open(str(ti.xcom["plan_uri"]))
+
+
+def _commit(ledger: Ledger, shard_id: str, worker: WorkerIdentity) -> None:
+    lease = ledger.try_claim(shard_id, worker)
+    assert isinstance(lease, Lease)
+    ledger.commit(lease, file=f"part-{shard_id}.parquet", rows=1000)
+
+
+def test_succeeds_from_a_finished_ledger_with_a_compact_xcom(finished_job: FinishedJob) -> None:
+    result = _sensor(finished_job.plan_uri).poke(CTX)
+    assert result.is_done
+    assert result.xcom_value == {
+        "plan_uri": finished_job.plan_uri,
+        "shards": 4,
+        "committed": 4,
+        "rows": finished_job.rows,
+        "workers": ["worker-0"],
+    }
+
+
+def test_succeeds_when_every_shard_is_committed_although_a_worker_died_holding_a_lease(ledger: Ledger) -> None:
+    dead, alive = WorkerIdentity("worker-0"), WorkerIdentity("worker-1")
+    first, *rest = ledger.plan.shard_ids
+    assert isinstance(ledger.try_claim(first, dead), Lease)  # claimed, never committed nor released
+    ledger.heartbeat(dead, 1, state="running", stats={})
+    for shard_id in rest:
+        _commit(ledger, shard_id, alive)
+    assert not _sensor(ledger.plan_uri).poke(CTX).is_done
+    _commit(ledger, first, alive)  # the other worker took the shard over
+    assert _sensor(ledger.plan_uri).poke(CTX).is_done
+
+
+def test_fails_fast_with_the_count_and_a_sample_when_shards_failed_for_good(ledger: Ledger) -> None:
+    worker = WorkerIdentity("worker-0")
+    first, *rest = ledger.plan.shard_ids
+    for shard_id in rest:
+        _commit(ledger, shard_id, worker)
+    sensor = _sensor(ledger.plan_uri)
+    for attempt in range(2):
+        assert not sensor.poke(CTX).is_done
+        lease = ledger.try_claim(first, worker)
+        assert isinstance(lease, Lease)
+        ledger.release(lease, reason="error", failed=True, error=f"ValueError: corrupt row (try {attempt})")
+    with pytest.raises(AirflowFailException, match=r"1 of 3 shards failed for good \(2 committed\)") as info:
+        sensor.poke(CTX)
+    assert f"{first}: ValueError: corrupt row (try 1)" in str(info.value)
+
+
+def test_with_a_stall_timeout_fails_when_work_is_left_and_no_worker_runs(ledger: Ledger) -> None:
+    worker = WorkerIdentity("worker-0")
+    first, *_ = ledger.plan.shard_ids
+    _commit(ledger, first, worker)
+    assert not _sensor(ledger.plan_uri).poke(CTX).is_done  # without a stall timeout: keep waiting
+    ledger.heartbeat(worker, 1, state="running", stats={})
+    assert not _sensor(ledger.plan_uri, stall_timeout=60).poke(CTX).is_done  # a live worker: keep waiting
+    ledger.heartbeat(worker, 2, state="finished", stats={})
+    with pytest.raises(AirflowFailException, match="2 of 3 shards are left but no worker is running"):
+        _sensor(ledger.plan_uri, stall_timeout=60).poke(CTX)
+
+
+def _status(**fields: Any) -> JobStatus:
+    base: dict[str, Any] = dict(
+        planned=10,
+        committed=4,
+        leased=2,
+        failed=0,
+        rows_committed=4000,
+        rows_planned=10000,
+        rows_per_s=250.0,
+        eta_s=24.0,
+        workers=(),
+        failures=(),
+    )
+    return JobStatus(**{**base, **fields})
+
+
+def test_progress_line() -> None:
+    assert progress_line(_status()) == (
+        "4/10 shards committed (2 leased, 4 pending, 0 failed); 4000/10000 rows, 250.0 rows/s, ETA 24s"
+    )
+    assert progress_line(_status(eta_s=None, rows_planned=None)).endswith("4000 rows, 250.0 rows/s, ETA -")
+
+
+def test_judge_counts_a_stale_heartbeat_as_no_worker() -> None:
+    stale = WorkerStatus("w--1", "w", "running", 0, 0, 0.0, last_beat_age_s=90.0, current_shard="s")
+    with pytest.raises(JobFailed, match="last worker heartbeat was 90s ago"):
+        judge(_status(workers=(stale,)), "plan", stall_timeout=60)
+    assert judge(_status(workers=(stale,)), "plan", stall_timeout=120) is False
+    with pytest.raises(JobFailed, match="no worker has sent a heartbeat"):
+        judge(_status(), "plan", stall_timeout=60)
+
+
+def test_refuses_a_missing_plan_uri() -> None:
+    with pytest.raises(AirflowFailException, match="plan task did not push one"):
+        _sensor("None").poke(CTX)
