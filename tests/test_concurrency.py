@@ -112,7 +112,9 @@ def test_eight_workers_commit_every_shard_and_row_exactly_once(
 
     # What the ledger cost. One worker alone pays 3 requests a shard (test_ledger.py), but each
     # worker here walks every shard once, and a shard another worker committed still costs it a
-    # failed claim create and a commit read: about 3 + 2 * (WORKERS - 1) per shard in all.
+    # failed claim create and a commit read (one still in progress costs more): about
+    # 3 + 2 * (WORKERS - 1) per shard in all, 16-21 measured. How much depends on timing, so the
+    # bound below is loose; what must hold regardless is one listing per worker, at start.
     requests: Counter[str] = Counter()
     for summary in summaries:
         requests.update(summary["requests"])
@@ -120,7 +122,8 @@ def test_eight_workers_commit_every_shard_and_row_exactly_once(
     record_property("ledger_requests", dict(requests))
     record_property("ledger_requests_per_shard", round(per_shard, 2))
     print(f"\n{location.backend}: {per_shard:.2f} ledger requests per shard (heartbeats aside): {dict(requests)}")
-    assert per_shard <= 3 + 3 * (WORKERS - 1), requests
+    assert requests["list"] == WORKERS, requests
+    assert per_shard <= 3 + 4 * (WORKERS - 1), requests
 
 
 def test_worker_command_passes_storage_options_the_cli_accepts() -> None:
