@@ -171,8 +171,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from airflow_antbatch.finalize import finalize_job
     from airflow_antbatch.planning import plan_job
-    from airflow_antbatch.worker.local import run_local_workers
-    from airflow_antbatch.worker.run import available_cpus
+    from airflow_antbatch.worker.local import available_cpus, run_local_workers
 
     if args.workers < 1:
         raise AntBatchError(f"--workers must be >= 1, got {args.workers}")

@@ -43,6 +43,7 @@ def finalize_job(plan_uri: str, storage_options: dict[str, Any] | None = None) -
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "plan": plan_uri,
+        "output": output.url,
         "attempt": plan.attempt,
         "shards": len(files),
         "rows": sum(records[s].rows for s in plan.shard_ids),

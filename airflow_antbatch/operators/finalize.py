@@ -29,10 +29,9 @@ class FinalizeBatchInferenceOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         from airflow_antbatch.finalize import MANIFEST_NAME, finalize_job
-        from airflow_antbatch.ledger import Ledger
 
         manifest = finalize_job(self.plan_uri, self.storage_options)
-        output_uri = Ledger.open(self.plan_uri, self.storage_options).plan.spec.output_uri.rstrip("/")
+        output_uri = manifest["output"]
         summary = {
             "manifest_uri": f"{output_uri}/{MANIFEST_NAME}",
             "output_uri": output_uri,

@@ -82,16 +82,12 @@ class LocalBatchWorkerOperator(BaseOperator):
             cmd = worker_command(
                 self.plan_uri,
                 self.worker_id,
+                storage_options=self.storage_options,
                 torch_threads=self.torch_threads or self.default_torch_threads(),
                 summary_file=summary_file,
             )
-            env = dict(os.environ)
-            if self.storage_options:
-                # The CLI's documented fallback; worker_command's --storage-options lands after the
-                # subcommand, where the CLI does not accept it (see tests/test_concurrency.py).
-                env["ANTBATCH_STORAGE_OPTIONS"] = json.dumps(self.storage_options)
             self.log.info("Running %s", " ".join(cmd))
-            code = self._run(cmd, env)
+            code = self._run(cmd)
             summary = _read_summary(summary_file)
         self._raise_for(code, summary)
         return summary
@@ -99,15 +95,15 @@ class LocalBatchWorkerOperator(BaseOperator):
     def default_torch_threads(self) -> int:
         # OpenMP threads of several workers spinning against each other make inference many
         # times slower: give each worker its share of this machine's CPUs.
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, cpus // max(1, self.workers_on_host))
+        from airflow_antbatch.worker.local import available_cpus
 
-    def _run(self, cmd: list[str], env: dict[str, str] | None = None) -> int:
+        return max(1, available_cpus() // max(1, self.workers_on_host))
+
+    def _run(self, cmd: list[str]) -> int:
         proc = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=env,
             encoding="utf-8",
             errors="replace",
             bufsize=1,

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from types import FrameType
 
 
+def available_cpus() -> int:
+    """CPUs this process may use (its affinity mask, as a pod's cpuset or a taskset sets it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def worker_command(
     plan_uri: str,
     worker_id: str,

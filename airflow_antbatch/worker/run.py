@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from airflow_antbatch.ledger import Ledger, WorkerIdentity
 from airflow_antbatch.worker.inference import BatchScorer
+from airflow_antbatch.worker.local import available_cpus
 from airflow_antbatch.worker.loop import Worker, WorkerSummary
 from airflow_antbatch.worker.user_code import load_callable, load_model
 
@@ -17,11 +17,6 @@ if TYPE_CHECKING:
     import threading
 
 log = logging.getLogger(__name__)
-
-
-def available_cpus() -> int:
-    """CPUs this process may use (its affinity mask, as a pod's cpuset or a taskset sets it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def run_worker(
