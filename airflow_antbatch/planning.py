@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from airflow_antbatch.errors import InputError, InputNotFoundError, PlanConflictError
 from airflow_antbatch.ledger import PLAN_FILE
 from airflow_antbatch.shards import JobPlan, Piece, Shard
+from airflow_antbatch.spec import ModelStage
 from airflow_antbatch.store import AtomicStore
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ _GLOB_CHARS = frozenset("*?[")
 _RESULT_FIELDS = (
     "output_uri",
     "model",
+    "stages",
+    "autocast_dtype",
     "preprocess",
     "postprocess",
     "id_column",
@@ -151,7 +154,9 @@ def plan_fingerprint(spec: JobSpec, fmt: str, files: Iterable[InputFile]) -> str
 
 
 def _jsonable(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value.to_dict() if isinstance(value, ModelStage) else value
 
 
 # -- listing ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from airflow_antbatch.errors import SpecError
 
 SPEC_VERSION = 1
 INPUT_FORMATS = ("parquet", "jsonl", "csv")
+AUTOCAST_DTYPES = ("bfloat16", "float16")
 # Credentials belong in the environment (Kubernetes secrets, Airflow connections), never in a
 # spec that is written into the object store next to the data.
 _SECRET_OPTION_KEYS = frozenset(
@@ -24,12 +25,54 @@ _SECRET_OPTION_KEYS = frozenset(
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelStage:
+    """One model of a chain: its own batch size, device and threads, run as its own stage.
+
+    ``adapter`` (``pkg.module:fn``, fn(previous_output, RecordBatch) -> model input) turns the
+    previous stage's output into this stage's input; without it the output is passed as is.
+    ``output_column`` keeps this stage's output as an output column.
+    """
+
+    name: str
+    model: str
+    batch_size: int | None = None
+    device: str | None = None
+    threads: int | None = None
+    adapter: str | None = None
+    output_column: str | None = None
+    autocast_dtype: str | None = None
+    compile: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_value(cls, value: object, index: int) -> ModelStage:
+        if isinstance(value, ModelStage):
+            return value
+        where = f"job spec field 'stages[{index}]'"
+        if not isinstance(value, Mapping):
+            raise SpecError(f"{where} must be an object with 'name' and 'model', got {value!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise SpecError(f"{where} has unknown field(s) {unknown}; known fields: {sorted(known)}")
+        missing = sorted({"name", "model"} - set(value))
+        if missing:
+            raise SpecError(f"{where} is missing field(s) {missing}")
+        stage = cls(**value)
+        _validate_stage(stage, index)
+        return stage
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class JobSpec:
     """What to score, with which model, and where the results and the ledger live."""
 
     input_uri: str | tuple[str, ...]
     output_uri: str
-    model: str
+    model: str | None = None
+    stages: tuple[ModelStage, ...] = ()
     input_format: str | None = None
     preprocess: str | None = None
     postprocess: str | None = None
@@ -42,6 +85,9 @@ class JobSpec:
     target_shard_bytes: int = 128 * 2**20
     max_shard_attempts: int = 3
     device: str = "cpu"
+    autocast_dtype: str | None = None
+    compile: str | None = None
+    quarantine_limit: int = 10
     storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     spec_version: int = SPEC_VERSION
 
@@ -52,7 +98,35 @@ class JobSpec:
         if isinstance(self.keep_columns, list):
             object.__setattr__(self, "keep_columns", tuple(self.keep_columns))
         object.__setattr__(self, "storage_options", dict(self.storage_options))
+        if isinstance(self.stages, list | tuple):
+            object.__setattr__(self, "stages", tuple(ModelStage.from_value(v, i) for i, v in enumerate(self.stages)))
         _validate(self)
+
+    @property
+    def model_stages(self) -> tuple[ModelStage, ...]:
+        """The chain with every default filled in: one stage for ``model``, else ``stages``."""
+        if not self.stages:
+            assert self.model is not None  # _validate guarantees one of the two
+            return (
+                ModelStage(
+                    name="model",
+                    model=self.model,
+                    batch_size=self.batch_size,
+                    device=self.device,
+                    autocast_dtype=self.autocast_dtype,
+                    compile=self.compile,
+                ),
+            )
+        return tuple(
+            dataclasses.replace(
+                stage,
+                batch_size=stage.batch_size or self.batch_size,
+                device=stage.device or self.device,
+                autocast_dtype=stage.autocast_dtype or self.autocast_dtype,
+                compile=stage.compile or self.compile,
+            )
+            for stage in self.stages
+        )
 
     @property
     def state_root(self) -> str:
@@ -67,6 +141,7 @@ class JobSpec:
         out = dataclasses.asdict(self)
         out["input_uri"] = list(self.input_uri) if isinstance(self.input_uri, tuple) else self.input_uri
         out["keep_columns"] = list(self.keep_columns)
+        out["stages"] = [stage.to_dict() for stage in self.stages]
         return out
 
     def to_json(self) -> str:
@@ -80,7 +155,7 @@ class JobSpec:
         unknown = sorted(set(data) - known)
         if unknown:
             raise SpecError(f"unknown job spec field(s) {unknown}; known fields: {sorted(known)}")
-        missing = sorted(f for f in ("input_uri", "output_uri", "model") if f not in data)
+        missing = sorted(f for f in ("input_uri", "output_uri") if f not in data)
         if missing:
             raise SpecError(f"job spec is missing required field(s) {missing}")
         version = data.get("spec_version", SPEC_VERSION)
@@ -121,12 +196,11 @@ def _validate(spec: JobSpec) -> None:
     _check_type("input_uri", spec.input_uri, (str, tuple))
     if not spec.input_uris or not all(isinstance(u, str) and u for u in spec.input_uris):
         raise SpecError(f"job spec field 'input_uri' must be a non-empty URI or list of URIs, got {spec.input_uri!r}")
-    for name in ("output_uri", "model"):
-        value = getattr(spec, name)
-        _check_type(name, value, str)
-        if not value:
-            raise SpecError(f"job spec field '{name}' must not be empty")
-    for name in ("preprocess", "postprocess", "id_column", "state_uri", "input_format"):
+    _check_type("output_uri", spec.output_uri, str)
+    if not spec.output_uri:
+        raise SpecError("job spec field 'output_uri' must not be empty")
+    _validate_models(spec)
+    for name in ("preprocess", "postprocess", "id_column", "state_uri", "input_format", "autocast_dtype", "compile"):
         _check_type(name, getattr(spec, name), str, allow_none=True)
     if spec.input_format is not None and spec.input_format not in INPUT_FORMATS:
         raise SpecError(
@@ -135,6 +209,10 @@ def _validate(spec: JobSpec) -> None:
     for name in ("batch_size", "max_shard_rows", "target_shard_bytes", "max_shard_attempts"):
         _check_type(name, getattr(spec, name), int)
         _check_positive(name, getattr(spec, name))
+    _check_type("quarantine_limit", spec.quarantine_limit, int)
+    if spec.quarantine_limit < 0:
+        raise SpecError(f"job spec field 'quarantine_limit' must be >= 0, got {spec.quarantine_limit!r}")
+    _check_autocast("job spec field 'autocast_dtype'", spec.autocast_dtype)
     _check_type("lease_ttl_s", spec.lease_ttl_s, (int, float))
     _check_positive("lease_ttl_s", spec.lease_ttl_s)
     _check_type("device", spec.device, str)
@@ -149,3 +227,51 @@ def _validate(spec: JobSpec) -> None:
             f"job spec field 'storage_options' holds credentials {secrets}: pass them through the "
             "environment (Kubernetes secret, Airflow connection), not the spec"
         )
+
+
+def _check_autocast(where: str, value: object) -> None:
+    if value is not None and value not in AUTOCAST_DTYPES:
+        raise SpecError(f"{where} must be one of {list(AUTOCAST_DTYPES)} or null, got {value!r}")
+
+
+def _validate_models(spec: JobSpec) -> None:
+    if (spec.model is None) == (not spec.stages):
+        raise SpecError(
+            "job spec needs exactly one of 'model' (one model) or 'stages' (a chain of models), "
+            f"got model={spec.model!r} and {len(spec.stages)} stage(s)"
+        )
+    if spec.model is not None:
+        _check_type("model", spec.model, str)
+        if not spec.model:
+            raise SpecError("job spec field 'model' must not be empty")
+    names = [stage.name for stage in spec.stages]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise SpecError(f"job spec field 'stages' repeats the stage name(s) {repeated}")
+    if spec.stages and spec.stages[0].adapter is not None:
+        raise SpecError(
+            f"job spec field 'stages[0]' ({spec.stages[0].name!r}) cannot have an adapter: "
+            "the preprocess hook makes the first model's input"
+        )
+    columns = [s.output_column for s in spec.stages if s.output_column]
+    clash = sorted({c for c in columns if columns.count(c) > 1 or c == spec.id_column or c in spec.keep_columns})
+    if clash:
+        raise SpecError(f"job spec field 'stages' keeps output column(s) {clash} twice or over an id/keep column")
+
+
+def _validate_stage(stage: ModelStage, index: int) -> None:
+    field = f"stages[{index}]"
+    for name in ("name", "model"):
+        _check_type(f"{field}.{name}", getattr(stage, name), str)
+    if not stage.name.isidentifier():
+        raise SpecError(f"job spec field '{field}.name' must be an identifier (letters, digits, _), got {stage.name!r}")
+    if not stage.model:
+        raise SpecError(f"job spec field '{field}.model' must not be empty")
+    for name in ("batch_size", "threads"):
+        value = getattr(stage, name)
+        _check_type(f"{field}.{name}", value, int, allow_none=True)
+        if value is not None:
+            _check_positive(f"{field}.{name}", value)
+    for name in ("device", "adapter", "output_column", "autocast_dtype", "compile"):
+        _check_type(f"{field}.{name}", getattr(stage, name), str, allow_none=True)
+    _check_autocast(f"job spec field '{field}.autocast_dtype'", stage.autocast_dtype)
