@@ -17,8 +17,9 @@ from airflow_antbatch.errors import (
     StoreError,
     UnsupportedStoreError,
     UserCodeError,
+    WorkerError,
 )
-from airflow_antbatch.spec import JobSpec
+from airflow_antbatch.spec import JobSpec, ModelStage
 
 __version__ = "0.1.0"
 
@@ -29,11 +30,13 @@ __all__ = [
     "JobIncompleteError",
     "JobSpec",
     "LedgerCorruptError",
+    "ModelStage",
     "PlanConflictError",
     "ShardError",
     "SpecError",
     "StoreError",
     "UnsupportedStoreError",
     "UserCodeError",
+    "WorkerError",
     "__version__",
 ]

@@ -13,6 +13,7 @@ derive from the builtin whose meaning they share, so ``except ValueError`` keeps
     ├── LedgerCorruptError                     a ledger file is malformed or foreign
     ├── UserCodeError                          a model/preprocess/postprocess import path or call failed
     ├── ShardError                             one shard could not be processed
+    ├── WorkerError                            the worker's own machinery failed (preprocess processes)
     └── JobIncompleteError                     finalize/sensor: shards not committed (or failed)
 
 Foreign errors (fsspec, botocore, torch) are translated at the boundary with ``raise ... from``,
@@ -60,6 +61,10 @@ class UserCodeError(AntBatchError):
 
 class ShardError(AntBatchError):
     """Processing one shard failed; the message names the shard and the cause."""
+
+
+class WorkerError(AntBatchError):
+    """The worker cannot go on for a reason that is not one shard's: e.g. its processes cannot start."""
 
 
 class JobIncompleteError(AntBatchError):

@@ -48,6 +48,10 @@ def finalize_job(plan_uri: str, storage_options: dict[str, Any] | None = None) -
         "shards": len(files),
         "rows": sum(records[s].rows for s in plan.shard_ids),
         "files": files,
+        "quarantined_rows": sum(records[s].quarantined for s in plan.shard_ids),
+        "quarantine_files": [
+            output.uri(records[s].quarantine_file or "") for s in plan.shard_ids if records[s].quarantine_file
+        ],
     }
     previous = read_manifest(plan.spec.output_uri, storage_options)
     if previous is not None and all(previous.get(k) == v for k, v in manifest.items()):

@@ -76,6 +76,8 @@ class CommitRecord:
     token: str
     file: str
     rows: int
+    quarantined: int = 0  # bad records moved to ``quarantine_file`` instead of the output
+    quarantine_file: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,9 +278,13 @@ class Ledger:
         """Fencing check before commit: no later try of the shard has been started."""
         return self.store.read(self._claim_rel(lease.shard_id, lease.epoch + 1)) is None
 
-    def commit(self, lease: Lease, *, file: str, rows: int) -> bool:
+    def commit(
+        self, lease: Lease, *, file: str, rows: int, quarantined: int = 0, quarantine_file: str | None = None
+    ) -> bool:
         """Mark the shard done; call only once its output is durable. False if already committed."""
         record = {"shard": lease.shard_id, "epoch": lease.epoch, "token": lease.token, "file": file, "rows": rows}
+        if quarantined:
+            record.update(quarantined=quarantined, quarantine_file=quarantine_file)
         return self.store.create(f"commits/{lease.shard_id}.json", _encode("commit", record))
 
     def release(self, lease: Lease, *, reason: str, failed: bool, error: str | None = None) -> None:
@@ -320,7 +326,15 @@ class Ledger:
         if data is None:
             return None
         doc = _decode("commit", data, self.store.uri(rel), ("shard", "epoch", "token", "file", "rows"))
-        return CommitRecord(doc["shard"], int(doc["epoch"]), doc["token"], doc["file"], int(doc["rows"]))
+        return CommitRecord(
+            doc["shard"],
+            int(doc["epoch"]),
+            doc["token"],
+            doc["file"],
+            int(doc["rows"]),
+            int(doc.get("quarantined", 0)),
+            doc.get("quarantine_file"),
+        )
 
     def commit_records(self) -> list[CommitRecord]:
         """Every commit, read back in full (finalize): one listing plus one GET per shard."""

@@ -100,6 +100,10 @@ class JobPlan:
         """The shard's output file, relative to the output root: the same for every try."""
         return f"part-{self.attempt:03d}-{shard_id}.parquet"
 
+    def quarantine_name(self, shard_id: str) -> str:
+        """Where the shard's bad records go; ``_``-prefixed so dataset readers skip it."""
+        return f"_quarantine/{self.output_name(shard_id)}"
+
     def to_json(self) -> bytes:
         doc = {
             "format": PLAN_FORMAT,

@@ -28,7 +28,7 @@ from airflow_antbatch.shards import JobPlan, Piece, Shard
 from airflow_antbatch.spec import JobSpec
 from airflow_antbatch.states import ShardState
 from airflow_antbatch.store import AtomicStore
-from airflow_antbatch.worker.inference import BatchScorer
+from airflow_antbatch.worker.job_code import JobCode
 from airflow_antbatch.worker.loop import Worker
 from tests.conftest import TABULAR
 from tests.s3_servers import StoreLocation
@@ -441,10 +441,10 @@ def _run_one_worker(location: StoreLocation, tmp_path: pathlib.Path, shards: int
     )
     result = plan_job(spec)
     assert len(result.plan.shards) == shards
-    scorer = BatchScorer(
+    code = JobCode.in_process(
         tabular.build_model(), preprocess=tabular.preprocess, postprocess=tabular.postprocess, id_column="txn_id"
     )
-    worker = Worker(Ledger.open(result.plan_uri, location.storage_options), WorkerIdentity("w0"), scorer)
+    worker = Worker(Ledger.open(result.plan_uri, location.storage_options), WorkerIdentity("w0"), code)
     summary = worker.run()
     assert (summary.outcome, summary.shards_committed) == ("finished", shards)
     return Counter(summary.requests), worker.output.counts["data"]

@@ -1,9 +1,10 @@
-"""Scoring one record batch: preprocess -> model -> postprocess, with the user-code contract.
+"""The user-code contract at both ends of the model stages.
 
 - preprocess(RecordBatch) -> Tensor | tuple of Tensors | dict of Tensors
   (default: every numeric column except the id and kept columns, as one float32 matrix);
-- the model is called as model(x), model(*x) or model(**x) under ``torch.inference_mode``;
-- postprocess(model_output, RecordBatch) -> dict of columns | pyarrow.Table
+- each model is called as model(x), model(*x) or model(**x) under ``torch.inference_mode``
+  (``model_stage.call_model``);
+- postprocess(last_model_output, RecordBatch) -> dict of columns | pyarrow.Table
   (default: the output tensor as the column ``prediction``).
 The id column and the kept columns are copied from the input next to the predictions.
 """
@@ -23,53 +24,38 @@ Preprocess = Callable[[pa.RecordBatch], Any]
 Postprocess = Callable[[Any, pa.RecordBatch], Any]
 
 
-class BatchScorer:
-    """Turns input batches into output tables; one per worker process, reused for every shard."""
+class OutputAssembler:
+    """Turns the last model output of a batch into output rows, with the id and kept columns."""
 
     def __init__(
         self,
-        model: torch.nn.Module,
         *,
-        device: str = "cpu",
-        preprocess: Preprocess | None = None,
         postprocess: Postprocess | None = None,
         id_column: str | None = None,
         keep_columns: Sequence[str] = (),
     ) -> None:
-        self.model = model
-        self.device = torch.device(device)
         self.passthrough = ([id_column] if id_column else []) + list(keep_columns)
-        self._preprocess = preprocess or self._numeric_features
         self._postprocess = postprocess or _prediction_column
 
-    def score(self, batch: pa.RecordBatch) -> pa.Table:
+    def check_input(self, batch: pa.RecordBatch) -> None:
         missing = [c for c in self.passthrough if c not in batch.schema.names]
         if missing:
             raise UserCodeError(f"input lacks the id/keep column(s) {missing}; it has {batch.schema.names}")
-        try:
-            inputs = self._preprocess(batch)
-        except UserCodeError:
-            raise
-        except Exception as exc:
-            raise UserCodeError(f"preprocess hook raised {exc!r}") from exc
-        with torch.inference_mode():
-            inputs = _to_device(inputs, self.device)
-            try:
-                if isinstance(inputs, Mapping):
-                    output = self.model(**inputs)
-                elif isinstance(inputs, tuple):
-                    output = self.model(*inputs)
-                else:
-                    output = self.model(inputs)
-            except Exception as exc:
-                raise UserCodeError(f"model raised {exc!r} on a batch of {batch.num_rows} rows") from exc
+
+    def __call__(self, output: Any, batch: pa.RecordBatch, kept: Mapping[str, Any] | None = None) -> pa.Table:
+        """``kept`` holds outputs of earlier stages that the chain keeps as columns."""
         try:
             result = self._postprocess(output, batch)
         except UserCodeError:
             raise
         except Exception as exc:
             raise UserCodeError(f"postprocess hook raised {exc!r}") from exc
-        return self._assemble(batch, result)
+        table = self._assemble(batch, result)
+        for name, values in (kept or {}).items():
+            if name in table.column_names:
+                raise UserCodeError(f"the kept stage output column {name!r} clashes with a postprocess column")
+            table = table.append_column(name, _to_arrow(name, values))
+        return table
 
     def _assemble(self, batch: pa.RecordBatch, result: Any) -> pa.Table:
         if isinstance(result, pa.RecordBatch):
@@ -88,7 +74,14 @@ class BatchScorer:
         kept = {name: batch.column(name) for name in self.passthrough}
         return pa.table({**kept, **{name: result.column(name) for name in result.column_names}})
 
-    def _numeric_features(self, batch: pa.RecordBatch) -> torch.Tensor:
+
+class NumericFeatures:
+    """The default preprocess: every numeric column except the id/kept ones, as one float32 matrix."""
+
+    def __init__(self, passthrough: Sequence[str]) -> None:
+        self.passthrough = set(passthrough)
+
+    def __call__(self, batch: pa.RecordBatch) -> torch.Tensor:
         names = [
             f.name
             for f in batch.schema
@@ -101,16 +94,6 @@ class BatchScorer:
             )
         matrix = np.column_stack([batch.column(n).to_numpy(zero_copy_only=False) for n in names])
         return torch.from_numpy(matrix.astype(np.float32, copy=False))
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return tuple(_to_device(v, device) for v in value)
-    return value
 
 
 def _prediction_column(output: Any, batch: pa.RecordBatch) -> dict[str, Any]:

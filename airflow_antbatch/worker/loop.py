@@ -1,7 +1,8 @@
-"""The worker's main loop: claim -> read -> score -> write -> commit, until nothing is left.
+"""The worker: claims shards from the ledger, runs them through the pipeline, commits them.
 
 A worker does not own shards: it pulls them from the ledger, so fast workers take more and
-the last live worker finishes a dead worker's shards once their lease expires.
+the last live worker finishes a dead worker's shards once their lease expires. It holds at
+most two leases: the shard being scored and the next one, read ahead while the first finishes.
 """
 
 from __future__ import annotations
@@ -17,22 +18,25 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from airflow_antbatch.errors import StoreError
+from airflow_antbatch.errors import ShardError, StoreError
 from airflow_antbatch.ledger import Lease, Ledger, WorkerIdentity
 from airflow_antbatch.states import ShardState
 from airflow_antbatch.store import AtomicStore
 from airflow_antbatch.worker.heartbeat import Heartbeat
+from airflow_antbatch.worker.local import available_cpus
+from airflow_antbatch.worker.pipeline import Pipeline, PipelineOptions
 from airflow_antbatch.worker.reader import iter_batches
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from airflow_antbatch.shards import Shard
-    from airflow_antbatch.worker.inference import BatchScorer
+    from airflow_antbatch.worker.job_code import JobCode
+    from airflow_antbatch.worker.pipeline import ShardWork
 
 log = logging.getLogger(__name__)
 
-
-class Preempted(Exception):
-    """Raised inside shard processing when the stop event is set (SIGTERM)."""
+MAX_LEASES = 2  # the shard in the model stages and the next, being read
 
 
 @dataclasses.dataclass
@@ -47,10 +51,16 @@ class WorkerSummary:
     shards_skipped: int = 0  # already committed when this worker started
     shards_failed: int = 0  # tries of this worker that failed
     shards_lost: int = 0  # processed, but another try committed first
+    rows_quarantined: int = 0
     failed_for_good: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
     rows_per_s: float = 0.0
     requests: dict[str, int] = dataclasses.field(default_factory=dict)
+    cpu_budget: int = 0
+    preprocess_processes: int = 0  # at the end (elastic scaling may have moved it)
+    preprocess_restarts: int = 0  # children replaced after dying
+    stages: dict[str, dict[str, float | int]] = dataclasses.field(default_factory=dict)
+    scaling: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -63,22 +73,26 @@ class Worker:
         self,
         ledger: Ledger,
         identity: WorkerIdentity,
-        scorer: BatchScorer,
+        code: JobCode,
         *,
+        options: PipelineOptions | None = None,
         stop: threading.Event | None = None,
         poll_interval_s: float | None = None,
     ) -> None:
         self.ledger = ledger
         self.plan = ledger.plan
         self.identity = identity
-        self.scorer = scorer
         self.stop = stop or threading.Event()
         ttl = float(self.plan.spec.lease_ttl_s)
         self.poll_interval_s = poll_interval_s or min(5.0, max(0.1, ttl / 4))
         self.output = AtomicStore(self.plan.spec.output_uri, dict(self.plan.spec.storage_options))
-        self.summary = WorkerSummary(identity.worker_id, identity.token)
+        options = options or PipelineOptions(cpu_budget=available_cpus())
+        self.pipeline = Pipeline(code, options, read=self._read, finish=self._finish, stop=self.stop)
+        self.summary = WorkerSummary(identity.worker_id, identity.token, cpu_budget=options.cpu_budget)
         self._started = time.monotonic()
-        self._current: str | None = None
+        self._changed = threading.Condition()
+        self._in_flight: set[str] = set()
+        self._retry: list[str] = []
         self._heartbeat = Heartbeat(ledger, identity, max(0.05, ttl / 4), self._stats)
 
     def _stats(self) -> dict[str, Any]:
@@ -87,48 +101,74 @@ class Worker:
             "shards_committed": self.summary.shards_committed,
             "rows_committed": self.summary.rows_committed,
             "rows_per_s": self.summary.rows_committed / elapsed,
-            "current_shard": self._current,
+            "current_shard": min(list(self._in_flight), default=None),
+            "preprocess_processes": self.pipeline.scaler.processes,
         }
 
     def run(self) -> WorkerSummary:
         self._heartbeat.start()
         final = "failed"
         try:
-            self._loop()
+            self.pipeline.run(self._claims())
             final = "preempted" if self.stop.is_set() else "finished"
         finally:
-            self.summary.outcome = final
-            self.summary.seconds = time.monotonic() - self._started
-            self.summary.rows_per_s = self.summary.rows_committed / max(1e-9, self.summary.seconds)
+            for work in self.pipeline.unfinished:
+                self._release_quietly(work.lease, "worker stopped on an error")
+            self._fill_summary(final)
             self._heartbeat.stop(final)
             self.summary.requests = dict(self.ledger.store.counts)
         return self.summary
 
-    def _loop(self) -> None:
+    def _fill_summary(self, outcome: str) -> None:
+        summary = self.summary
+        summary.outcome = outcome
+        summary.seconds = time.monotonic() - self._started
+        summary.rows_per_s = summary.rows_committed / max(1e-9, summary.seconds)
+        summary.preprocess_processes = self.pipeline.scaler.processes
+        summary.preprocess_restarts = self.pipeline.pool_restarts
+        summary.stages = {name: clock.to_dict() for name, clock in self.pipeline.clocks.items()}
+        summary.scaling = [d.to_dict() for d in self.pipeline.scaler.decisions]
+
+    # -- claiming ------------------------------------------------------------------------------
+
+    def _claims(self) -> Iterator[tuple[Lease, Shard]]:
+        """Claimed shards for the pipeline's reader, while it holds fewer than MAX_LEASES."""
         shards = {s.shard_id: s for s in self.plan.shards}
         committed = self.ledger.committed_shards()
         self.summary.shards_skipped = len(committed & shards.keys())
         if self.summary.shards_skipped:
             log.info("%s: skipping %d shards already committed", self.identity.worker_id, self.summary.shards_skipped)
         pending = self._start_order([s for s in shards if s not in committed])
-        while pending and not self.stop.is_set():
+        while not self.stop.is_set():
+            with self._changed:
+                pending += self._retry
+                self._retry.clear()
+                if not pending and not self._in_flight:
+                    return
+                if len(self._in_flight) >= MAX_LEASES or not pending:
+                    self._changed.wait(self.poll_interval_s)
+                    continue
             progressed = False
             for shard_id in list(pending):
-                if self.stop.is_set():
-                    return
+                if self.stop.is_set() or len(self._in_flight) >= MAX_LEASES:
+                    break
                 outcome = self.ledger.try_claim(shard_id, self.identity)
                 if isinstance(outcome, Lease):
                     progressed = True
-                    if not self._process(outcome, shards[shard_id]):
-                        continue  # failed or lost: ask the ledger again on the next pass
+                    pending.remove(shard_id)
+                    with self._changed:
+                        self._in_flight.add(shard_id)
+                    yield outcome, shards[shard_id]
                 elif outcome is ShardState.LEASED:
                     continue
-                elif outcome is ShardState.FAILED:
-                    self.summary.failed_for_good.append(shard_id)
-                pending.remove(shard_id)
+                else:
+                    if outcome is ShardState.FAILED:
+                        self.summary.failed_for_good.append(shard_id)
+                    pending.remove(shard_id)
             if pending and not progressed:
                 # Everything left is leased by live workers: wait, then look for expired leases.
-                self.stop.wait(self.poll_interval_s)
+                with self._changed:
+                    self._changed.wait(self.poll_interval_s)
 
     def _start_order(self, shard_ids: list[str]) -> list[str]:
         """Start at a point that depends on the worker id, so workers rarely collide."""
@@ -137,69 +177,108 @@ class Worker:
         offset = zlib.crc32(self.identity.worker_id.encode()) % len(shard_ids)
         return shard_ids[offset:] + shard_ids[:offset]
 
-    def _process(self, lease: Lease, shard: Shard) -> bool:
-        """True once the shard is committed (by this try or another); False to look again."""
-        self._current = shard.shard_id
+    def _read(self, shard: Shard) -> Iterator[pa.RecordBatch]:
+        spec = self.plan.spec
+        batch_size = spec.model_stages[0].batch_size or spec.batch_size
+        return iter_batches(shard, self.plan.input_format, batch_size, dict(spec.storage_options))
+
+    # -- finishing -----------------------------------------------------------------------------
+
+    def _finish(self, work: ShardWork) -> None:
+        """Commit, fail or give back one shard whose every row has left the model stages."""
+        shard_id = work.shard.shard_id
+        done = False
         try:
-            table = self._score(shard)
-            return self._write_and_commit(lease, shard, table)
-        except Preempted:
+            done = self._settle(work)
+        finally:
+            with self._changed:
+                self._in_flight.discard(shard_id)
+                if not done and not self.stop.is_set():
+                    self._retry.append(shard_id)  # ask the ledger again: another try, or failed for good
+                self._changed.notify_all()
+
+    def _settle(self, work: ShardWork) -> bool:
+        """True once the shard is committed (by this try or another); False to look again."""
+        lease = work.lease
+        if self.stop.is_set():
             self.ledger.release(lease, reason="preempted", failed=False)
-            log.warning("%s: released shard %s on SIGTERM", self.identity.worker_id, shard.shard_id)
+            log.warning("%s: released shard %s on SIGTERM", self.identity.worker_id, lease.shard_id)
             return False
+        limit = self.plan.spec.quarantine_limit
+        if work.error is None and len(work.quarantined) > limit:
+            reasons = "; ".join(sorted({q.reason for q in work.quarantined}))
+            work.fail(
+                ShardError(
+                    f"shard {lease.shard_id}: {len(work.quarantined)} bad records, more than quarantine_limit={limit} "
+                    f"({reasons})"
+                )
+            )
+        if work.error is not None:
+            self.summary.shards_failed += 1
+            error = f"{type(work.error).__name__}: {work.error}"
+            log.error("%s: shard %s failed (try %d): %s", self.identity.worker_id, lease.shard_id, lease.epoch, error)
+            self.ledger.release(lease, reason="failed", failed=True, error=error)
+            return False
+        try:
+            return self._write_and_commit(work)
         except StoreError:
             # Not the shard's fault: give the try back uncounted, then stop this worker.
             self._release_quietly(lease, "store error")
             raise
-        except Exception as exc:
-            self.summary.shards_failed += 1
-            log.error("%s: shard %s failed (try %d): %s", self.identity.worker_id, shard.shard_id, lease.epoch, exc)
-            self.ledger.release(lease, reason="failed", failed=True, error=f"{type(exc).__name__}: {exc}")
-            return False
-        finally:
-            self._current = None
 
-    def _score(self, shard: Shard) -> pa.Table:
-        spec = self.plan.spec
-        tables = []
-        for batch in iter_batches(shard, self.plan.input_format, spec.batch_size, dict(spec.storage_options)):
-            if self.stop.is_set():
-                raise Preempted
-            tables.append(self.scorer.score(batch))
-        if not tables:
-            return pa.table({})
-        return pa.concat_tables(tables, promote_options="default")
-
-    def _write_and_commit(self, lease: Lease, shard: Shard, table: pa.Table) -> bool:
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        name = self.plan.output_name(shard.shard_id)
+    def _write_and_commit(self, work: ShardWork) -> bool:
+        lease, shard_id = work.lease, work.shard.shard_id
+        table = pa.concat_tables(work.tables, promote_options="default") if work.tables else pa.table({})
+        name = self.plan.output_name(shard_id)
+        quarantine = self._write_quarantine(work) if work.quarantined else None
         # Durable output first, commit second: a crash in between leaves an uncommitted file
         # at a fixed name that the next try overwrites with the same rows.
-        self.output.put(name, buffer.getvalue(), kind="data")
+        self.output.put(name, _parquet_bytes(table), kind="data")
         if not self.ledger.holds(lease):
             self.summary.shards_lost += 1
-            log.warning("%s: lease on %s was taken over; not committing", self.identity.worker_id, shard.shard_id)
+            log.warning("%s: lease on %s was taken over; not committing", self.identity.worker_id, shard_id)
             return False
-        if not self.ledger.commit(lease, file=name, rows=table.num_rows):
+        quarantined = sum(q.batch.num_rows for q in work.quarantined)
+        if not self.ledger.commit(
+            lease, file=name, rows=table.num_rows, quarantined=quarantined, quarantine_file=quarantine
+        ):
             self.summary.shards_lost += 1
-            log.warning("%s: shard %s was committed by another try", self.identity.worker_id, shard.shard_id)
+            log.warning("%s: shard %s was committed by another try", self.identity.worker_id, shard_id)
             return True
         self.summary.shards_committed += 1
         self.summary.rows_committed += table.num_rows
+        self.summary.rows_quarantined += quarantined
         self._heartbeat.beat()
         log.info(
-            "%s: committed shard %s (%d rows); this worker: %d shards, %d rows",
+            "%s: committed shard %s (%d rows%s) in %.1fs; this worker: %d shards, %d rows",
             self.identity.worker_id,
-            shard.shard_id,
+            shard_id,
             table.num_rows,
+            f", {quarantined} quarantined" if quarantined else "",
+            time.monotonic() - work.started,
             self.summary.shards_committed,
             self.summary.rows_committed,
         )
         return True
+
+    def _write_quarantine(self, work: ShardWork) -> str:
+        """The shard's bad records as they were read, each with the reason it was set aside."""
+        tables = [
+            pa.Table.from_batches([q.batch]).append_column("_antbatch_reason", pa.array([q.reason] * q.batch.num_rows))
+            for q in work.quarantined
+        ]
+        name = self.plan.quarantine_name(work.shard.shard_id)
+        self.output.put(name, _parquet_bytes(pa.concat_tables(tables, promote_options="default")), kind="data")
+        return name
 
     def _release_quietly(self, lease: Lease, reason: str) -> None:
         try:
             self.ledger.release(lease, reason=reason, failed=False)
         except StoreError as exc:
             log.warning("could not release %s after a store error: %s", lease.shard_id, exc)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()

@@ -5,13 +5,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from airflow_antbatch.ledger import Ledger, WorkerIdentity
-from airflow_antbatch.worker.inference import BatchScorer
+from airflow_antbatch.worker.job_code import JobCode
 from airflow_antbatch.worker.local import available_cpus
 from airflow_antbatch.worker.loop import Worker, WorkerSummary
-from airflow_antbatch.worker.user_code import load_callable, load_model
+from airflow_antbatch.worker.pipeline import PipelineOptions
 
 if TYPE_CHECKING:
     import threading
@@ -25,42 +23,46 @@ def run_worker(
     *,
     storage_options: dict[str, Any] | None = None,
     stop: threading.Event | None = None,
+    cpu_budget: int | None = None,
+    preprocess_workers: int | None = None,
     torch_threads: int | None = None,
 ) -> WorkerSummary:
     """Load the plan and the user code, then process shards until none is left.
 
     User code is loaded before anything is claimed, so a broken import path fails fast and
-    holds no lease. ``torch_threads`` defaults to the CPUs available: several workers on one
-    machine must pass their share, since OpenMP threads that spin against each other make
-    inference many times slower (docs/PERF_NOTES).
+    holds no lease. ``cpu_budget`` (default: the CPUs this process may use) is shared between
+    preprocess processes and the model stages' torch threads; several workers on one machine
+    must each pass their share, since OpenMP threads that spin against each other make
+    inference many times slower (../shared/PERF_NOTES.md). ``preprocess_workers`` fixes the
+    preprocess pool size (0: preprocess in a thread) instead of scaling it; ``torch_threads``
+    fixes the model stages' intra-op threads.
     """
     ledger = Ledger.open(plan_uri, storage_options)
     spec = ledger.plan.spec
-    torch.set_num_threads(torch_threads or available_cpus())
-    model = load_model(spec.model, device=spec.device, storage_options=dict(spec.storage_options))
-    scorer = BatchScorer(
-        model,
-        device=spec.device,
-        preprocess=load_callable(spec.preprocess, "preprocess hook") if spec.preprocess else None,
-        postprocess=load_callable(spec.postprocess, "postprocess hook") if spec.postprocess else None,
-        id_column=spec.id_column,
-        keep_columns=spec.keep_columns,
+    code = JobCode.load(spec)
+    options = PipelineOptions(
+        cpu_budget=cpu_budget or available_cpus(),
+        preprocess_workers=preprocess_workers,
+        torch_threads=torch_threads,
     )
     identity = WorkerIdentity(worker_id)
     log.info(
-        "%s: starting on %s (%d shards planned, torch threads %d)",
+        "%s: starting on %s (%d shards planned, %d model stage(s), cpu budget %d)",
         identity.token,
         plan_uri,
         len(ledger.plan.shards),
-        torch.get_num_threads(),
+        len(code.runners),
+        options.cpu_budget,
     )
-    summary = Worker(ledger, identity, scorer, stop=stop).run()
+    summary = Worker(ledger, identity, code, options=options, stop=stop).run()
     log.info(
-        "%s: %s; committed %d shards (%d rows), skipped %d already committed, %d failed tries, %.1f rows/s",
+        "%s: %s; committed %d shards (%d rows, %d quarantined), skipped %d already committed, %d failed tries, "
+        "%.1f rows/s",
         identity.worker_id,
         summary.outcome,
         summary.shards_committed,
         summary.rows_committed,
+        summary.rows_quarantined,
         summary.shards_skipped,
         summary.shards_failed,
         summary.rows_per_s,

@@ -1,0 +1,305 @@
+"""Running the user's preprocess hook in child processes that may die.
+
+Preprocess code is CPU-bound Python, so it runs in processes beside the model stages rather than
+in threads that would fight over the GIL. A child that dies (``os._exit``, a segfault, an OOM
+kill) is replaced and its batch tried again. A batch that kills a child twice is split in
+halves, and halves are split again, until the record that does it is alone: that record is
+quarantined with the reason, and every other record of the batch goes on. Nothing is lost and
+nothing is scored twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import signal
+import sys
+import time
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from airflow_antbatch.errors import UserCodeError, WorkerError
+from airflow_antbatch.worker.codec import batch_from_bytes, batch_to_bytes, recv_tree, send_tree
+from airflow_antbatch.worker.user_code import load_callable
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
+
+    import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+# A whole batch gets one death for free (an OOM kill may be the machine's fault, not the
+# data's); a record alone gets one too before it is quarantined.
+DEATHS_BEFORE_SPLIT = 2
+DEATHS_BEFORE_QUARANTINE = 2
+# Children that die before taking any batch point at a broken environment, not bad data.
+MAX_IDLE_DEATHS = 5
+
+
+@dataclasses.dataclass
+class Task:
+    """Rows of one chunk to preprocess; a part of it once the chunk has been split."""
+
+    key: int
+    offset: int
+    batch: pa.RecordBatch
+    deaths: int = 0
+    is_part: bool = False
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What became of one task: its output, the reason its lone record was quarantined, or an error."""
+
+    key: int
+    offset: int
+    batch: pa.RecordBatch
+    output: Any = None
+    quarantine_reason: str | None = None
+    error: UserCodeError | None = None
+
+
+class _Child:
+    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+        self.process = process
+        self.conn = conn
+        self.task: Task | None = None
+        self.started_task = 0.0
+        self.retiring = False
+
+
+class PreprocessPool:
+    """A resizable set of preprocess processes fed one task each; results come back by ``poll``."""
+
+    def __init__(self, preprocess_ref: str, size: int) -> None:
+        self.ref = preprocess_ref
+        self._ctx = _context(preprocess_ref)
+        self._children: list[_Child] = []
+        self._queue: collections.deque[Task] = collections.deque()
+        self._target = 0
+        self._busy_s = 0.0
+        self._idle_deaths = 0
+        self.restarts = 0
+        self.resize(size)
+
+    @property
+    def size(self) -> int:
+        return self._target
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._queue) + sum(1 for c in self._children if c.task is not None)
+
+    def wants_more(self) -> bool:
+        """True while a new chunk would not wait behind others: keeps memory bounded."""
+        return self.in_flight < self._target + 1
+
+    def busy_seconds(self) -> float:
+        """Total time children have spent on tasks, the running ones included."""
+        now = time.monotonic()
+        return self._busy_s + sum(now - c.started_task for c in self._children if c.task is not None)
+
+    def submit(self, key: int, batch: pa.RecordBatch) -> None:
+        self._queue.append(Task(key, 0, batch))
+
+    def resize(self, size: int) -> None:
+        """Grow at once; shrink by retiring idle children now and busy ones when they finish."""
+        self._target = max(1, size)
+        live = [c for c in self._children if not c.retiring]
+        for child in live[self._target :]:
+            child.retiring = True
+        while len([c for c in self._children if not c.retiring]) < self._target:
+            self._children.append(self._start())
+        self._retire_idle()
+
+    def poll(self, timeout: float) -> list[Outcome]:
+        """Hand queued tasks to idle children, wait up to ``timeout`` for results, handle deaths."""
+        self._dispatch()
+        busy = [c for c in self._children if c.task is not None]
+        if not busy:
+            return []
+        waitables: list[Any] = [c.conn for c in busy] + [c.process.sentinel for c in busy]
+        ready = set(multiprocessing.connection.wait(waitables, timeout))
+        outcomes: list[Outcome] = []
+        for child in busy:
+            if child.conn in ready:
+                outcomes.extend(self._receive(child))
+            elif child.process.sentinel in ready:
+                outcomes.extend(self._died(child))
+        self._retire_idle()
+        self._dispatch()
+        return outcomes
+
+    def close(self) -> None:
+        for child in self._children:
+            self._stop_child(child)
+        self._children.clear()
+        self._queue.clear()
+
+    # -- children ----------------------------------------------------------------------------
+
+    def _start(self) -> _Child:
+        parent_end, child_end = self._ctx.Pipe()
+        process = self._ctx.Process(
+            target=_child_main, args=(child_end, self.ref), name="antbatch-preprocess", daemon=True
+        )
+        process.start()
+        child_end.close()
+        return _Child(process, parent_end)
+
+    def _stop_child(self, child: _Child) -> None:
+        try:
+            child.conn.send(None)
+        except OSError:
+            pass
+        child.conn.close()
+        child.process.join(timeout=2)
+        if child.process.is_alive():
+            child.process.kill()
+            child.process.join()
+
+    def _retire_idle(self) -> None:
+        for child in [c for c in self._children if c.retiring and c.task is None]:
+            self._children.remove(child)
+            self._stop_child(child)
+
+    def _dispatch(self) -> None:
+        for child in self._children:
+            if not self._queue:
+                return
+            if child.task is not None or child.retiring:
+                continue
+            if not child.process.is_alive():
+                self._replace(child, _exit_reason(child.process.exitcode))
+                continue
+            task = self._queue.popleft()
+            try:
+                child.conn.send(len(task.batch))
+                child.conn.send_bytes(batch_to_bytes(task.batch))
+            except OSError:
+                self._queue.appendleft(task)  # it died while idle
+                self._replace(child, "closed its pipe")
+                continue
+            child.task = task
+            child.started_task = time.monotonic()
+
+    def _finish(self, child: _Child) -> Task:
+        task = child.task
+        assert task is not None
+        self._busy_s += time.monotonic() - child.started_task
+        child.task = None
+        return task
+
+    def _receive(self, child: _Child) -> list[Outcome]:
+        try:
+            tag, value = recv_tree(child.conn)
+        except (EOFError, OSError):
+            return self._died(child)
+        task = self._finish(child)
+        self._idle_deaths = 0
+        if tag == "ok":
+            return [Outcome(task.key, task.offset, task.batch, output=value)]
+        rows = f"rows {task.offset}..{task.offset + len(task.batch) - 1} of its batch"
+        return [
+            Outcome(task.key, task.offset, task.batch, error=UserCodeError(f"preprocess hook raised {value} on {rows}"))
+        ]
+
+    def _died(self, child: _Child) -> list[Outcome]:
+        child.process.join(timeout=5)
+        reason = _exit_reason(child.process.exitcode)
+        task = self._finish(child) if child.task is not None else None
+        self._replace(child, reason if task is None else None)
+        if task is None:
+            return []
+        task.deaths += 1
+        return self._after_death(task, reason)
+
+    def _after_death(self, task: Task, reason: str) -> list[Outcome]:
+        rows = len(task.batch)
+        if rows == 1 and task.deaths >= DEATHS_BEFORE_QUARANTINE:
+            log.error("quarantining a record that killed the preprocess process %d times (%s)", task.deaths, reason)
+            why = f"preprocess process {reason} on this record {task.deaths} times"
+            return [Outcome(task.key, task.offset, task.batch, quarantine_reason=why)]
+        if rows > 1 and (task.is_part or task.deaths >= DEATHS_BEFORE_SPLIT):
+            half = rows // 2
+            log.warning(
+                "a batch of %d rows %s the preprocess process (%d deaths): splitting it to find the record",
+                rows,
+                reason,
+                task.deaths,
+            )
+            parts = [
+                Task(task.key, task.offset, task.batch.slice(0, half), is_part=True),
+                Task(task.key, task.offset + half, task.batch.slice(half), is_part=True),
+            ]
+            self._queue.extendleft(reversed(parts))
+        else:
+            log.warning("the preprocess process %s; retrying its batch of %d rows", reason, rows)
+            self._queue.appendleft(task)
+        return []
+
+    def _replace(self, child: _Child, idle_death: str | None) -> None:
+        """Start a new child in ``child``'s place; ``idle_death`` says why one died holding nothing."""
+        if idle_death is not None:
+            self._idle_deaths += 1
+            if self._idle_deaths > MAX_IDLE_DEATHS:
+                raise WorkerError(f"preprocess processes keep dying before taking any batch (last: {idle_death})")
+        index = self._children.index(child)
+        child.conn.close()
+        self.restarts += 1
+        if child.retiring:
+            self._children.pop(index)
+        else:
+            self._children[index] = self._start()
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _context(preprocess_ref: str) -> Any:
+    """forkserver where there is one: children fork from a clean server that has imported the
+    user's module once, so replacing a dead child costs milliseconds, and no child inherits
+    this process's threads or torch state."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__, preprocess_ref.partition(":")[0]])
+    return ctx
+
+
+def _child_main(conn: Connection, preprocess_ref: str) -> None:
+    # The parent decides when children stop (a message or a closed pipe); a terminal's Ctrl-C
+    # or a SIGTERM sent to the whole process group must not kill a batch half-way.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    preprocess = load_callable(preprocess_ref, "preprocess hook")
+    while True:
+        try:
+            rows = conn.recv()
+            if rows is None:
+                return
+            batch = batch_from_bytes(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        try:
+            output = preprocess(batch)
+        except Exception as exc:
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            send_tree(conn, "error", f"{exc!r} at {where.filename}:{where.lineno}")
+            continue
+        send_tree(conn, "ok", output)
