@@ -38,6 +38,7 @@ class ScalingDecision:
     at_s: float
     processes_from: int
     processes_to: int
+    torch_threads: int  # per CPU model stage, after the change
     reason: str
 
     def to_dict(self) -> dict[str, object]:
@@ -98,14 +99,14 @@ class ElasticScaler:
         return None
 
     def _decide(self, processes: int, now: float, reason: str) -> int:
-        decision = ScalingDecision(round(now - self._started, 2), self.processes, processes, reason)
+        before, self.processes = self.processes, processes
+        decision = ScalingDecision(round(now - self._started, 2), before, processes, self.torch_threads(), reason)
         self.decisions.append(decision)
-        self.processes = processes
         log.info(
             "preprocess processes %d -> %d (torch threads per model stage now %d): %s",
-            decision.processes_from,
+            before,
             processes,
-            self.torch_threads(),
+            decision.torch_threads,
             reason,
         )
         return processes

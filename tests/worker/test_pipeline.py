@@ -1,0 +1,180 @@
+"""The pipelined worker end to end in-process: chains, order, elastic scaling, dying preprocess processes."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from airflow_antbatch.examples import tabular
+from airflow_antbatch.finalize import finalize_job
+from airflow_antbatch.ledger import Ledger, WorkerIdentity
+from airflow_antbatch.planning import plan_job
+from airflow_antbatch.spec import JobSpec
+from airflow_antbatch.worker.job_code import JobCode
+from airflow_antbatch.worker.loop import Worker, WorkerSummary
+from airflow_antbatch.worker.pipeline import PipelineOptions
+from tests import chain_models
+from tests.conftest import TABULAR, write_transactions
+
+FAULTS = "tests.fault_hooks"
+CHAIN = "tests.chain_models"
+
+
+def _run(spec: JobSpec, **options: Any) -> tuple[WorkerSummary, Ledger]:
+    plan_uri = plan_job(spec).plan_uri
+    ledger = Ledger.open(plan_uri)
+    pipeline_options = PipelineOptions(**{"cpu_budget": 2, **options})
+    summary = Worker(ledger, WorkerIdentity("w0"), JobCode.load(spec), options=pipeline_options).run()
+    return summary, ledger
+
+
+def _output(ledger: Ledger) -> pa.Table:
+    root = pathlib.Path(ledger.plan.spec.output_uri)
+    return pa.concat_tables(pq.read_table(root / r.file) for r in ledger.commit_records())
+
+
+def _spec(tmp_path: pathlib.Path, **fields: Any) -> JobSpec:
+    base: dict[str, Any] = {
+        "input_uri": str(tmp_path / "in"),
+        "output_uri": str(tmp_path / "out"),
+        "model": f"{TABULAR}:build_model",
+        "preprocess": f"{FAULTS}:preprocess",
+        "postprocess": f"{TABULAR}:postprocess",
+        "id_column": "txn_id",
+        "batch_size": 50,
+        "max_shard_rows": 250,
+        "lease_ttl_s": 30.0,
+    }
+    return JobSpec(**{**base, **fields})
+
+
+def _poisoned_input(tmp_path: pathlib.Path, merchants: dict[int, str]) -> pa.Table:
+    """2 files x 500 rows; the rows with the given ids get the given merchant."""
+    table = write_transactions(tmp_path / "in", files=2, rows_per_file=500, row_group_size=250)
+    for path in sorted((tmp_path / "in").glob("*.parquet")):
+        part = pq.read_table(path)
+        pairs = zip(part["txn_id"].to_pylist(), part["merchant"].to_pylist(), strict=True)
+        names = [merchants.get(i, m) for i, m in pairs]
+        part = part.set_column(part.schema.get_field_index("merchant"), "merchant", pa.array(names))
+        pq.write_table(part, path, row_group_size=250)
+    return table
+
+
+@pytest.mark.parametrize("death", ["exit", "segv", "kill"])
+def test_a_record_that_kills_preprocess_is_quarantined_and_nothing_else_is_lost(
+    tmp_path: pathlib.Path, death: str
+) -> None:
+    table = _poisoned_input(tmp_path, {321: f"POISON-{death}"})
+    summary, ledger = _run(_spec(tmp_path))
+    assert summary.outcome == "finished" and summary.shards_failed == 0
+    ids = _output(ledger)["txn_id"].to_pylist()
+    expected = [i for i in table["txn_id"].to_pylist() if i != 321]
+    assert sorted(ids) == expected  # every other row exactly once
+    assert summary.rows_quarantined == 1 and summary.preprocess_restarts >= 2
+    [record] = [r for r in ledger.commit_records() if r.quarantined]
+    quarantine = pathlib.Path(ledger.plan.spec.output_uri) / str(record.quarantine_file)
+    bad = pq.read_table(quarantine)
+    assert bad["txn_id"].to_pylist() == [321]
+    reason = bad["_antbatch_reason"][0].as_py()
+    assert {"exit": "exited with code 3", "segv": "SIGSEGV", "kill": "SIGKILL"}[death] in reason
+    manifest = finalize_job(ledger.plan_uri)
+    assert manifest["rows"] == 999 and manifest["quarantined_rows"] == 1
+    assert manifest["quarantine_files"] == [str(quarantine)]
+
+
+def test_a_process_that_dies_once_is_replaced_and_its_batch_retried(tmp_path: pathlib.Path) -> None:
+    table = _poisoned_input(tmp_path, {77: f"FLAKY:{tmp_path / 'died-once'}"})
+    summary, ledger = _run(_spec(tmp_path))
+    assert (tmp_path / "died-once").exists()
+    assert summary.preprocess_restarts == 1 and summary.rows_quarantined == 0
+    assert sorted(_output(ledger)["txn_id"].to_pylist()) == table["txn_id"].to_pylist()
+
+
+def test_more_bad_records_than_the_limit_fail_the_shard(tmp_path: pathlib.Path) -> None:
+    _poisoned_input(tmp_path, {10: "POISON-exit", 20: "POISON-exit"})
+    summary, ledger = _run(_spec(tmp_path, quarantine_limit=1, max_shard_attempts=1))
+    assert len(summary.failed_for_good) == 1
+    [(_, error)] = ledger.status().failures
+    assert "2 bad records, more than quarantine_limit=1" in error and "exited with code 3" in error
+    assert ledger.status().committed == len(ledger.plan.shards) - 1  # the other shards are not held back
+
+
+def test_preprocess_errors_fail_the_shard_naming_the_rows(tmp_path: pathlib.Path) -> None:
+    _poisoned_input(tmp_path, {620: "RAISE"})
+    summary, ledger = _run(_spec(tmp_path, max_shard_attempts=1))
+    [(_, error)] = ledger.status().failures
+    assert "preprocess hook raised ValueError(\"cannot parse merchant 'RAISE'\")" in error
+    assert "rows 0..49 of its batch" in error and "fault_hooks.py" in error
+    assert summary.preprocess_restarts == 0 and len(summary.failed_for_good) == 1
+
+
+def test_rows_keep_their_order_when_processes_finish_out_of_order(tmp_path: pathlib.Path) -> None:
+    table = write_transactions(tmp_path / "in", files=1, rows_per_file=1000, row_group_size=500)
+    spec = _spec(tmp_path, preprocess=f"{FAULTS}:jittery_preprocess", batch_size=100, max_shard_rows=1000)
+    summary, ledger = _run(spec, cpu_budget=3, preprocess_workers=3)
+    assert summary.preprocess_processes == 3
+    assert _output(ledger)["txn_id"].to_pylist() == table["txn_id"].to_pylist()
+
+
+def test_preprocess_heavy_work_grows_the_pool_and_shrinks_torch_threads(tmp_path: pathlib.Path) -> None:
+    write_transactions(tmp_path / "in", files=2, rows_per_file=1500, row_group_size=500)
+    spec = _spec(tmp_path, preprocess=f"{FAULTS}:slow_preprocess", max_shard_rows=500)
+    summary, _ = _run(spec, cpu_budget=4, scale_interval_s=0.5)
+    grew = [d for d in summary.scaling if d["processes_to"] > d["processes_from"]]
+    assert grew, summary.scaling
+    assert "preprocess is the bottleneck" in grew[0]["reason"]
+    assert grew[0]["torch_threads"] == 4 - grew[0]["processes_to"]  # the model stage makes room
+    assert summary.rows_committed == 3000
+
+
+def test_model_heavy_work_keeps_one_preprocess_process(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTBATCH_TEST_BATCH_DELAY", "0.06")  # read by the model, in this process
+    write_transactions(tmp_path / "in", files=2, rows_per_file=1500, row_group_size=500)
+    spec = _spec(tmp_path, model="tests.slow_model:build_slow_model", max_shard_rows=500)
+    summary, _ = _run(spec, cpu_budget=4, scale_interval_s=0.5)
+    assert summary.scaling == [] and summary.preprocess_processes == 1
+    assert summary.rows_committed == 3000
+
+
+def test_a_chain_with_its_own_batch_sizes_matches_the_models_run_by_hand(tmp_path: pathlib.Path) -> None:
+    table = write_transactions(tmp_path / "in", files=2, rows_per_file=500, row_group_size=250)
+    stages = [
+        {"name": "embed", "model": f"{CHAIN}:build_embedder", "batch_size": 64, "output_column": "embedding"},
+        {"name": "classify", "model": f"{CHAIN}:build_classifier", "batch_size": 100},
+        {"name": "rerank", "model": f"{CHAIN}:build_reranker", "batch_size": 37, "adapter": f"{CHAIN}:rerank_input"},
+    ]
+    spec = _spec(
+        tmp_path,
+        model=None,
+        stages=stages,
+        preprocess=f"{TABULAR}:preprocess",
+        postprocess=f"{CHAIN}:score_column",
+    )
+    summary, ledger = _run(spec)
+    assert summary.rows_committed == 1000
+    assert set(summary.stages) >= {"read", "preprocess", "embed", "classify", "rerank", "postprocess", "write"}
+    out = _output(ledger).sort_by("txn_id")
+    assert out.column_names == ["txn_id", "score", "embedding"]
+    whole = table.combine_chunks().to_batches()[0]
+    with torch.inference_mode():
+        features = tabular.preprocess(whole)
+        embedding = chain_models.build_embedder()(features)
+        classified = chain_models.build_classifier()(embedding)
+        expected = chain_models.build_reranker()(chain_models.rerank_input(classified, whole))
+    assert out["txn_id"].to_pylist() == table["txn_id"].to_pylist()
+    assert np.allclose(out["score"].to_numpy(), expected[:, 0].numpy(), atol=1e-5)
+    got_embedding = np.array(out["embedding"].to_pylist(), dtype=np.float32)
+    assert np.allclose(got_embedding, embedding.numpy(), atol=1e-5)
+
+
+def test_preprocess_in_a_thread_when_asked(tmp_path: pathlib.Path) -> None:
+    table = write_transactions(tmp_path / "in", files=1, rows_per_file=500, row_group_size=250)
+    summary, ledger = _run(_spec(tmp_path), preprocess_workers=0)
+    assert summary.preprocess_processes == 0 and summary.scaling == []
+    assert _output(ledger)["txn_id"].to_pylist() == table["txn_id"].to_pylist()
