@@ -29,16 +29,26 @@ def worker_command(
     worker_id: str,
     *,
     storage_options: dict[str, Any] | None = None,
+    cpu_budget: int | None = None,
+    preprocess_workers: int | None = None,
     torch_threads: int | None = None,
     summary_file: str | None = None,
 ) -> list[str]:
-    """The ``antbatch worker`` command line, for subprocesses and pods alike."""
+    """The ``antbatch worker`` command line, for subprocesses and pods alike.
+
+    Options left as None are left out, so the worker picks its own default.
+    """
     cmd = [sys.executable, "-m", "airflow_antbatch"]
     if storage_options:  # a top-level option: it must come before the subcommand
         cmd += ["--storage-options", json.dumps(storage_options)]
     cmd += ["worker", "--spec", plan_uri, "--worker-id", worker_id]
-    if torch_threads:
-        cmd += ["--torch-threads", str(torch_threads)]
+    for flag, value in (
+        ("--cpu-budget", cpu_budget),
+        ("--preprocess-workers", preprocess_workers),  # 0 is a setting: preprocess in a thread
+        ("--torch-threads", torch_threads),
+    ):
+        if value is not None:
+            cmd += [flag, str(value)]
     if summary_file:
         cmd += ["--summary-file", summary_file]
     return cmd
@@ -49,9 +59,14 @@ def run_local_workers(
     worker_ids: Sequence[str],
     *,
     storage_options: dict[str, Any] | None = None,
+    cpu_budget: int | None = None,
+    preprocess_workers: int | None = None,
     torch_threads: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the workers side by side and wait; each result has the exit code and the summary."""
+    """Run the workers side by side and wait; each result has the exit code and the summary.
+
+    ``cpu_budget`` is per worker: workers sharing this machine should each get their share.
+    """
     with tempfile.TemporaryDirectory(prefix="antbatch-") as tmp:
         procs = []
         for worker_id in worker_ids:
@@ -60,6 +75,8 @@ def run_local_workers(
                 plan_uri,
                 worker_id,
                 storage_options=storage_options,
+                cpu_budget=cpu_budget,
+                preprocess_workers=preprocess_workers,
                 torch_threads=torch_threads,
                 summary_file=summary_file,
             )

@@ -303,7 +303,7 @@ class Pipeline:
                 self._put(out, item, clock)
                 if item is DONE:
                     return
-            resize = self.scaler.observe(pool.busy_seconds(), model_clock.wait_in_s)
+            resize = self.scaler.observe(pool.busy_seconds(), model_clock)
             if resize is not None:
                 pool.resize(resize)
 

@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 # data's); a record alone gets one too before it is quarantined.
 DEATHS_BEFORE_SPLIT = 2
 DEATHS_BEFORE_QUARANTINE = 2
-# Children that die before taking any batch point at a broken environment, not bad data.
-MAX_IDLE_DEATHS = 5
+# Children that die before they are ready point at a broken environment, not bad data.
+MAX_START_FAILURES = 3
 
 
 @dataclasses.dataclass
@@ -69,8 +69,8 @@ class _Child:
         self.process = process
         self.conn = conn
         self.task: Task | None = None
-        self.started_task = 0.0
         self.retiring = False
+        self.ready = False  # it has imported the hook: only now may it be blamed for a death
 
 
 class PreprocessPool:
@@ -83,7 +83,7 @@ class PreprocessPool:
         self._queue: collections.deque[Task] = collections.deque()
         self._target = 0
         self._busy_s = 0.0
-        self._idle_deaths = 0
+        self._start_failures = 0
         self.restarts = 0
         self.resize(size)
 
@@ -100,9 +100,11 @@ class PreprocessPool:
         return self.in_flight < self._target + 1
 
     def busy_seconds(self) -> float:
-        """Total time children have spent on tasks, the running ones included."""
-        now = time.monotonic()
-        return self._busy_s + sum(now - c.started_task for c in self._children if c.task is not None)
+        """Time children have spent inside the hook, as they measured it: the CPU preprocess takes.
+
+        Measured in the child, because the time a task is out also holds the time the parent
+        took to collect it, which grows when the model stages are the bottleneck."""
+        return self._busy_s
 
     def submit(self, key: int, batch: pa.RecordBatch) -> None:
         self._queue.append(Task(key, 0, batch))
@@ -120,16 +122,20 @@ class PreprocessPool:
     def poll(self, timeout: float) -> list[Outcome]:
         """Hand queued tasks to idle children, wait up to ``timeout`` for results, handle deaths."""
         self._dispatch()
-        busy = [c for c in self._children if c.task is not None]
-        if not busy:
+        watched = [c for c in self._children if c.task is not None or not c.ready]
+        if not watched:
             return []
-        waitables: list[Any] = [c.conn for c in busy] + [c.process.sentinel for c in busy]
+        waitables: list[Any] = [c.conn for c in watched] + [c.process.sentinel for c in watched]
         ready = set(multiprocessing.connection.wait(waitables, timeout))
         outcomes: list[Outcome] = []
-        for child in busy:
-            if child.conn in ready:
+        for child in watched:
+            if child.conn not in ready and child.process.sentinel not in ready:
+                continue
+            if not child.ready:
+                self._handshake(child)
+            elif child.conn in ready:
                 outcomes.extend(self._receive(child))
-            elif child.process.sentinel in ready:
+            else:
                 outcomes.extend(self._died(child))
         self._retire_idle()
         self._dispatch()
@@ -172,10 +178,10 @@ class PreprocessPool:
         for child in self._children:
             if not self._queue:
                 return
-            if child.task is not None or child.retiring:
+            if child.task is not None or child.retiring or not child.ready:
                 continue
             if not child.process.is_alive():
-                self._replace(child, _exit_reason(child.process.exitcode))
+                self._replace(child)
                 continue
             task = self._queue.popleft()
             try:
@@ -183,15 +189,13 @@ class PreprocessPool:
                 child.conn.send_bytes(batch_to_bytes(task.batch))
             except OSError:
                 self._queue.appendleft(task)  # it died while idle
-                self._replace(child, "closed its pipe")
+                self._replace(child)
                 continue
             child.task = task
-            child.started_task = time.monotonic()
 
     def _finish(self, child: _Child) -> Task:
         task = child.task
         assert task is not None
-        self._busy_s += time.monotonic() - child.started_task
         child.task = None
         return task
 
@@ -201,7 +205,8 @@ class PreprocessPool:
         except (EOFError, OSError):
             return self._died(child)
         task = self._finish(child)
-        self._idle_deaths = 0
+        seconds, value = value
+        self._busy_s += seconds
         if tag == "ok":
             return [Outcome(task.key, task.offset, task.batch, output=value)]
         rows = f"rows {task.offset}..{task.offset + len(task.batch) - 1} of its batch"
@@ -212,10 +217,8 @@ class PreprocessPool:
     def _died(self, child: _Child) -> list[Outcome]:
         child.process.join(timeout=5)
         reason = _exit_reason(child.process.exitcode)
-        task = self._finish(child) if child.task is not None else None
-        self._replace(child, reason if task is None else None)
-        if task is None:
-            return []
+        task = self._finish(child)
+        self._replace(child)
         task.deaths += 1
         return self._after_death(task, reason)
 
@@ -243,12 +246,27 @@ class PreprocessPool:
             self._queue.appendleft(task)
         return []
 
-    def _replace(self, child: _Child, idle_death: str | None) -> None:
-        """Start a new child in ``child``'s place; ``idle_death`` says why one died holding nothing."""
-        if idle_death is not None:
-            self._idle_deaths += 1
-            if self._idle_deaths > MAX_IDLE_DEATHS:
-                raise WorkerError(f"preprocess processes keep dying before taking any batch (last: {idle_death})")
+    def _handshake(self, child: _Child) -> None:
+        """A new child says it is ready, or why it cannot be; one that dies first is a start failure."""
+        try:
+            tag, message = recv_tree(child.conn)
+        except (EOFError, OSError):
+            child.process.join(timeout=5)
+            tag, message = "died", f"it {_exit_reason(child.process.exitcode)} before it was ready"
+        if tag == "ready":
+            child.ready = True
+            self._start_failures = 0
+            return
+        self._start_failures += 1
+        if tag == "fatal" or self._start_failures >= MAX_START_FAILURES:
+            raise WorkerError(
+                f"preprocess processes cannot start ({message}); a script that runs the worker in-process "
+                "needs the `if __name__ == '__main__':` guard, as all multiprocessing code does"
+            )
+        log.warning("a preprocess process failed to start (%s); starting another", message)
+        self._replace(child)
+
+    def _replace(self, child: _Child) -> None:
         index = self._children.index(child)
         child.conn.close()
         self.restarts += 1
@@ -287,7 +305,12 @@ def _child_main(conn: Connection, preprocess_ref: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
-    preprocess = load_callable(preprocess_ref, "preprocess hook")
+    try:
+        preprocess = load_callable(preprocess_ref, "preprocess hook")
+    except Exception as exc:
+        send_tree(conn, "fatal", str(exc))
+        return
+    send_tree(conn, "ready", None)
     while True:
         try:
             rows = conn.recv()
@@ -296,10 +319,11 @@ def _child_main(conn: Connection, preprocess_ref: str) -> None:
             batch = batch_from_bytes(conn.recv_bytes())
         except (EOFError, OSError):
             return
+        started = time.perf_counter()
         try:
             output = preprocess(batch)
         except Exception as exc:
             where = traceback.extract_tb(exc.__traceback__)[-1]
-            send_tree(conn, "error", f"{exc!r} at {where.filename}:{where.lineno}")
+            send_tree(conn, "error", (time.perf_counter() - started, f"{exc!r} at {where.filename}:{where.lineno}"))
             continue
-        send_tree(conn, "ok", output)
+        send_tree(conn, "ok", (time.perf_counter() - started, output))

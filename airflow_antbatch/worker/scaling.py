@@ -2,15 +2,16 @@
 
 The worker watches where time goes. When the first model stage waits for input while every
 preprocess process is busy, preprocessing is the bottleneck and gets one more process; when
-the processes idle, one goes. Torch threads per CPU model stage take what the CPU budget leaves,
-because OpenMP threads that outnumber free cores spin against each other and run many times
-slower (docs/benchmarks.md, PERF_NOTES).
+the processes idle, one goes. Torch threads per CPU model stage take the cores that
+preprocessing leaves, because OpenMP threads that outnumber free cores run many times slower
+(../shared/PERF_NOTES.md), while a light hook should leave the model every core.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 
 log = logging.getLogger(__name__)
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 GROW_WHEN_STARVED = 0.10  # the first model stage waited this share of the window for input
 GROW_WHEN_BUSY = 0.85  # ... while the preprocess processes were busy this share of theirs
 SHRINK_BELOW = 0.70  # one process fewer would still be busy under this share
+PROBE_GAIN = 1.10  # more torch threads must make the model this much faster to stay
 
 
 @dataclasses.dataclass
@@ -63,50 +65,91 @@ class ElasticScaler:
         self.fixed_threads = fixed_threads
         self.interval_s = interval_s
         self.processes = fixed_processes if fixed_processes is not None else 1
+        self.preprocess_cores = self.processes  # until measured, assume every process busy
+        self._thread_cap: int | None = None
+        self._probe: tuple[int, float] | None = None  # threads and model rate before an increase
+        self._last_model = StageClock()
         self.decisions: list[ScalingDecision] = []
         self._started = time.monotonic()
         self._window_start = self._started
         self._last_busy = 0.0
-        self._last_starved = 0.0
 
     @property
     def elastic(self) -> bool:
         return self.fixed_processes is None
 
     def torch_threads(self, stage_threads: int | None = None) -> int:
-        """Intra-op threads for one CPU model stage: its own setting, the worker's, or the share left."""
+        """Intra-op threads for one CPU model stage: its own setting, the worker's, or the cores left."""
         if stage_threads:
             return stage_threads
         if self.fixed_threads:
             return self.fixed_threads
-        left = self.cpu_budget - self.processes
-        return max(1, left // max(1, self.cpu_model_stages))
+        left = self.cpu_budget - self.preprocess_cores
+        return max(1, min(left // max(1, self.cpu_model_stages), self._thread_cap or self.cpu_budget))
 
-    def observe(self, pool_busy_s: float, model_starved_s: float, now: float | None = None) -> int | None:
-        """Feed cumulative counters; returns a new pool size when one is decided."""
+    def observe(self, pool_busy_s: float, model: StageClock, now: float | None = None) -> int | None:
+        """Feed cumulative counters (the pool's, the first model stage's); returns a new pool size when decided.
+
+        ``pool_busy_s`` is the time spent inside the preprocess hook, summed over processes;
+        over a window it says how many cores preprocessing keeps busy, and the model stages'
+        threads get the rest: a light hook leaves the model every core, a heavy one gets its own.
+        More threads are kept only if the model then scores faster: on a loaded machine they
+        can make it slower, and the scaler goes back.
+        """
         now = time.monotonic() if now is None else now
         window = now - self._window_start
-        if not self.elastic or window < self.interval_s:
+        if window < self.interval_s or self.processes == 0:
             return None
-        busy = (pool_busy_s - self._last_busy) / (window * self.processes)
-        starved = (model_starved_s - self._last_starved) / window
-        self._window_start, self._last_busy, self._last_starved = now, pool_busy_s, model_starved_s
+        demand = (pool_busy_s - self._last_busy) / window
+        busy = demand / self.processes
+        starved = min(1.0, (model.wait_in_s - self._last_model.wait_in_s) / window)
+        model_busy = model.busy_s - self._last_model.busy_s
+        rate = (model.rows - self._last_model.rows) / model_busy if model_busy > 0.2 * window else None
+        self._window_start, self._last_busy = now, pool_busy_s
+        self._last_model = dataclasses.replace(model)
         figures = f"first model stage waited {starved:.0%} of {window:.1f}s, preprocess processes busy {busy:.0%}"
-        if starved >= GROW_WHEN_STARVED and busy >= GROW_WHEN_BUSY and self.processes < self.cpu_budget:
-            return self._decide(self.processes + 1, now, f"preprocess is the bottleneck: {figures}")
-        if self.processes > 1 and busy * self.processes < (self.processes - 1) * SHRINK_BELOW:
-            return self._decide(self.processes - 1, now, f"preprocess has spare capacity: {figures}")
-        return None
+        if self._check_probe(rate, now):
+            return None
+        processes, reason = self.processes, f"preprocess uses {demand:.1f} cores: {figures}"
+        if self.elastic and starved >= GROW_WHEN_STARVED and busy >= GROW_WHEN_BUSY and processes < self.cpu_budget:
+            processes, reason = processes + 1, f"preprocess is the bottleneck: {figures}"
+        elif self.elastic and processes > 1 and demand < (processes - 1) * SHRINK_BELOW:
+            processes, reason = processes - 1, f"preprocess has spare capacity: {figures}"
+        threads = self.torch_threads()
+        # A process that is added is assumed busy; otherwise preprocessing keeps the cores it used.
+        cores = processes if processes > self.processes else min(processes, math.floor(demand + 0.5))
+        before, self.processes, self.preprocess_cores = self.processes, processes, cores
+        if processes == before and self.torch_threads() == threads:
+            return None
+        if self.torch_threads() > threads and rate is not None:
+            self._probe = (threads, rate)
+        self._record(before, now, reason)
+        return processes if processes != before else None
 
-    def _decide(self, processes: int, now: float, reason: str) -> int:
-        before, self.processes = self.processes, processes
-        decision = ScalingDecision(round(now - self._started, 2), before, processes, self.torch_threads(), reason)
+    def _check_probe(self, rate: float | None, now: float) -> bool:
+        """After adding threads: keep them if the model got faster, else go back for good."""
+        if self._probe is None or rate is None:
+            return False
+        threads, rate_before = self._probe
+        self._probe = None
+        if rate >= rate_before * PROBE_GAIN:
+            return False
+        more = self.torch_threads()
+        self._thread_cap = threads
+        reason = (
+            f"{more} torch threads scored {rate:.0f} rows per busy second against {rate_before:.0f} with {threads}: "
+            "the cores are not free"
+        )
+        self._record(self.processes, now, reason)
+        return True
+
+    def _record(self, before: int, now: float, reason: str) -> None:
+        decision = ScalingDecision(round(now - self._started, 2), before, self.processes, self.torch_threads(), reason)
         self.decisions.append(decision)
         log.info(
-            "preprocess processes %d -> %d (torch threads per model stage now %d): %s",
+            "preprocess processes %d -> %d, torch threads per model stage %d: %s",
             before,
-            processes,
+            self.processes,
             decision.torch_threads,
             reason,
         )
-        return processes

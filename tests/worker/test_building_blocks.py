@@ -14,7 +14,7 @@ from airflow_antbatch.errors import UserCodeError
 from airflow_antbatch.spec import ModelStage
 from airflow_antbatch.worker.codec import batch_from_bytes, batch_to_bytes, recv_tree, send_tree
 from airflow_antbatch.worker.model_stage import ModelRunner, to_device
-from airflow_antbatch.worker.scaling import ElasticScaler
+from airflow_antbatch.worker.scaling import ElasticScaler, StageClock
 from airflow_antbatch.worker.trees import concat_tree, slice_tree, tree_rows
 
 
@@ -64,33 +64,57 @@ def test_joining_ragged_outputs_says_which_stage_and_what_to_do() -> None:
 
 
 @pytest.mark.parametrize(
-    ("starved", "busy", "processes", "expected"),
+    ("starved", "busy", "processes", "expected", "threads"),
     [
-        (0.5, 0.95, 1, 2),  # the model waits on a saturated pool: grow
-        (0.5, 0.95, 4, None),  # ... but not past the budget
-        (0.0, 0.95, 1, None),  # the model never waits: preprocess keeps up
-        (0.5, 0.50, 1, None),  # the pool idles too: the reader is the bottleneck
-        (0.0, 0.30, 3, 2),  # two processes would do: shrink
-        (0.0, 0.30, 1, None),  # never below one
+        (0.5, 0.95, 1, 2, 2),  # the model waits on a saturated pool: grow; the new process gets a core
+        (0.5, 0.95, 4, None, 1),  # ... but not past the budget
+        (0.0, 0.95, 1, None, 3),  # the model never waits: preprocess keeps up on its one core
+        (0.5, 0.50, 1, None, 3),  # the pool idles too: the reader is the bottleneck
+        (0.0, 0.30, 3, 2, 3),  # 0.9 cores of demand: two processes would do; the model gets 3 threads
+        (0.0, 0.02, 1, None, 4),  # a light hook leaves the model every core
     ],
 )
 def test_the_scaler_grows_on_a_preprocess_bottleneck_only(
-    starved: float, busy: float, processes: int, expected: int | None
+    starved: float, busy: float, processes: int, expected: int | None, threads: int
 ) -> None:
     scaler = ElasticScaler(cpu_budget=4, cpu_model_stages=1, interval_s=1.0)
-    scaler.processes = processes
+    scaler.processes = scaler.preprocess_cores = processes
     start = scaler._window_start
-    decided = scaler.observe(pool_busy_s=busy * processes * 2.0, model_starved_s=starved * 2.0, now=start + 2.0)
+    model = StageClock(wait_in_s=starved * 2.0)
+    decided = scaler.observe(pool_busy_s=busy * processes * 2.0, model=model, now=start + 2.0)
     assert decided == expected
-    if expected is not None:
-        assert scaler.decisions[-1].torch_threads == max(1, 4 - expected)
+    assert scaler.torch_threads() == threads
 
 
 def test_fixed_settings_are_never_scaled() -> None:
     scaler = ElasticScaler(cpu_budget=8, cpu_model_stages=2, fixed_processes=3, fixed_threads=5)
-    assert scaler.observe(100.0, 100.0, now=scaler._window_start + 60) is None
+    assert scaler.observe(100.0, StageClock(wait_in_s=100.0), now=scaler._window_start + 60) is None
     assert (scaler.processes, scaler.torch_threads(), scaler.torch_threads(stage_threads=1)) == (3, 5, 1)
     assert ElasticScaler(cpu_budget=8, cpu_model_stages=2).torch_threads() == 3  # (8 - 1 process) // 2 stages
+
+
+def test_a_fixed_pool_still_hands_idle_cores_to_the_model() -> None:
+    scaler = ElasticScaler(cpu_budget=4, cpu_model_stages=1, fixed_processes=2, interval_s=1.0)
+    assert scaler.torch_threads() == 2
+    assert scaler.observe(pool_busy_s=0.1, model=StageClock(), now=scaler._window_start + 2.0) is None
+    assert scaler.processes == 2 and scaler.torch_threads() == 4
+    assert scaler.decisions[-1].reason.startswith("preprocess uses 0.1 cores")
+
+
+@pytest.mark.parametrize(("rate_after", "kept"), [(2000.0, True), (1050.0, False)])
+def test_more_threads_stay_only_if_the_model_gets_faster(rate_after: float, kept: bool) -> None:
+    scaler = ElasticScaler(cpu_budget=2, cpu_model_stages=1, interval_s=1.0)
+    start = scaler._window_start
+    model = StageClock(busy_s=2.0, rows=2000)  # 1000 rows per busy second on one thread
+    scaler.observe(pool_busy_s=0.0, model=model, now=start + 2.0)
+    assert scaler.torch_threads() == 2  # the idle pool's core goes to the model, on probation
+    after = StageClock(busy_s=4.0, rows=2000 + int(rate_after * 2.0))
+    scaler.observe(pool_busy_s=0.0, model=after, now=start + 4.0)
+    assert scaler.torch_threads() == (2 if kept else 1)
+    if not kept:
+        assert "the cores are not free" in scaler.decisions[-1].reason
+        scaler.observe(pool_busy_s=0.0, model=StageClock(busy_s=6.0, rows=6000), now=start + 6.0)
+        assert scaler.torch_threads() == 1  # not tried again
 
 
 def test_autocast_runs_the_stage_in_the_lower_precision() -> None:
