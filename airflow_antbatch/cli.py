@@ -6,6 +6,7 @@ Errors print one line and exit non-zero; ``--debug`` shows the traceback instead
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -16,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_antbatch import exit_codes
 from airflow_antbatch.errors import AntBatchError
-from airflow_antbatch.spec import JobSpec
+from airflow_antbatch.spec import AUTOCAST_DTYPES, JobSpec, ModelStage
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from types import FrameType
 
 log = logging.getLogger("airflow_antbatch.cli")
@@ -38,10 +39,63 @@ def _storage_options(text: str | None) -> dict[str, Any]:
     return value
 
 
+_STAGE_KEYS = tuple(f.name for f in dataclasses.fields(ModelStage))
+_INT_STAGE_KEYS = frozenset({"batch_size", "threads"})
+
+
+def parse_stage(text: str) -> ModelStage:
+    """``name=embed,model=pkg.mod:fn,batch_size=64`` as a stage; JobSpec checks the values.
+
+    Only the syntax is checked here, so that a bad value is reported once, by JobSpec, with
+    the stage's place in the chain.
+    """
+    fields: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"expected key=value, got {item!r} in {text!r}")
+        if key not in _STAGE_KEYS:
+            raise argparse.ArgumentTypeError(f"unknown key {key!r} in {text!r}; known keys: {', '.join(_STAGE_KEYS)}")
+        if key in fields:
+            raise argparse.ArgumentTypeError(f"key {key!r} given twice in {text!r}")
+        try:
+            fields[key] = int(value) if key in _INT_STAGE_KEYS else value
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key}={value!r} is not an integer in {text!r}") from None
+    missing = [key for key in ("name", "model") if key not in fields]
+    if missing:
+        raise argparse.ArgumentTypeError(f"missing {' and '.join(missing)} in {text!r} (name=N,model=pkg.mod:fn,...)")
+    return ModelStage(**fields)
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``, so a bad count fails before any work starts."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, nargs="+", help="input URI(s): a file, a directory or a glob")
     p.add_argument("--output", required=True, help="output URI: one Parquet file per shard lands here")
-    p.add_argument("--model", required=True, help="'pkg.module:factory' or a saved TorchScript/.pt2 URL")
+    models = p.add_mutually_exclusive_group(required=True)
+    models.add_argument("--model", help="'pkg.module:factory' or a saved TorchScript/.pt2 URL")
+    models.add_argument(
+        "--stage",
+        dest="stages",
+        action="append",
+        type=parse_stage,
+        metavar="name=N,model=M[,KEY=VALUE...]",
+        help=f"one model of a chain, in chain order (repeatable); keys: {', '.join(_STAGE_KEYS)}",
+    )
     p.add_argument("--format", choices=["parquet", "jsonl", "csv"], help="input format (default: from extensions)")
     p.add_argument("--preprocess", help="'pkg.module:fn', fn(RecordBatch) -> model input")
     p.add_argument("--postprocess", help="'pkg.module:fn', fn(output, RecordBatch) -> dict of columns")
@@ -53,6 +107,11 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lease-ttl", type=float, default=60.0, help="seconds before a silent worker's shards are taken")
     p.add_argument("--max-attempts", type=int, default=3, help="tries per shard before it fails for good")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--autocast-dtype", choices=AUTOCAST_DTYPES, help="run the models under torch.autocast")
+    p.add_argument("--compile", metavar="BACKEND", help="torch.compile the models with this backend (e.g. inductor)")
+    p.add_argument(
+        "--quarantine-limit", type=_count(0), default=10, help="bad records per shard set aside before the shard fails"
+    )
     p.add_argument("--state", help="ledger root (default: OUTPUT/_antbatch)")
     p.add_argument("--force", action="store_true", help="start a fresh attempt even if a plan exists")
 
@@ -62,6 +121,7 @@ def _spec_from_args(args: argparse.Namespace) -> JobSpec:
         input_uri=args.input[0] if len(args.input) == 1 else tuple(args.input),
         output_uri=args.output,
         model=args.model,
+        stages=tuple(args.stages or ()),
         input_format=args.format,
         preprocess=args.preprocess,
         postprocess=args.postprocess,
@@ -73,9 +133,22 @@ def _spec_from_args(args: argparse.Namespace) -> JobSpec:
         lease_ttl_s=args.lease_ttl,
         max_shard_attempts=args.max_attempts,
         device=args.device,
+        autocast_dtype=args.autocast_dtype,
+        compile=args.compile,
+        quarantine_limit=args.quarantine_limit,
         state_uri=args.state,
         storage_options=args.storage_options,
     )
+
+
+def _add_worker_args(p: argparse.ArgumentParser, *, budget_default: str) -> None:
+    p.add_argument("--cpu-budget", type=_count(1), help=f"cores each worker may use (default: {budget_default})")
+    p.add_argument(
+        "--preprocess-workers",
+        type=_count(0),
+        help="fixed preprocess pool size, 0 = in a thread (default: scaled to keep the model busy)",
+    )
+    p.add_argument("--torch-threads", type=_count(1), help="model intra-op threads (default: from the CPU budget)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,12 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="plan, run N local workers side by side, finalize")
     _add_spec_args(p)
     p.add_argument("--workers", type=int, default=2)
+    _add_worker_args(p, budget_default="the CPUs available divided by --workers")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("worker", help="process shards of a planned job until none is left")
     p.add_argument("--spec", required=True, help="plan URI (printed by 'antbatch plan')")
     p.add_argument("--worker-id", required=True, help="stable id of this worker slot (e.g. worker-3)")
-    p.add_argument("--torch-threads", type=int, help="intra-op threads (default: CPUs available)")
+    _add_worker_args(p, budget_default="the CPUs available")
     p.add_argument("--summary-file", help="also write the summary JSON here (e.g. /airflow/xcom/return.json)")
 
     p = sub.add_parser("status", help="shards by state, rows, throughput and ETA")
@@ -154,7 +228,13 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     summary = run_worker(
-        args.spec, args.worker_id, storage_options=args.storage_options, stop=stop, torch_threads=args.torch_threads
+        args.spec,
+        args.worker_id,
+        storage_options=args.storage_options,
+        stop=stop,
+        cpu_budget=args.cpu_budget,
+        preprocess_workers=args.preprocess_workers,
+        torch_threads=args.torch_threads,
     )
     doc = summary.to_dict()
     if args.summary_file:
@@ -180,8 +260,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     verb = "reused" if result.reused else "wrote"
     print(f"{verb} plan {result.plan_uri}: {len(result.plan.shards)} shards", file=sys.stderr)
     ids = [f"worker-{i}" for i in range(args.workers)]
-    threads = max(1, available_cpus() // args.workers)
-    results = run_local_workers(result.plan_uri, ids, storage_options=args.storage_options, torch_threads=threads)
+    # Workers that share the machine each get their share: spinning OpenMP threads of one
+    # worker on another's cores make inference many times slower.
+    budget = args.cpu_budget or max(1, available_cpus() // args.workers)
+    results = run_local_workers(
+        result.plan_uri,
+        ids,
+        storage_options=args.storage_options,
+        cpu_budget=budget,
+        preprocess_workers=args.preprocess_workers,
+        torch_threads=args.torch_threads,
+    )
     for r in results:
         s = r["summary"] or {}
         print(

@@ -17,6 +17,10 @@ from airflow_antbatch.errors import SpecError
 SPEC_VERSION = 1
 INPUT_FORMATS = ("parquet", "jsonl", "csv")
 AUTOCAST_DTYPES = ("bfloat16", "float16")
+# The worker's own pipeline stages: a model stage of the same name would share their timings.
+RESERVED_STAGE_NAMES = ("read", "preprocess", "postprocess", "write")
+# The default postprocess's column (worker/inference.py); a kept stage output may not take it.
+_DEFAULT_OUTPUT_COLUMN = "prediction"
 # Credentials belong in the environment (Kubernetes secrets, Airflow connections), never in a
 # spec that is written into the object store next to the data.
 _SECRET_OPTION_KEYS = frozenset(
@@ -49,6 +53,7 @@ class ModelStage:
     @classmethod
     def from_value(cls, value: object, index: int) -> ModelStage:
         if isinstance(value, ModelStage):
+            _validate_stage(value, index)  # built by hand in DAG code: checked like a dict
             return value
         where = f"job spec field 'stages[{index}]'"
         if not isinstance(value, Mapping):
@@ -213,6 +218,7 @@ def _validate(spec: JobSpec) -> None:
     if spec.quarantine_limit < 0:
         raise SpecError(f"job spec field 'quarantine_limit' must be >= 0, got {spec.quarantine_limit!r}")
     _check_autocast("job spec field 'autocast_dtype'", spec.autocast_dtype)
+    _check_non_empty("compile", spec.compile)
     _check_type("lease_ttl_s", spec.lease_ttl_s, (int, float))
     _check_positive("lease_ttl_s", spec.lease_ttl_s)
     _check_type("device", spec.device, str)
@@ -235,6 +241,8 @@ def _check_autocast(where: str, value: object) -> None:
 
 
 def _validate_models(spec: JobSpec) -> None:
+    if not isinstance(spec.stages, tuple):  # lists became tuples in __post_init__
+        raise SpecError(f"job spec field 'stages' must be a list of stage objects, got {spec.stages!r}")
     if (spec.model is None) == (not spec.stages):
         raise SpecError(
             "job spec needs exactly one of 'model' (one model) or 'stages' (a chain of models), "
@@ -254,17 +262,24 @@ def _validate_models(spec: JobSpec) -> None:
             "the preprocess hook makes the first model's input"
         )
     columns = [s.output_column for s in spec.stages if s.output_column]
-    clash = sorted({c for c in columns if columns.count(c) > 1 or c == spec.id_column or c in spec.keep_columns})
+    taken = {spec.id_column, *spec.keep_columns, *([] if spec.postprocess else [_DEFAULT_OUTPUT_COLUMN])}
+    clash = sorted({c for c in columns if columns.count(c) > 1 or c in taken})
     if clash:
-        raise SpecError(f"job spec field 'stages' keeps output column(s) {clash} twice or over an id/keep column")
+        raise SpecError(
+            f"job spec field 'stages' keeps output column(s) {clash} twice or over an id/keep column "
+            f"or the default postprocess's {_DEFAULT_OUTPUT_COLUMN!r}"
+        )
 
 
 def _validate_stage(stage: ModelStage, index: int) -> None:
     field = f"stages[{index}]"
     for name in ("name", "model"):
         _check_type(f"{field}.{name}", getattr(stage, name), str)
-    if not stage.name.isidentifier():
-        raise SpecError(f"job spec field '{field}.name' must be an identifier (letters, digits, _), got {stage.name!r}")
+    if not stage.name.isidentifier() or stage.name in RESERVED_STAGE_NAMES:
+        raise SpecError(
+            f"job spec field '{field}.name' must be an identifier (letters, digits, _) other than "
+            f"{list(RESERVED_STAGE_NAMES)}, got {stage.name!r}"
+        )
     if not stage.model:
         raise SpecError(f"job spec field '{field}.model' must not be empty")
     for name in ("batch_size", "threads"):
@@ -274,4 +289,10 @@ def _validate_stage(stage: ModelStage, index: int) -> None:
             _check_positive(f"{field}.{name}", value)
     for name in ("device", "adapter", "output_column", "autocast_dtype", "compile"):
         _check_type(f"{field}.{name}", getattr(stage, name), str, allow_none=True)
+        _check_non_empty(f"{field}.{name}", getattr(stage, name))  # "" would silently mean "unset"
     _check_autocast(f"job spec field '{field}.autocast_dtype'", stage.autocast_dtype)
+
+
+def _check_non_empty(name: str, value: str | None) -> None:
+    if value == "":
+        raise SpecError(f"job spec field '{name}' must not be empty (leave it out instead)")

@@ -24,6 +24,7 @@ from airflow_antbatch.version_compat import TaskGroup, TriggerRule
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+    from airflow_antbatch.spec import ModelStage
     from airflow_antbatch.version_compat import BaseOperator
 
 # launcher name -> "module:OperatorClass"
@@ -46,7 +47,8 @@ def elastic_batch_inference(
     *,
     input_uri: str | Sequence[str],
     output_uri: str,
-    model: str,
+    model: str | None = None,
+    stages: Sequence[Mapping[str, Any] | ModelStage] = (),
     preprocess: str | None = None,
     postprocess: str | None = None,
     input_format: str | None = None,
@@ -58,6 +60,9 @@ def elastic_batch_inference(
     lease_ttl_s: float = 60.0,
     max_shard_attempts: int = 3,
     device: str = "cpu",
+    autocast_dtype: str | None = None,
+    compile: str | None = None,
+    quarantine_limit: int = 10,
     storage_options: dict[str, Any] | None = None,
     state_uri: str | None = None,
     launcher: str = "local",
@@ -74,8 +79,9 @@ def elastic_batch_inference(
 
     Job fields are validated now (a typo fails DAG parsing, not the nightly run); URIs and
     ``force_rerun`` may be Jinja templates such as ``"s3://lake/x/ds={{ ds }}/"`` or
-    ``"{{ params.force_rerun }}"``. ``worker_kwargs`` go to the launcher's operator (e.g. an
-    image or resources for a pod launcher, ``torch_threads`` for ``local``).
+    ``"{{ params.force_rerun }}"``. Give ``model`` for one model or ``stages`` for a chain.
+    ``worker_kwargs`` go to the launcher's operator (e.g. an image or resources for a pod
+    launcher, ``cpu_budget`` or ``preprocess_workers`` for ``local``).
 
     The sensor runs once every worker task has ended, whatever its state, and succeeds when
     every shard is committed: a failed worker task does not fail the job if others finished
@@ -88,6 +94,7 @@ def elastic_batch_inference(
             input_uri=input_uri,
             output_uri=output_uri,
             model=model,
+            stages=stages,
             preprocess=preprocess,
             postprocess=postprocess,
             input_format=input_format,
@@ -99,6 +106,9 @@ def elastic_batch_inference(
             lease_ttl_s=lease_ttl_s,
             max_shard_attempts=max_shard_attempts,
             device=device,
+            autocast_dtype=autocast_dtype,
+            compile=compile,
+            quarantine_limit=quarantine_limit,
             storage_options=storage_options,
             state_uri=state_uri,
             max_workers=max_workers,

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from airflow_antbatch.errors import InputError, InputNotFoundError, PlanConflictError
 from airflow_antbatch.planning import InputFile, cut_shards, list_input, plan_job, resolve_plan_uri
-from airflow_antbatch.spec import JobSpec
+from airflow_antbatch.spec import JobSpec, ModelStage
 from tests.conftest import TABULAR, write_transactions
 
 
@@ -82,6 +82,23 @@ def test_other_job_on_the_same_output_is_refused(
     plan_job(_spec(str(directory), tmp_path / "out"))
     with pytest.raises(PlanConflictError, match=r"job settings differ \(model\)"):
         plan_job(JobSpec(input_uri=str(directory), output_uri=str(tmp_path / "out"), model="other:model"))
+
+
+def test_a_changed_chain_on_the_same_output_is_refused_and_the_same_chain_reuses_the_plan(
+    transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path
+) -> None:
+    directory, _ = transactions
+
+    def chain(second_model: str) -> JobSpec:
+        stages = (ModelStage(name="embed", model=f"{TABULAR}:build_model"), ModelStage(name="rank", model=second_model))
+        return JobSpec(input_uri=str(directory), output_uri=str(tmp_path / "out"), stages=stages)
+
+    first = plan_job(chain("pkg:ranker"))
+    again = plan_job(chain("pkg:ranker"))
+    assert again.reused and again.plan_uri == first.plan_uri
+    assert again.plan.spec.stages == first.plan.spec.stages
+    with pytest.raises(PlanConflictError, match=r"job settings differ \(stages\)"):
+        plan_job(chain("pkg:other_ranker"))
 
 
 def test_glob_and_list_inputs(transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path) -> None:

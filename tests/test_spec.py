@@ -8,9 +8,12 @@ from typing import Any
 import pytest
 
 from airflow_antbatch.errors import SpecError
-from airflow_antbatch.spec import SPEC_VERSION, JobSpec
+from airflow_antbatch.spec import SPEC_VERSION, JobSpec, ModelStage
 
 BASE: dict[str, Any] = {"input_uri": "/data/in", "output_uri": "/data/out", "model": "pkg.mod:factory"}
+IO: dict[str, Any] = {"input_uri": "/data/in", "output_uri": "/data/out"}
+EMBED: dict[str, Any] = {"name": "embed", "model": "pkg.mod:embedder"}
+RANK: dict[str, Any] = {"name": "rank", "model": "pkg.mod:ranker"}
 
 
 def test_json_round_trip_keeps_every_field() -> None:
@@ -66,8 +69,8 @@ def test_unknown_field_is_named_with_the_known_ones() -> None:
 
 
 def test_missing_required_field() -> None:
-    with pytest.raises(SpecError, match=r"missing required field\(s\) \['model'\]"):
-        JobSpec.from_dict({"input_uri": "/a", "output_uri": "/b"})
+    with pytest.raises(SpecError, match=r"missing required field\(s\) \['output_uri'\]"):
+        JobSpec.from_dict({"input_uri": "/a", "model": "pkg:m"})
 
 
 def test_other_spec_version_is_refused() -> None:
@@ -78,3 +81,102 @@ def test_other_spec_version_is_refused() -> None:
 def test_not_json() -> None:
     with pytest.raises(SpecError, match="my.json is not valid JSON"):
         JobSpec.from_json("{", source="my.json")
+
+
+def test_a_chain_round_trips_through_json() -> None:
+    spec = JobSpec.from_dict(
+        {
+            **IO,
+            "stages": [
+                {**EMBED, "batch_size": 64, "device": "cuda", "threads": 2, "output_column": "emb"},
+                {**RANK, "adapter": "pkg.mod:adapt", "autocast_dtype": "float16", "compile": "inductor"},
+            ],
+            "autocast_dtype": "bfloat16",
+            "quarantine_limit": 0,
+        }
+    )
+    assert spec.stages[1] == ModelStage(**RANK, adapter="pkg.mod:adapt", autocast_dtype="float16", compile="inductor")
+    again = JobSpec.from_json(spec.to_json())
+    assert again == spec
+    assert json.loads(spec.to_json())["stages"][0]["output_column"] == "emb"
+
+
+def test_stages_built_by_hand_are_checked_like_dicts() -> None:
+    with pytest.raises(SpecError, match=r"'stages\[1\]\.batch_size' must be > 0"):
+        JobSpec(**IO, stages=(ModelStage(**EMBED), ModelStage(**RANK, batch_size=0)))
+
+
+def test_model_stages_inherit_the_job_defaults() -> None:
+    spec = JobSpec(
+        **IO,
+        stages=[{**EMBED, "batch_size": 32, "device": "cuda", "compile": "eager"}, RANK],
+        batch_size=128,
+        device="cpu",
+        autocast_dtype="bfloat16",
+        compile="inductor",
+    )
+    embed, rank = spec.model_stages
+    assert (embed.batch_size, embed.device, embed.autocast_dtype, embed.compile) == (32, "cuda", "bfloat16", "eager")
+    assert (rank.batch_size, rank.device, rank.autocast_dtype, rank.compile) == (128, "cpu", "bfloat16", "inductor")
+    assert spec.stages[1].batch_size is None  # the stored chain keeps what was written
+
+
+def test_one_model_is_a_chain_of_one() -> None:
+    [stage] = JobSpec(**BASE, batch_size=64, device="cuda", autocast_dtype="float16").model_stages
+    assert stage == ModelStage(
+        name="model", model=BASE["model"], batch_size=64, device="cuda", autocast_dtype="float16"
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (IO, r"exactly one of 'model' .* or 'stages'"),
+        ({**BASE, "stages": [EMBED]}, r"exactly one of 'model' .* or 'stages'"),
+        ({**IO, "stages": []}, r"exactly one of 'model' .* or 'stages'"),
+        ({**IO, "stages": EMBED}, r"'stages' must be a list"),
+        ({**IO, "stages": ["pkg:m"]}, r"'stages\[0\]' must be an object"),
+        ({**IO, "stages": [{**EMBED, "name": "not a name"}]}, r"'stages\[0\]\.name' must be an identifier"),
+        ({**IO, "stages": [{**EMBED, "name": "write"}]}, r"'stages\[0\]\.name' must be an identifier .* 'write'"),
+        ({**IO, "stages": [EMBED, {**RANK, "name": 3}]}, r"'stages\[1\]\.name' must be str"),
+        ({**IO, "stages": [EMBED, {**RANK, "model": ""}]}, r"'stages\[1\]\.model' must not be empty"),
+        ({**IO, "stages": [EMBED, {**RANK, "name": "embed"}]}, r"'stages' repeats the stage name\(s\) \['embed'\]"),
+        ({**IO, "stages": [{**EMBED, "adapter": "pkg:a"}, RANK]}, r"'stages\[0\]' \('embed'\) cannot have an adapter"),
+        (
+            {**IO, "stages": [{**EMBED, "output_column": "x"}, {**RANK, "output_column": "x"}]},
+            r"'stages' keeps output column\(s\) \['x'\]",
+        ),
+        (
+            {**IO, "stages": [{**EMBED, "output_column": "txn_id"}, RANK], "id_column": "txn_id"},
+            r"'stages' keeps output column\(s\) \['txn_id'\]",
+        ),
+        (
+            {**IO, "stages": [{**EMBED, "output_column": "m"}, RANK], "keep_columns": ["m"]},
+            r"'stages' keeps output column\(s\) \['m'\]",
+        ),
+        (
+            {**IO, "stages": [{**EMBED, "output_column": "prediction"}, RANK]},
+            r"'stages' keeps output column\(s\) \['prediction'\]",
+        ),
+        ({**IO, "stages": [EMBED, {**RANK, "batch_size": 0}]}, r"'stages\[1\]\.batch_size' must be > 0"),
+        ({**IO, "stages": [EMBED, {**RANK, "threads": True}]}, r"'stages\[1\]\.threads' must be int"),
+        ({**IO, "stages": [EMBED, {**RANK, "compile": ""}]}, r"'stages\[1\]\.compile' must not be empty"),
+        ({**IO, "stages": [{**EMBED, "autocast_dtype": "fp8"}]}, r"'stages\[0\]\.autocast_dtype' must be one of"),
+        ({**IO, "stages": [{**EMBED, "bach_size": 3}]}, r"'stages\[0\]' has unknown field\(s\) \['bach_size'\]"),
+        ({**IO, "stages": [{"name": "embed"}]}, r"'stages\[0\]' is missing field\(s\) \['model'\]"),
+        ({**BASE, "autocast_dtype": "float32"}, r"'autocast_dtype' must be one of \['bfloat16', 'float16'\]"),
+        ({**BASE, "compile": ""}, r"'compile' must not be empty"),
+        ({**BASE, "quarantine_limit": -1}, r"'quarantine_limit' must be >= 0"),
+        ({**BASE, "quarantine_limit": 1.5}, r"'quarantine_limit' must be int"),
+    ],
+)
+def test_invalid_chain_settings_are_named(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        JobSpec.from_dict(data)
+
+
+def test_a_kept_prediction_column_is_fine_with_a_postprocess() -> None:
+    stages = [{**EMBED, "output_column": "prediction"}, RANK]
+    assert (
+        JobSpec.from_dict({**IO, "stages": stages, "postprocess": "pkg:post"}).stages[0].output_column == "prediction"
+    )

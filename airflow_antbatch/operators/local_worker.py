@@ -40,8 +40,10 @@ class LocalBatchWorkerOperator(BaseOperator):
     :param plan_uri: the plan written by the plan task (mapped from its output).
     :param worker_id: stable id of this worker slot, e.g. ``worker-0`` (mapped likewise).
     :param storage_options: fsspec options for the ledger's store (no credentials).
-    :param torch_threads: intra-op threads; default ``max(1, CPUs // workers_on_host)``,
-        counted on the machine that runs the task.
+    :param cpu_budget: cores this worker may use for preprocess processes and model threads;
+        default ``max(1, CPUs // workers_on_host)``, counted on the machine that runs the task.
+    :param preprocess_workers: a fixed preprocess pool size (0: in a thread); default elastic.
+    :param torch_threads: model intra-op threads; default derived from the CPU budget.
     :param workers_on_host: how many local workers may run side by side on one machine.
     :param kill_grace_s: how long a stopped worker gets to release its shard before SIGKILL.
     """
@@ -55,6 +57,8 @@ class LocalBatchWorkerOperator(BaseOperator):
         plan_uri: str,
         worker_id: str,
         storage_options: dict[str, Any] | None = None,
+        cpu_budget: int | None = None,
+        preprocess_workers: int | None = None,
         torch_threads: int | None = None,
         workers_on_host: int = 1,
         kill_grace_s: float = 20.0,
@@ -64,6 +68,8 @@ class LocalBatchWorkerOperator(BaseOperator):
         self.plan_uri = plan_uri
         self.worker_id = worker_id
         self.storage_options = storage_options
+        self.cpu_budget = cpu_budget
+        self.preprocess_workers = preprocess_workers
         self.torch_threads = torch_threads
         self.workers_on_host = workers_on_host
         self.kill_grace_s = kill_grace_s
@@ -83,7 +89,9 @@ class LocalBatchWorkerOperator(BaseOperator):
                 self.plan_uri,
                 self.worker_id,
                 storage_options=self.storage_options,
-                torch_threads=self.torch_threads or self.default_torch_threads(),
+                cpu_budget=self.cpu_budget or self.default_cpu_budget(),
+                preprocess_workers=self.preprocess_workers,
+                torch_threads=self.torch_threads,
                 summary_file=summary_file,
             )
             self.log.info("Running %s", " ".join(cmd))
@@ -92,9 +100,9 @@ class LocalBatchWorkerOperator(BaseOperator):
         self._raise_for(code, summary)
         return summary
 
-    def default_torch_threads(self) -> int:
-        # OpenMP threads of several workers spinning against each other make inference many
-        # times slower: give each worker its share of this machine's CPUs.
+    def default_cpu_budget(self) -> int:
+        # OpenMP threads and preprocess processes of several workers competing for the same
+        # cores make inference many times slower: give each worker its share of this machine.
         from airflow_antbatch.worker.local import available_cpus
 
         return max(1, available_cpus() // max(1, self.workers_on_host))

@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from airflow_antbatch.errors import PlanConflictError, SpecError
-from airflow_antbatch.spec import JobSpec
+from airflow_antbatch.spec import JobSpec, ModelStage
 from airflow_antbatch.version_compat import AirflowFailException, BaseOperator
 
 if TYPE_CHECKING:
@@ -26,7 +26,9 @@ class PlanBatchInferenceOperator(BaseOperator):
     committed shards; a changed input fails unless ``force_rerun`` is true, which starts a fresh
     attempt. The plan URI is pushed to XCom under ``plan_uri`` for the sensor and finalize.
     The job fields are those of :class:`~airflow_antbatch.spec.JobSpec`; they are validated
-    when the DAG is parsed, and the URI and import-path fields are templated.
+    when the DAG is parsed, and the URI and import-path fields are templated. ``stages`` (a
+    chain of models: dicts or :class:`~airflow_antbatch.spec.ModelStage`) replaces ``model``;
+    it is kept as dicts, so that the import paths inside are templated too.
     """
 
     template_fields: Sequence[str] = (
@@ -34,6 +36,7 @@ class PlanBatchInferenceOperator(BaseOperator):
         "output_uri",
         "state_uri",
         "model",
+        "stages",
         "preprocess",
         "postprocess",
         "force_rerun",
@@ -45,7 +48,8 @@ class PlanBatchInferenceOperator(BaseOperator):
         *,
         input_uri: str | Sequence[str],
         output_uri: str,
-        model: str,
+        model: str | None = None,
+        stages: Sequence[Mapping[str, Any] | ModelStage] = (),
         preprocess: str | None = None,
         postprocess: str | None = None,
         input_format: str | None = None,
@@ -57,6 +61,9 @@ class PlanBatchInferenceOperator(BaseOperator):
         lease_ttl_s: float = 60.0,
         max_shard_attempts: int = 3,
         device: str = "cpu",
+        autocast_dtype: str | None = None,
+        compile: str | None = None,
+        quarantine_limit: int = 10,
         storage_options: Mapping[str, Any] | None = None,
         state_uri: str | None = None,
         max_workers: int = 4,
@@ -72,6 +79,11 @@ class PlanBatchInferenceOperator(BaseOperator):
         self.output_uri = output_uri
         self.state_uri = state_uri
         self.model = model
+        # Set fields only: the task's rendered view shows what the DAG author wrote.
+        self.stages = [
+            {k: v for k, v in ModelStage.from_value(stage, i).to_dict().items() if v is not None}
+            for i, stage in enumerate(stages)
+        ]
         self.preprocess = preprocess
         self.postprocess = postprocess
         self.options: dict[str, Any] = {
@@ -84,6 +96,9 @@ class PlanBatchInferenceOperator(BaseOperator):
             "lease_ttl_s": lease_ttl_s,
             "max_shard_attempts": max_shard_attempts,
             "device": device,
+            "autocast_dtype": autocast_dtype,
+            "compile": compile,
+            "quarantine_limit": quarantine_limit,
             "storage_options": dict(storage_options or {}),
         }
         self.max_workers = max_workers
@@ -97,6 +112,7 @@ class PlanBatchInferenceOperator(BaseOperator):
             input_uri=self.input_uri if isinstance(self.input_uri, str) else tuple(self.input_uri),
             output_uri=self.output_uri,
             model=self.model,
+            stages=tuple(ModelStage.from_value(stage, i) for i, stage in enumerate(self.stages)),
             preprocess=self.preprocess,
             postprocess=self.postprocess,
             state_uri=self.state_uri,

@@ -12,6 +12,7 @@ from airflow.sdk import DAG, BaseOperator, TaskGroup, TriggerRule
 
 from airflow_antbatch import task_group
 from airflow_antbatch.errors import SpecError
+from airflow_antbatch.spec import ModelStage
 from airflow_antbatch.task_group import elastic_batch_inference
 from tests.conftest import REPO_ROOT
 
@@ -53,6 +54,42 @@ def test_the_dag_serializes_as_the_scheduler_stores_it() -> None:
     assert sorted(restored.task_dict) == sorted(dag.task_dict)
 
 
+CHAIN: dict[str, Any] = {
+    "model": None,
+    "stages": [
+        {"name": "embed", "model": "tests.chain_models:build_embedder", "batch_size": 64, "output_column": "emb"},
+        ModelStage(name="rank", model="tests.chain_models:build_reranker", adapter="tests.chain_models:rerank_input"),
+    ],
+    "autocast_dtype": "bfloat16",
+    "compile": "inductor",
+    "quarantine_limit": 3,
+}
+
+
+def test_a_chain_dag_parses_and_serializes_with_its_stages() -> None:
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    with DAG("chain", schedule=None, start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC)) as dag:
+        elastic_batch_inference("score", **{**JOB, **CHAIN})
+    spec = dag.task_dict["score.plan"].job_spec()
+    assert [s.name for s in spec.stages] == ["embed", "rank"] and spec.model is None
+    assert (spec.autocast_dtype, spec.compile, spec.quarantine_limit) == ("bfloat16", "inductor", 3)
+    restored = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
+    assert restored.task_dict["score.plan"].stages == [
+        {"name": "embed", "model": "tests.chain_models:build_embedder", "batch_size": 64, "output_column": "emb"},
+        {"name": "rank", "model": "tests.chain_models:build_reranker", "adapter": "tests.chain_models:rerank_input"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"stages": CHAIN["stages"]}, "exactly one of 'model'"), ({**CHAIN, "stages": []}, "exactly one of 'model'")],
+)
+def test_a_job_needs_a_model_or_a_chain_but_not_both(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        _build(**kwargs)
+
+
 def test_an_unknown_launcher_names_the_available_ones() -> None:
     with pytest.raises(ValueError, match="unknown launcher 'kubernetes'; available launchers: local"):
         _build(launcher="kubernetes")
@@ -64,9 +101,10 @@ def test_job_settings_are_checked_when_the_dag_is_parsed() -> None:
 
 
 def test_worker_kwargs_reach_the_launchers_operator() -> None:
-    tasks, _ = _build(worker_kwargs={"torch_threads": 3, "kill_grace_s": 5.0})
+    tasks, _ = _build(worker_kwargs={"cpu_budget": 4, "preprocess_workers": 0, "torch_threads": 3, "kill_grace_s": 5.0})
     partial = tasks["score.worker"].partial_kwargs
-    assert partial["torch_threads"] == 3 and partial["kill_grace_s"] == 5.0
+    assert (partial["cpu_budget"], partial["preprocess_workers"], partial["torch_threads"]) == (4, 0, 3)
+    assert partial["kill_grace_s"] == 5.0
 
 
 class PodLikeWorker(BaseOperator):

@@ -53,11 +53,33 @@ def test_shards_failed_for_good_fail_the_task_without_retries() -> None:
         _worker()._raise_for(exit_codes.SHARDS_FAILED, {"failed_for_good": ["s1", "s2"]})
 
 
-def test_torch_threads_default_to_a_share_of_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_cpu_budget_defaults_to_a_share_of_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
-    assert _worker(workers_on_host=3).default_torch_threads() == 2
-    assert _worker(workers_on_host=16).default_torch_threads() == 1
+    assert _worker(workers_on_host=3).default_cpu_budget() == 2
+    assert _worker(workers_on_host=16).default_cpu_budget() == 1
     assert LocalBatchWorkerOperator.launcher_defaults(max_workers=3) == {"workers_on_host": 3}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flags"),
+    [
+        ({"workers_on_host": 4}, ["--cpu-budget", "2"]),
+        (
+            {"cpu_budget": 3, "preprocess_workers": 0, "torch_threads": 1},
+            ["--cpu-budget", "3", "--preprocess-workers", "0", "--torch-threads", "1"],
+        ),
+    ],
+)
+def test_the_worker_command_carries_the_sizing_options(
+    kwargs: dict[str, int], flags: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+    commands: list[list[str]] = []
+    op = _worker(**kwargs)
+    monkeypatch.setattr(op, "_run", lambda cmd: commands.append(cmd) or exit_codes.OK)
+    op.execute(FakeTaskInstance().context())
+    [cmd] = commands
+    assert cmd[cmd.index("--worker-id") + 2 : cmd.index("--summary-file")] == flags
 
 
 def _alive(proc: psutil.Process) -> bool:

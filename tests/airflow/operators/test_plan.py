@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import pathlib
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -11,11 +13,10 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_antbatch.errors import SpecError
 from airflow_antbatch.operators.plan import PlanBatchInferenceOperator, as_bool, worker_count
+from airflow_antbatch.spec import ModelStage
 from tests.airflow.conftest import TABULAR, FakeTaskInstance
 
 if TYPE_CHECKING:
-    import pathlib
-
     import pyarrow as pa
 
 
@@ -24,9 +25,7 @@ def _plan(directory: pathlib.Path, **kwargs: Any) -> PlanBatchInferenceOperator:
         task_id="plan",
         input_uri=str(directory),
         output_uri=str(directory.parent / "out"),
-        model=f"{TABULAR}:build_model",
-        max_shard_rows=250,
-        **kwargs,
+        **{"model": f"{TABULAR}:build_model", "max_shard_rows": 250, **kwargs},
     )
 
 
@@ -99,3 +98,54 @@ def test_as_bool(value: object, expected: bool) -> None:
 def test_as_bool_refuses_anything_else() -> None:
     with pytest.raises(AirflowFailException, match="force_rerun must be true or false"):
         as_bool("maybe", "force_rerun")
+
+
+CHAIN = "tests.chain_models"
+STAGES: list[Any] = [
+    {"name": "embed", "model": f"{CHAIN}:build_embedder", "batch_size": 64, "output_column": "embedding"},
+    ModelStage(name="rerank", model=f"{CHAIN}:build_reranker", adapter=f"{CHAIN}:rerank_input", threads=1),
+]
+
+
+def test_a_chain_and_its_settings_are_written_into_the_plan(
+    transactions: tuple[pathlib.Path, pa.Table], fake_ti: FakeTaskInstance
+) -> None:
+    directory, _ = transactions
+    op = _plan(directory, model=None, stages=STAGES, autocast_dtype="bfloat16", compile="inductor", quarantine_limit=0)
+    op.execute(fake_ti.context())
+    plan = json.loads(pathlib.Path(str(fake_ti.xcom["plan_uri"])).read_text())
+    spec = plan["spec"]
+    assert spec["model"] is None
+    assert [(s["name"], s["batch_size"], s["adapter"]) for s in spec["stages"]] == [
+        ("embed", 64, None),
+        ("rerank", None, f"{CHAIN}:rerank_input"),
+    ]
+    assert spec["stages"][0]["output_column"] == "embedding" and spec["stages"][1]["threads"] == 1
+    assert (spec["autocast_dtype"], spec["compile"], spec["quarantine_limit"]) == ("bfloat16", "inductor", 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"stages": STAGES}, r"exactly one of 'model' .* or 'stages'"),
+        ({"model": None}, r"exactly one of 'model' .* or 'stages'"),
+        ({"model": None, "stages": [{"name": "embed"}]}, r"'stages\[0\]' is missing field\(s\) \['model'\]"),
+        ({"model": None, "stages": [STAGES[0], {**STAGES[0], "model": "x:y"}]}, r"repeats the stage name"),
+        ({"autocast_dtype": "fp8"}, r"'autocast_dtype' must be one of"),
+        ({"quarantine_limit": -1}, r"'quarantine_limit' must be >= 0"),
+    ],
+)
+def test_chain_settings_are_validated_when_the_dag_is_parsed(
+    tmp_path: pathlib.Path, kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(SpecError, match=message):
+        _plan(tmp_path, **kwargs)
+
+
+def test_the_import_paths_of_a_chain_are_templated(tmp_path: pathlib.Path) -> None:
+    stages = [{"name": "embed", "model": "{{ params.pkg }}.models:embedder"}, {"name": "rank", "model": "m:rank"}]
+    with DAG("templating", schedule=None, start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC)):
+        op = _plan(tmp_path, model=None, stages=stages)
+    assert op.stages == stages  # only the fields that were set: the rendered view stays readable
+    op.render_template_fields({"params": {"pkg": "fraud"}})
+    assert [s.model for s in op.job_spec().stages] == ["fraud.models:embedder", "m:rank"]
