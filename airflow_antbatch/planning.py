@@ -19,7 +19,6 @@ import pyarrow.parquet as pq
 from airflow_antbatch.errors import InputError, InputNotFoundError, PlanConflictError
 from airflow_antbatch.ledger import PLAN_FILE
 from airflow_antbatch.shards import JobPlan, Piece, Shard
-from airflow_antbatch.spec import ModelStage
 from airflow_antbatch.store import AtomicStore
 
 if TYPE_CHECKING:
@@ -32,11 +31,9 @@ log = logging.getLogger(__name__)
 _EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 _GLOB_CHARS = frozenset("*?[")
 # Spec fields whose change changes the results: a plan made with other values is another job.
+# The models count as the chain ``model_stages`` spells out (see ``result_settings``).
 _RESULT_FIELDS = (
     "output_uri",
-    "model",
-    "stages",
-    "autocast_dtype",
     "preprocess",
     "postprocess",
     "id_column",
@@ -128,7 +125,8 @@ def _latest_plan(store: AtomicStore) -> tuple[int, JobPlan | None]:
 
 
 def _describe_conflict(existing: JobPlan, spec: JobSpec, fmt: str, files: list[InputFile], where: str) -> str:
-    changed = [f for f in _RESULT_FIELDS if getattr(existing.spec, f) != getattr(spec, f)]
+    before, now = result_settings(existing.spec), result_settings(spec)
+    changed = [name for name in now if before[name] != now[name]]
     if changed:
         what = f"job settings differ ({', '.join(changed)})"
     else:
@@ -145,18 +143,20 @@ def _describe_conflict(existing: JobPlan, spec: JobSpec, fmt: str, files: list[I
 
 
 def plan_fingerprint(spec: JobSpec, fmt: str, files: Iterable[InputFile]) -> str:
-    doc = {
-        "format": fmt,
-        "files": [(f.path, f.size, f.version) for f in files],
-        "spec": {name: _jsonable(getattr(spec, name)) for name in _RESULT_FIELDS},
-    }
+    doc = {"format": fmt, "files": [(f.path, f.size, f.version) for f in files], "spec": result_settings(spec)}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    return value.to_dict() if isinstance(value, ModelStage) else value
+def result_settings(spec: JobSpec) -> dict[str, Any]:
+    """What decides the output rows: batch sizes, devices, threads and compile settings do not;
+    ``model="m"`` and a one-stage chain named ``model`` of ``m`` are the same job."""
+    settings = {name: getattr(spec, name) for name in _RESULT_FIELDS}
+    settings["keep_columns"] = list(spec.keep_columns)
+    settings["model/stages"] = [
+        [stage.name, stage.model, stage.adapter, stage.output_column, stage.autocast_dtype]
+        for stage in spec.model_stages
+    ]
+    return settings
 
 
 # -- listing ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -80,7 +81,7 @@ def test_other_job_on_the_same_output_is_refused(
 ) -> None:
     directory, _ = transactions
     plan_job(_spec(str(directory), tmp_path / "out"))
-    with pytest.raises(PlanConflictError, match=r"job settings differ \(model\)"):
+    with pytest.raises(PlanConflictError, match=r"job settings differ \(model/stages\)"):
         plan_job(JobSpec(input_uri=str(directory), output_uri=str(tmp_path / "out"), model="other:model"))
 
 
@@ -97,8 +98,20 @@ def test_a_changed_chain_on_the_same_output_is_refused_and_the_same_chain_reuses
     again = plan_job(chain("pkg:ranker"))
     assert again.reused and again.plan_uri == first.plan_uri
     assert again.plan.spec.stages == first.plan.spec.stages
-    with pytest.raises(PlanConflictError, match=r"job settings differ \(stages\)"):
+    with pytest.raises(PlanConflictError, match=r"job settings differ \(model/stages\)"):
         plan_job(chain("pkg:other_ranker"))
+
+
+def test_batch_sizes_and_devices_are_not_part_of_the_job(
+    transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path
+) -> None:
+    directory, _ = transactions
+    first = plan_job(_spec(str(directory), tmp_path / "out"))
+    single = first.plan.spec
+    tuned = dataclasses.replace(
+        single, model=None, stages=(ModelStage(name="model", model=str(single.model), batch_size=7),)
+    )
+    assert plan_job(tuned).reused  # the same model as a one-stage chain, scored in other batch sizes
 
 
 def test_glob_and_list_inputs(transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path) -> None:
