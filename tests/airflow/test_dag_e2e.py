@@ -14,6 +14,8 @@ import datetime as dt
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from airflow_antbatch.finalize import read_manifest
@@ -133,3 +135,26 @@ def test_shards_failing_for_good_fail_the_worker_for_good_and_the_sensor_fast(
     assert states[("finalize", -1)] == "upstream_failed"
     status = Ledger.open(resolve_plan_uri(str(tmp_path / "out"))).status()
     assert status.failed == status.planned == 1
+
+
+def test_a_chain_of_models_runs_from_the_builder(
+    airflow_db: pathlib.Path,
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    subprocess_env: dict[str, str],
+) -> None:
+    table = write_transactions(tmp_path / "in", files=2, rows_per_file=500, row_group_size=250)
+    monkeypatch.setenv("ANTBATCH_TEST_DATA_ROOT", str(tmp_path))
+    dag = _load_dag("antbatch_test_dags.py", "antbatch_chain")
+
+    run = dag.test()
+    assert run.state == "success", _states(run)
+    manifest = read_manifest(str(tmp_path / "out"))
+    assert manifest is not None and manifest["rows"] == table.num_rows
+    first = pq.read_table(manifest["files"][0]["uri"])
+    assert first.column_names == ["txn_id", "score", "embedding"]
+    assert first["embedding"].type == pa.list_(pa.float32(), 8)
+    ids = committed_ids(str(tmp_path / "out"))
+    assert collections.Counter(ids) == collections.Counter(table.column("txn_id").to_pylist())
+    summaries = _worker_summaries(run).values()
+    assert {"embed", "classify", "rerank"} <= set(next(iter(summaries))["stages"])

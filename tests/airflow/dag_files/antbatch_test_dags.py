@@ -45,5 +45,22 @@ def antbatch_failing_shards() -> None:
     )
 
 
+@dag(schedule=None, start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC), catchup=False)
+def antbatch_chain() -> None:
+    """Three models in a chain, the first with its own batch size; the embedding is kept as a column."""
+    chain = "tests.chain_models"
+    elastic_batch_inference(
+        stages=[
+            {"name": "embed", "model": f"{chain}:build_embedder", "batch_size": 64, "output_column": "embedding"},
+            {"name": "classify", "model": f"{chain}:build_classifier"},
+            {"name": "rerank", "model": f"{chain}:build_reranker", "adapter": f"{chain}:rerank_input"},
+        ],
+        postprocess=f"{chain}:score_column",
+        max_workers=2,
+        **COMMON,
+    )
+
+
 antbatch_killed_worker()
 antbatch_failing_shards()
+antbatch_chain()
