@@ -32,3 +32,31 @@ typecheck: $(STAMP)
 
 clean:
 	rm -rf .demo .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmarks (docs/benchmarks.md). Ray Data, matplotlib and psutil live in their own
+# environment, bench/.venv-ray, so that they never enter the product's dependencies; the
+# naive loop, the bound and the antbatch worker run in the project's own environment.
+BENCH_VENV ?= bench/.venv-ray
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
+
+.PHONY: bench-quick bench bench-venv
+
+bench-venv: $(BENCH_STAMP)
+
+# torch first, pinned: the CPU wheel on disk, not a multi-GB CUDA build pulled in by ray's deps.
+# aiohttp: without it Ray 2.60 fails at random listing files through an fsspec filesystem
+# (its check for fsspec's HTTP filesystem only catches the first failed import).
+$(BENCH_STAMP):
+	test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BENCH_PY) -m pip install -q torch==2.13.0
+	$(BENCH_PY) -m pip install -q 'ray[data]==2.60.0' pyarrow fsspec matplotlib psutil aiohttp
+	$(BENCH_PY) -m pip install -q --no-deps -e .
+	touch $(BENCH_STAMP)
+
+bench-quick: $(STAMP) $(BENCH_STAMP)
+	$(PY) -m bench.run --quick
+
+bench: $(STAMP) $(BENCH_STAMP)
+	$(PY) -m bench.run

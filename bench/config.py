@@ -1,0 +1,69 @@
+"""The two profiles of the harness: ``quick`` (under 4 minutes on 2 cores) and ``full``.
+
+Both run the same systems on the same kind of data; ``full`` has more rows, more repeats and
+tries more Ray Data configurations. Sizes are chosen so that each timed run lasts seconds, not
+fractions of one, on a 2-core machine where a batch of 256 rows costs about 0.2 s to tokenise
+and 0.2-0.3 s to score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from bench.data import TextData
+
+
+@dataclasses.dataclass(frozen=True)
+class StragglerConfig:
+    workers: int = 4
+    shards: int = 48
+    rows_per_shard: int = 200
+    slowdown: float = 2.0  # the throttled worker's model sleeps this many times longer
+    repeats: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    name: str
+    single: TextData
+    chain: TextData
+    repeats: int
+    batch_size: int = 256
+    max_shard_rows: int = 1024  # antbatch shards: 4 batches each, so the worker reads ahead
+    naive_threads: tuple[int, ...] = (1, 2)
+    bound_batches: int = 8
+    # Ray Data configurations tried; the best median is reported. See bench/systems/ray_data.py.
+    ray_variants: tuple[dict[str, Any], ...] = ()
+    straggler: StragglerConfig = StragglerConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Preprocess tasks at 0.5 CPU keep Ray from fusing them into the model actor (fused, the actor
+# tokenises and scores one batch after the other, like the naive loop).
+RAY_BEST = {"name": "ray", "num_cpus": 2, "pre_cpus": 0.5, "actor_cpus": 1, "threads": 1, "chain_mode": "fused"}
+
+PROFILES = {
+    "quick": Profile(
+        name="quick",
+        single=TextData(rows=4096, files=4, row_group_rows=512),
+        chain=TextData(rows=2048, files=2, row_group_rows=512),
+        repeats=2,
+        ray_variants=(RAY_BEST,),
+    ),
+    "full": Profile(
+        name="full",
+        single=TextData(rows=16384, files=8, row_group_rows=1024),
+        chain=TextData(rows=8192, files=4, row_group_rows=1024),
+        repeats=5,
+        ray_variants=(
+            RAY_BEST,
+            {**RAY_BEST, "name": "ray-fused-pre", "pre_cpus": 1},
+            {**RAY_BEST, "name": "ray-2threads", "threads": 2},
+            {**RAY_BEST, "name": "ray-split-chain", "chain_mode": "split"},
+        ),
+        straggler=StragglerConfig(shards=96, repeats=3),
+    ),
+}

@@ -1,0 +1,285 @@
+"""From a result JSON to the printed table, the results section of docs/benchmarks.md and the PNG.
+
+``python -m bench.report bench/results/quick.json`` rewrites only what lies between the
+``<!-- results:begin -->`` and ``<!-- results:end -->`` markers of docs/benchmarks.md, and
+docs/benchmarks.png, so the numbers in the doc always come from one JSON file. matplotlib is
+needed for the PNG only (it lives in bench/.venv-ray, never in the product's dependencies).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join(REPO, "docs", "benchmarks.md")
+PNG = os.path.join(REPO, "docs", "benchmarks.png")
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+SYSTEMS = ("naive", "antbatch", "ray", "bound")
+LABELS = {"naive": "naive loop", "antbatch": "antbatch", "ray": "Ray Data", "bound": "bound (model only)"}
+WORKLOADS = ("single", "chain")
+
+
+def _fmt(value: Any, spec: str = ".0f", suffix: str = "") -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:{spec}}{suffix}"
+
+
+def _workloads(report: dict[str, Any]) -> list[str]:
+    return [w for w in WORKLOADS if w in report]
+
+
+def text_table(report: dict[str, Any]) -> str:
+    """The headline table for the terminal."""
+    lines = [
+        f"{'workload':8s} {'naive':>9s} {'antbatch':>9s} {'ray':>9s} {'bound':>9s} "
+        f"{'ant/naive':>9s} {'ant/ray':>9s} {'ant/bound':>9s}   (rows/s, medians)"
+    ]
+    for w in _workloads(report):
+        r = report[w]
+        lines.append(
+            f"{w:8s} "
+            + " ".join(f"{_fmt(r[f'{s}_rows_s']):>9s}" for s in SYSTEMS)
+            + " "
+            + " ".join(f"{_fmt(r[f'antbatch_over_{s}'], '.2f', 'x'):>9s}" for s in ("naive", "ray", "bound"))
+        )
+    if "straggler" in report:
+        s = report["straggler"]
+        lines.append(
+            f"straggler: dynamic {s['dynamic_over_ideal']:.2f}x ideal, static {s['static_over_ideal']:.2f}x ideal "
+            f"(ideal {s['ideal_s']:.2f}s)"
+        )
+    if report.get("peak_rss_mb") is not None:
+        lines.append(f"antbatch peak RSS (process tree): {report['peak_rss_mb']:.0f} MB")
+    return "\n".join(lines)
+
+
+def _headline(report: dict[str, Any]) -> list[str]:
+    rows = [
+        "| workload | naive loop (best) | antbatch | Ray Data (best) | bound | antbatch / naive | antbatch / Ray | "
+        "antbatch / bound |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for w in _workloads(report):
+        r = report[w]
+        rows.append(
+            f"| {w} | {_fmt(r['naive_rows_s'])} ({r['naive_best_variant']}) | {_fmt(r['antbatch_rows_s'])} | "
+            f"{_fmt(r['ray_rows_s'])} ({r['ray_best_variant'] or '-'}) | {_fmt(r['bound_rows_s'])} | "
+            f"{_fmt(r['antbatch_over_naive'], '.2f', 'x')} | {_fmt(r['antbatch_over_ray'], '.2f', 'x')} | "
+            f"{_fmt(r['antbatch_over_bound'], '.2f', 'x')} |"
+        )
+    return rows
+
+
+def _per_system(report: dict[str, Any]) -> list[str]:
+    rows = [
+        "| workload | system | rows/s | CPU use (of all cores) | peak RSS, process tree | startup (excluded) | "
+        "threads |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for w in _workloads(report):
+        r = report[w]
+        for s in SYSTEMS:
+            if s not in r["cpu_util"]:
+                continue
+            rows.append(
+                f"| {w} | {LABELS[s]} | {_fmt(r[f'{s}_rows_s'])} | {r['cpu_util'][s]:.0%} | "
+                f"{r['peak_rss_mb'][s]:.0f} MB | {r['startup_s'][s]:.1f} s | {_threads(s, r['threads'][s])} |"
+            )
+    return rows
+
+
+def _threads(system: str, threads: dict[str, Any] | None) -> str:
+    if not threads:
+        return "-"
+    if system == "antbatch":
+        moves = [f"{d['processes_to']}p/{d['torch_threads']}t" for d in threads.get("scaling", [])]
+        processes = threads.get("preprocess_processes_at_end")
+        text = f"cpu_budget {threads.get('cpu_budget')}, preprocess processes at end {processes}"
+        return text + (f", scaling: {' -> '.join(moves)}" if moves else "")
+    if system == "ray":
+        return (
+            f"ray.init(num_cpus={threads['ray_num_cpus']}), model actor {threads['actor_cpus']} CPU with "
+            f"{threads['torch_in_actor']} torch thread(s), preprocess tasks {threads['pre_cpus']} CPU, "
+            f"chain {threads['chain_mode']}"
+        )
+    return f"torch {threads.get('torch')} thread(s), OMP_WAIT_POLICY={threads.get('omp_wait_policy')}"
+
+
+def _variants(report: dict[str, Any]) -> list[str]:
+    rows = ["| workload | variant | rows/s (median) | runs | CPU use | peak RSS |", "|---|---|---:|---|---:|---:|"]
+    for w in _workloads(report):
+        for name, v in report[w]["variants"].items():
+            runs = ", ".join(f"{x:.0f}" for x in v["rows_s_runs"])
+            extra = ""
+            if "rows_s_by_threads" in v:
+                extra = " (by threads: " + ", ".join(f"{k}: {x:.0f}" for k, x in v["rows_s_by_threads"].items()) + ")"
+            rows.append(
+                f"| {w} | {name} | {v['rows_s']:.0f}{extra} | {runs} | {v['cpu_util']:.0%} | "
+                f"{v['peak_rss_mb']:.0f} MB |"
+            )
+    return rows
+
+
+def _stages(report: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for w in _workloads(report):
+        r = report[w]
+        naive = r.get("naive_stages_s_per_batch") or {}
+        if naive:
+            parts = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in naive.items())
+            out.append(
+                f"- *{w}*, naive loop ({r['naive_best_variant']}), per batch of "
+                f"{report['config']['batch_size']}: {parts}."
+            )
+        stages = r["variants"].get("antbatch", {}).get("stages") or {}
+        if stages:
+            parts = ", ".join(
+                f"{k} busy {v.get('busy_s', 0):.1f} s / waiting for input {v.get('wait_in_s', 0):.1f} s"
+                for k, v in stages.items()
+            )
+            out.append(f"- *{w}*, antbatch worker stages (last run): {parts}.")
+        ray = r.get("ray_best_variant")
+        actors = (r["variants"].get(ray, {}).get("actors") or []) if ray else []
+        out.extend(
+            f"- *{w}*, Ray Data ({ray}) model actor `{a['actor']}` (last run): created {a['start_after_s']:.1f} s "
+            f"into the job, {a['init_s']:.1f} s to import torch and build the model, first batch "
+            f"{a['first_batch_after_s']:.1f} s into the job, busy {a['busy_s']:.1f} s over {a['batches']} batches."
+            for a in actors
+        )
+    return out
+
+
+def _straggler(report: dict[str, Any]) -> list[str]:
+    if "straggler" not in report:
+        return []
+    s = report["straggler"]
+    setup = s["setup"]
+    return [
+        f"{setup['workers']} workers, {setup['shards']} shards of {setup['rows_per_shard']} rows, a sleep model of "
+        f"{setup['sleep_per_row_s'] * 1000:.0f} ms per row, worker {setup['throttled_worker']} throttled "
+        f"{setup['slowdown']:.0f}x (medians of {len(s['runs'])} run(s)):",
+        "",
+        "| dispatch | makespan | over ideal |",
+        "|---|---:|---:|",
+        f"| dynamic (one plan, the ledger) | {s['dynamic_makespan_s']:.2f} s | {s['dynamic_over_ideal']:.2f}x |",
+        f"| static (a fixed 1/{setup['workers']} of the shards each) | {s['static_makespan_s']:.2f} s | "
+        f"{s['static_over_ideal']:.2f}x |",
+        f"| ideal (total rows / sum of measured worker speeds) | {s['ideal_s']:.2f} s | 1.00x |",
+        "",
+        f"Nominal ideal from the sleep figures alone: {s['nominal_ideal_s']:.2f} s. Shards committed per worker "
+        f"under dynamic dispatch: {s['dynamic_shards_by_worker']}; worker speeds in the static run (rows/s): "
+        f"{s['static_rows_s_by_worker']}.",
+    ]
+
+
+def markdown(report: dict[str, Any], source: str) -> str:
+    m = report["machine"]
+    lat = report["latency"]
+    lines = [
+        BEGIN,
+        "",
+        f"Generated by `python -m bench.report {source}` from a run of `{report['command']}` finished "
+        f"{report.get('finished_at', '?')} in {report['wall_s']:.0f} s; profile `{report['profile']}`, "
+        f"{report['config']['repeats']} interleaved repeat(s), medians. Machine: {m['cpu_count']} CPUs, "
+        f"{m['memory_gb']} GB, {m['platform']}, Python {m['python']}. Load average before/after: "
+        f"{report['load_avg_before']} / {report['load_avg_after']}.",
+        f"Input through `latency://`: {lat['first_byte_s'] * 1000:.0f} ms to first byte per request, "
+        f"{lat['bandwidth_mbs']:.0f} MB/s per request stream, {lat['block_mb']:.0f} MiB blocks; "
+        f"output: {lat['output']}.",
+        "",
+        "![rows/s per system and workload, straggler ratios](benchmarks.png)",
+        "",
+        *_headline(report),
+        "",
+        f"Peak RSS of the antbatch worker's process tree (`peak_rss_mb`): {_fmt(report.get('peak_rss_mb'))} MB.",
+        "",
+        "### Per system",
+        "",
+        *_per_system(report),
+        "",
+        "### Where the time goes",
+        "",
+        *_stages(report),
+        "",
+        "### Stragglers",
+        "",
+        *_straggler(report),
+        "",
+        "### Every variant",
+        "",
+        *_variants(report),
+        "",
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def write_doc(report: dict[str, Any], source: str, path: str = DOC) -> None:
+    with open(path) as handle:
+        text = handle.read()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path} lacks the {BEGIN} / {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(path, "w") as handle:
+        handle.write(head + markdown(report, source) + tail)
+
+
+def plot(report: dict[str, Any], path: str = PNG) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = _workloads(report)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 1.3]})
+    width = 0.2
+    colours = {"naive": "#999999", "antbatch": "#1f77b4", "ray": "#ff7f0e", "bound": "#2ca02c"}
+    for i, system in enumerate(SYSTEMS):
+        values = [report[w][f"{system}_rows_s"] or 0 for w in workloads]
+        xs = [j + (i - 1.5) * width for j in range(len(workloads))]
+        bars = left.bar(xs, values, width, label=LABELS[system], color=colours[system])
+        left.bar_label(bars, fmt="%.0f", fontsize=8)
+    left.set_xticks(range(len(workloads)), workloads)
+    left.set_ylabel("rows/s (median)")
+    left.set_title(f"Throughput, {report['machine']['cpu_count']} CPUs ({report['profile']} profile)")
+    left.legend(fontsize=8)
+    if "straggler" in report:
+        s = report["straggler"]
+        bars = right.bar(
+            ["dynamic\n(ledger)", "static\nsplit"],
+            [s["dynamic_over_ideal"], s["static_over_ideal"]],
+            color=["#1f77b4", "#999999"],
+        )
+        right.bar_label(bars, fmt="%.2fx", fontsize=8)
+        right.axhline(1.0, color="black", linewidth=0.8)
+        right.axhline(1.15, color="red", linewidth=0.8, linestyle="--", label="goal 1.15x")
+        right.set_ylabel("makespan / ideal")
+        right.set_title("One worker of 4 at half speed")
+        right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m bench.report RESULT_JSON", file=sys.stderr)
+        return 2
+    source = os.path.relpath(os.path.abspath(args[0]), REPO)
+    with open(args[0]) as handle:
+        report = json.load(handle)
+    print(text_table(report))
+    write_doc(report, source)
+    plot(report)
+    print(f"rewrote {os.path.relpath(DOC, REPO)} and {os.path.relpath(PNG, REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,321 @@
+"""The benchmark harness: ``python -m bench.run [--quick]``.
+
+Generates the data, then for each repeat runs every system on every workload, each in a fresh
+process watched by a process-tree monitor, in an order that rotates from repeat to repeat
+(interleaved, so drift in the machine's load hits every system alike). Then the straggler
+job. Medians go into ``bench/results/{quick,full}.json``; the table is printed, and
+docs/benchmarks.md and docs/benchmarks.png are rewritten from the JSON (``bench.report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench.config import PROFILES, Profile
+from bench.data import write_text
+from bench.latencyfs import DEFAULT_BANDWIDTH_MBS, DEFAULT_BLOCK_MB, DEFAULT_LATENCY_S
+from bench.monitor import TreeMonitor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RAY_PYTHON = os.path.join(REPO, "bench", ".venv-ray", "bin", "python")
+RESULTS = os.path.join(REPO, "bench", "results")
+CPUS = os.cpu_count() or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One configuration of one system: what to run and with which thread settings."""
+
+    name: str  # naive-t1, antbatch, ray, bound, ...
+    system: str  # naive | antbatch | ray | bound
+    module: str
+    threads: int
+    options: dict[str, Any]
+    python: str = sys.executable
+
+    def env(self, base: dict[str, str]) -> dict[str, str]:
+        """Thread settings fixed before torch starts: OMP/MKL threads and a passive OpenMP wait for all."""
+        return {
+            **base,
+            "OMP_NUM_THREADS": str(self.threads),
+            "MKL_NUM_THREADS": str(self.threads),
+            "OMP_WAIT_POLICY": "PASSIVE",
+        }
+
+
+def variants(profile: Profile, workload: str, with_ray: bool) -> list[Variant]:
+    out = [Variant(f"naive-t{t}", "naive", "bench.systems.naive", t, {}) for t in profile.naive_threads]
+    out.append(
+        Variant(
+            "antbatch",
+            "antbatch",
+            "bench.systems.antbatch",
+            CPUS,
+            {"cpu_budget": CPUS, "max_shard_rows": profile.max_shard_rows},
+        )
+    )
+    if with_ray:
+        for ray in profile.ray_variants:
+            if ray.get("chain_mode") == "split" and workload != "chain":
+                continue
+            out.append(Variant(ray["name"], "ray", "bench.systems.ray_data", int(ray["threads"]), ray, RAY_PYTHON))
+    out.append(
+        Variant(
+            "bound",
+            "bound",
+            "bench.systems.bound",
+            CPUS,
+            {"thread_settings": [1, CPUS], "batches": profile.bound_batches},
+        )
+    )
+    return out
+
+
+def run_variant(
+    variant: Variant, workload: str, input_dir: str, work: str, profile: Profile, env: dict[str, str]
+) -> dict[str, Any]:
+    """One fresh process for one run; its result with the monitor's CPU and memory figures."""
+    tag = f"{workload}-{variant.name}"
+    config = {
+        "system": variant.system,
+        "workload": workload,
+        "input_dir": input_dir,
+        "output_dir": os.path.join(work, "out", tag),
+        "result_path": os.path.join(work, f"{tag}.json"),
+        "batch_size": profile.batch_size,
+        "threads": variant.threads,
+        "options": variant.options,
+    }
+    if os.path.exists(config["result_path"]):
+        os.remove(config["result_path"])
+    started = time.time()
+    with open(os.path.join(work, f"{tag}.log"), "w") as log:
+        proc = subprocess.Popen(
+            [variant.python, "-m", variant.module, json.dumps(config)],
+            cwd=REPO,
+            env=variant.env(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        with TreeMonitor(proc.pid) as monitor:
+            code = proc.wait()
+    if code != 0 or not os.path.exists(config["result_path"]):
+        raise RuntimeError(f"{tag} failed (exit {code}); see {work}/{tag}.log")
+    with open(config["result_path"]) as handle:
+        result: dict[str, Any] = json.load(handle)
+    start, end = result["window"]
+    result.update(
+        variant=variant.name,
+        rows_s=result["rows"] / result["run_s"],
+        cpu_util=monitor.utilisation(start, end, CPUS),
+        peak_rss_mb=monitor.peak_rss_mb,
+        max_processes=monitor.max_processes,
+        process_wall_s=time.time() - started,
+    )
+    return result
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summarise_variant(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "rows_s": round(_median([r["rows_s"] for r in runs]), 1),
+        "rows_s_runs": [round(r["rows_s"], 1) for r in runs],
+        "run_s": round(_median([r["run_s"] for r in runs]), 3),
+        "startup_s": round(_median([r["startup_s"] for r in runs]), 3),
+        "cpu_util": round(_median([r["cpu_util"] for r in runs]), 3),
+        "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
+        "max_processes": max(r["max_processes"] for r in runs),
+        "rows": runs[0]["rows"],
+        "threads": runs[-1].get("threads"),
+    }
+    if "stages_s" in runs[0]:
+        batches = -(-runs[0]["rows"] // runs[0]["batch_size"])
+        out["stages_s_per_batch"] = {
+            stage: round(_median([r["stages_s"][stage] for r in runs]) / batches, 4) for stage in runs[0]["stages_s"]
+        }
+    if "stages" in runs[-1]:
+        out["stages"] = runs[-1]["stages"]
+    if "rows_s_by_threads" in runs[0]:
+        out["rows_s_by_threads"] = {
+            k: round(_median([r["rows_s_by_threads"][k] for r in runs]), 1) for k in runs[0]["rows_s_by_threads"]
+        }
+    for key in ("plan_s", "model_load_s", "shards", "requests", "worker_kwargs", "actors"):
+        if key in runs[-1]:
+            out[key] = runs[-1][key]
+    return out
+
+
+def summarise_workload(by_variant: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The flat figures the bars are judged on: best naive, best Ray, antbatch, bound, ratios."""
+
+    def best(system: str) -> str | None:
+        names = [n for n in by_variant if n.startswith(system)]
+        return max(names, key=lambda n: by_variant[n]["rows_s"]) if names else None
+
+    naive, ray = best("naive"), best("ray")
+    pick = {"naive": naive, "antbatch": "antbatch", "ray": ray, "bound": "bound"}
+    out: dict[str, Any] = {}
+    for system, name in pick.items():
+        out[f"{system}_rows_s"] = by_variant[name]["rows_s"] if name else None
+    ant = out["antbatch_rows_s"]
+    for system in ("naive", "ray", "bound"):
+        other = out[f"{system}_rows_s"]
+        out[f"antbatch_over_{system}"] = round(ant / other, 3) if other else None
+    out["naive_best_variant"] = naive
+    out["ray_best_variant"] = ray
+    out["cpu_util"] = {s: by_variant[n]["cpu_util"] for s, n in pick.items() if n}
+    out["peak_rss_mb"] = {s: by_variant[n]["peak_rss_mb"] for s, n in pick.items() if n}
+    out["startup_s"] = {s: by_variant[n]["startup_s"] for s, n in pick.items() if n}
+    out["threads"] = {s: by_variant[n]["threads"] for s, n in pick.items() if n}
+    if naive:
+        out["naive_stages_s_per_batch"] = by_variant[naive].get("stages_s_per_batch")
+    out["variants"] = by_variant
+    return out
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+
+    return {
+        "cpu_count": CPUS,
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else CPUS,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.5) -> float:
+    """Give other work on the machine a chance to finish; returns the 1-minute load average seen."""
+    deadline = time.time() + max_wait_s
+    load = os.getloadavg()[0]
+    while load > threshold and time.time() < deadline:
+        time.sleep(5)
+        load = os.getloadavg()[0]
+    return load
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="the quick profile (under 4 minutes)")
+    parser.add_argument("--repeats", type=int, help="override the profile's repeats")
+    parser.add_argument("--workloads", default="single,chain,straggler", help="comma-separated subset")
+    parser.add_argument("--no-ray", action="store_true", help="skip Ray Data (no bench/.venv-ray)")
+    parser.add_argument("--work", default=os.environ.get("ANTBATCH_BENCH_WORK", "/tmp/antbatch-bench"))
+    parser.add_argument("--out", help="result JSON (default bench/results/PROFILE.json)")
+    parser.add_argument("--no-report", action="store_true", help="do not rewrite docs/benchmarks.md and the PNG")
+    parser.add_argument("--quiet-wait", type=float, default=0.0, help="wait up to this many seconds for load < 0.5")
+    args = parser.parse_args(argv)
+
+    profile = PROFILES["quick" if args.quick else "full"]
+    if args.repeats:
+        profile = dataclasses.replace(profile, repeats=args.repeats)
+    workloads = [w for w in args.workloads.split(",") if w]
+    with_ray = not args.no_ray and os.path.exists(RAY_PYTHON)
+    if not with_ray and not args.no_ray:
+        print(f"warning: {RAY_PYTHON} missing (make bench-venv); Ray Data is left out", file=sys.stderr)
+    out_path = args.out or os.path.join(RESULTS, f"{profile.name}.json")
+    began = time.time()
+    load_before = wait_for_quiet(args.quiet_wait) if args.quiet_wait else os.getloadavg()[0]
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "ANTBATCH_BENCH_LATENCY_S": os.environ.get("ANTBATCH_BENCH_LATENCY_S", str(DEFAULT_LATENCY_S)),
+        "ANTBATCH_BENCH_BANDWIDTH_MBS": os.environ.get("ANTBATCH_BENCH_BANDWIDTH_MBS", str(DEFAULT_BANDWIDTH_MBS)),
+        "ANTBATCH_BENCH_BLOCK_MB": os.environ.get("ANTBATCH_BENCH_BLOCK_MB", str(DEFAULT_BLOCK_MB)),
+        "RAY_DEDUP_LOGS": "0",
+    }
+    work = os.path.join(args.work, profile.name)
+    os.makedirs(work, exist_ok=True)
+    inputs = {
+        name: os.path.dirname(write_text(os.path.join(args.work, "data"), getattr(profile, name))[0])
+        for name in ("single", "chain")
+        if name in workloads
+    }
+
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {w: {} for w in inputs}
+    for repeat in range(profile.repeats):
+        for workload, input_dir in inputs.items():
+            todo = variants(profile, workload, with_ray)
+            shift = repeat % len(todo)
+            for variant in todo[shift:] + todo[:shift]:
+                result = run_variant(variant, workload, input_dir, work, profile, env)
+                runs[workload].setdefault(variant.name, []).append(result)
+                print(
+                    f"[{time.time() - began:6.1f}s] repeat {repeat + 1}/{profile.repeats} {workload:6s} "
+                    f"{variant.name:16s} {result['rows_s']:8.1f} rows/s  cpu {result['cpu_util']:.0%}  "
+                    f"rss {result['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
+
+    report: dict[str, Any] = {
+        "profile": profile.name,
+        "command": f"python -m bench.run{' --quick' if args.quick else ''}",
+        "machine": machine(),
+        "latency": {
+            "first_byte_s": float(env["ANTBATCH_BENCH_LATENCY_S"]),
+            "bandwidth_mbs": float(env["ANTBATCH_BENCH_BANDWIDTH_MBS"]),
+            "block_mb": float(env["ANTBATCH_BENCH_BLOCK_MB"]),
+            "output": "local disk for every system (the antbatch ledger needs atomic create: local, s3, memory)",
+        },
+        "config": profile.to_dict(),
+        "load_avg_before": round(load_before, 2),
+    }
+    for workload, by_variant in runs.items():
+        report[workload] = summarise_workload({n: summarise_variant(r) for n, r in by_variant.items()})
+    if "straggler" in workloads:
+        from bench import straggler
+
+        started = time.time()
+        report["straggler"] = straggler.run(
+            os.path.join(work, "straggler"), profile.straggler, {**env, "OMP_NUM_THREADS": "1"}
+        )
+        print(f"[{time.time() - began:6.1f}s] straggler done in {time.time() - started:.1f}s", flush=True)
+    antbatch_peaks = [report[w]["peak_rss_mb"]["antbatch"] for w in inputs]
+    report["peak_rss_mb"] = max(antbatch_peaks) if antbatch_peaks else None
+    report["load_avg_after"] = round(os.getloadavg()[0], 2)
+    report["wall_s"] = round(time.time() - began, 1)
+    report["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with open(out_path, "w") as handle:
+        json.dump(report, handle, indent=1, sort_keys=False)
+    from bench.report import text_table
+
+    print(text_table(report))
+    print(f"wrote {out_path} in {report['wall_s']:.0f}s")
+    if not args.no_report:
+        render(out_path)
+    return 0
+
+
+def render(result_path: str) -> None:
+    """Rewrite the doc's results and the PNG: here if matplotlib is here, else in the Ray environment."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        if not os.path.exists(RAY_PYTHON):
+            print("matplotlib missing and no bench/.venv-ray: docs not rewritten", file=sys.stderr)
+            return
+        subprocess.run([RAY_PYTHON, "-m", "bench.report", result_path], cwd=REPO, check=True)
+        return
+    from bench import report
+
+    report.main([result_path])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
