@@ -137,6 +137,13 @@ class Pipeline:
         self.clocks.update({r.name: StageClock() for r in code.runners})
         self.clocks.update({"postprocess": StageClock(), "write": StageClock()})
         self.pool_restarts = 0
+        self._pool: PreprocessPool | None = None
+        if self.scaler.processes:
+            # The children import the hook now, as the worker loaded its code: a hook that cannot
+            # load fails before anything is claimed, and start-up is not counted as scoring time.
+            assert code.preprocess_ref is not None
+            self._pool = PreprocessPool(code.preprocess_ref, self.scaler.processes)
+            self._pool.wait_ready()
 
     # -- running -------------------------------------------------------------------------------
 
@@ -246,7 +253,8 @@ class Pipeline:
             self._preprocess_in_thread(self.code.preprocess, source, out, clock)
             return
         assert self.code.preprocess_ref is not None
-        pool = PreprocessPool(self.code.preprocess_ref, self.scaler.processes)
+        pool = self._pool
+        assert pool is not None
         try:
             self._preprocess_in_pool(pool, source, out, clock)
         finally:
@@ -281,7 +289,7 @@ class Pipeline:
         """Feed the pool, put results back in input order, and resize the pool as the scaler says."""
         order = _InputOrder()
         finished = False
-        model_clock = self.clocks[self.code.runners[0].name]
+        model_clocks = [self.clocks[r.name] for r in self.code.runners]
         while not self._abort.is_set():
             while not finished and pool.wants_more():
                 item = self._get(source, clock, timeout=0 if pool.in_flight else POLL_S)
@@ -303,7 +311,7 @@ class Pipeline:
                 self._put(out, item, clock)
                 if item is DONE:
                     return
-            resize = self.scaler.observe(pool.busy_seconds(), model_clock)
+            resize = self.scaler.observe(pool.busy_seconds(), model_clocks)
             if resize is not None:
                 pool.resize(resize)
 
@@ -317,7 +325,7 @@ class Pipeline:
             if isinstance(item, Chunk):
                 if self._dropping(item.shard_id):
                     continue
-                wanted = self.scaler.torch_threads(runner.stage.threads)
+                wanted = self.scaler.torch_threads(index, runner.stage.threads)
                 if runner.uses_cpu and wanted != threads:
                     torch.set_num_threads(wanted)
                     threads = wanted

@@ -106,6 +106,14 @@ class PreprocessPool:
         took to collect it, which grows when the model stages are the bottleneck."""
         return self._busy_s
 
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """Block until every child has imported the hook (or raise why one cannot)."""
+        deadline = time.monotonic() + timeout_s
+        while any(not c.ready for c in self._children):
+            if time.monotonic() > deadline:
+                raise WorkerError(f"preprocess processes did not import {self.ref!r} within {timeout_s:.0f}s")
+            self.poll(1.0)
+
     def submit(self, key: int, batch: pa.RecordBatch) -> None:
         self._queue.append(Task(key, 0, batch))
 

@@ -13,6 +13,11 @@ import dataclasses
 import logging
 import math
 import time
+from itertools import zip_longest
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +73,8 @@ class ElasticScaler:
         self.preprocess_cores = self.processes  # until measured, assume every process busy
         self._thread_cap: int | None = None
         self._probe: tuple[int, float] | None = None  # threads and model rate before an increase
-        self._last_model = StageClock()
+        self._last_models: list[StageClock] = []
+        self._shares: list[float] = []  # each model stage's share of the stages' busy time
         self.decisions: list[ScalingDecision] = []
         self._started = time.monotonic()
         self._window_start = self._started
@@ -78,17 +84,22 @@ class ElasticScaler:
     def elastic(self) -> bool:
         return self.fixed_processes is None
 
-    def torch_threads(self, stage_threads: int | None = None) -> int:
-        """Intra-op threads for one CPU model stage: its own setting, the worker's, or the cores left."""
+    def torch_threads(self, stage: int = 0, stage_threads: int | None = None) -> int:
+        """Intra-op threads for model stage ``stage``: its own setting, the worker's, or its share of the
+        cores left (by its share of the model stages' busy time, once measured)."""
         if stage_threads:
             return stage_threads
         if self.fixed_threads:
             return self.fixed_threads
         left = self.cpu_budget - self.preprocess_cores
-        return max(1, min(left // max(1, self.cpu_model_stages), self._thread_cap or self.cpu_budget))
+        if len(self._shares) > stage:
+            threads = round(left * self._shares[stage])
+        else:
+            threads = left // max(1, self.cpu_model_stages)
+        return max(1, min(threads, self._thread_cap or self.cpu_budget))
 
-    def observe(self, pool_busy_s: float, model: StageClock, now: float | None = None) -> int | None:
-        """Feed cumulative counters (the pool's, the first model stage's); returns a new pool size when decided.
+    def observe(self, pool_busy_s: float, models: Sequence[StageClock], now: float | None = None) -> int | None:
+        """Feed cumulative counters (the pool's, the model stages'); returns a new pool size when decided.
 
         ``pool_busy_s`` is the time spent inside the preprocess hook, summed over processes;
         over a window it says how many cores preprocessing keeps busy, and the model stages'
@@ -102,11 +113,15 @@ class ElasticScaler:
             return None
         demand = (pool_busy_s - self._last_busy) / window
         busy = demand / self.processes
-        starved = min(1.0, (model.wait_in_s - self._last_model.wait_in_s) / window)
-        model_busy = model.busy_s - self._last_model.busy_s
-        rate = (model.rows - self._last_model.rows) / model_busy if model_busy > 0.2 * window else None
+        model, last = models[0], self._last_models[0] if self._last_models else StageClock()
+        starved = min(1.0, (model.wait_in_s - last.wait_in_s) / window)
+        model_busy = model.busy_s - last.busy_s
+        rate = (model.rows - last.rows) / model_busy if model_busy > 0.2 * window else None
+        busy_by_stage = [m.busy_s - (o.busy_s if o else 0.0) for m, o in zip_longest(models, self._last_models)]
+        if sum(busy_by_stage) > 0.2 * window:
+            self._shares = [b / sum(busy_by_stage) for b in busy_by_stage]
         self._window_start, self._last_busy = now, pool_busy_s
-        self._last_model = dataclasses.replace(model)
+        self._last_models = [dataclasses.replace(m) for m in models]
         figures = f"first model stage waited {starved:.0%} of {window:.1f}s, preprocess processes busy {busy:.0%}"
         if self._check_probe(rate, now):
             return None
@@ -116,8 +131,9 @@ class ElasticScaler:
         elif self.elastic and processes > 1 and demand < (processes - 1) * SHRINK_BELOW:
             processes, reason = processes - 1, f"preprocess has spare capacity: {figures}"
         threads = self.torch_threads()
-        # A process that is added is assumed busy; otherwise preprocessing keeps the cores it used.
-        cores = processes if processes > self.processes else min(processes, math.floor(demand + 0.5))
+        # A process that is added is assumed busy; otherwise preprocessing keeps the cores it
+        # mostly uses, and a core it uses only now and then is offered to the model (on probation).
+        cores = processes if processes > self.processes else min(processes, math.floor(demand + 0.25))
         before, self.processes, self.preprocess_cores = self.processes, processes, cores
         if processes == before and self.torch_threads() == threads:
             return None

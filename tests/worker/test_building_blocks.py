@@ -69,7 +69,7 @@ def test_joining_ragged_outputs_says_which_stage_and_what_to_do() -> None:
         (0.5, 0.95, 1, 2, 2),  # the model waits on a saturated pool: grow; the new process gets a core
         (0.5, 0.95, 4, None, 1),  # ... but not past the budget
         (0.0, 0.95, 1, None, 3),  # the model never waits: preprocess keeps up on its one core
-        (0.5, 0.50, 1, None, 3),  # the pool idles too: the reader is the bottleneck
+        (0.5, 0.50, 1, None, 4),  # the pool idles too (the reader is the bottleneck): its core is offered
         (0.0, 0.30, 3, 2, 3),  # 0.9 cores of demand: two processes would do; the model gets 3 threads
         (0.0, 0.02, 1, None, 4),  # a light hook leaves the model every core
     ],
@@ -81,14 +81,14 @@ def test_the_scaler_grows_on_a_preprocess_bottleneck_only(
     scaler.processes = scaler.preprocess_cores = processes
     start = scaler._window_start
     model = StageClock(wait_in_s=starved * 2.0)
-    decided = scaler.observe(pool_busy_s=busy * processes * 2.0, model=model, now=start + 2.0)
+    decided = scaler.observe(pool_busy_s=busy * processes * 2.0, models=[model], now=start + 2.0)
     assert decided == expected
     assert scaler.torch_threads() == threads
 
 
 def test_fixed_settings_are_never_scaled() -> None:
     scaler = ElasticScaler(cpu_budget=8, cpu_model_stages=2, fixed_processes=3, fixed_threads=5)
-    assert scaler.observe(100.0, StageClock(wait_in_s=100.0), now=scaler._window_start + 60) is None
+    assert scaler.observe(100.0, [StageClock(wait_in_s=100.0)], now=scaler._window_start + 60) is None
     assert (scaler.processes, scaler.torch_threads(), scaler.torch_threads(stage_threads=1)) == (3, 5, 1)
     assert ElasticScaler(cpu_budget=8, cpu_model_stages=2).torch_threads() == 3  # (8 - 1 process) // 2 stages
 
@@ -96,7 +96,7 @@ def test_fixed_settings_are_never_scaled() -> None:
 def test_a_fixed_pool_still_hands_idle_cores_to_the_model() -> None:
     scaler = ElasticScaler(cpu_budget=4, cpu_model_stages=1, fixed_processes=2, interval_s=1.0)
     assert scaler.torch_threads() == 2
-    assert scaler.observe(pool_busy_s=0.1, model=StageClock(), now=scaler._window_start + 2.0) is None
+    assert scaler.observe(pool_busy_s=0.1, models=[StageClock()], now=scaler._window_start + 2.0) is None
     assert scaler.processes == 2 and scaler.torch_threads() == 4
     assert scaler.decisions[-1].reason.startswith("preprocess uses 0.1 cores")
 
@@ -106,15 +106,23 @@ def test_more_threads_stay_only_if_the_model_gets_faster(rate_after: float, kept
     scaler = ElasticScaler(cpu_budget=2, cpu_model_stages=1, interval_s=1.0)
     start = scaler._window_start
     model = StageClock(busy_s=2.0, rows=2000)  # 1000 rows per busy second on one thread
-    scaler.observe(pool_busy_s=0.0, model=model, now=start + 2.0)
+    scaler.observe(pool_busy_s=0.0, models=[model], now=start + 2.0)
     assert scaler.torch_threads() == 2  # the idle pool's core goes to the model, on probation
     after = StageClock(busy_s=4.0, rows=2000 + int(rate_after * 2.0))
-    scaler.observe(pool_busy_s=0.0, model=after, now=start + 4.0)
+    scaler.observe(pool_busy_s=0.0, models=[after], now=start + 4.0)
     assert scaler.torch_threads() == (2 if kept else 1)
     if not kept:
         assert "the cores are not free" in scaler.decisions[-1].reason
-        scaler.observe(pool_busy_s=0.0, model=StageClock(busy_s=6.0, rows=6000), now=start + 6.0)
+        scaler.observe(pool_busy_s=0.0, models=[StageClock(busy_s=6.0, rows=6000)], now=start + 6.0)
         assert scaler.torch_threads() == 1  # not tried again
+
+
+def test_model_stages_share_the_cores_left_by_their_busy_time() -> None:
+    scaler = ElasticScaler(cpu_budget=6, cpu_model_stages=3, interval_s=1.0)
+    assert [scaler.torch_threads(i) for i in range(3)] == [1, 1, 1]  # (6 - 1) // 3 until measured
+    stages = [StageClock(busy_s=1.8), StageClock(busy_s=0.1), StageClock(busy_s=0.1)]
+    scaler.observe(pool_busy_s=2.0, models=stages, now=scaler._window_start + 2.0)
+    assert [scaler.torch_threads(i) for i in range(3)] == [4, 1, 1]  # the embedder does 90% of the work
 
 
 def test_autocast_runs_the_stage_in_the_lower_precision() -> None:
