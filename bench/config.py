@@ -1,9 +1,11 @@
 """The two profiles of the harness: ``quick`` (under 4 minutes on 2 cores) and ``full``.
 
 Both run the same systems on the same kind of data; ``full`` has more rows, more repeats and
-tries more Ray Data configurations. Sizes are chosen so that each timed run lasts seconds, not
-fractions of one, on a 2-core machine where a batch of 256 rows costs about 0.2 s to tokenise
-and 0.2-0.3 s to score.
+tries more Ray Data configurations. On a 2-core machine a batch of 256 rows costs about 0.2 s
+to tokenise and 0.2-0.3 s to score, and every run pays a fixed ~3 s to start a process and
+import torch (~12 s for Ray: ``ray.init``, a warm-up job, shutdown), so ``quick`` keeps each
+timed run to a few seconds (8 batches single, 4 chain) to stay under 4 minutes with two
+repeats; ``full`` runs long enough for pipeline start-up and Ray's actor start to amortise.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ class Profile:
     chain: TextData
     repeats: int
     batch_size: int = 256
-    max_shard_rows: int = 1024  # antbatch shards: 4 batches each, so the worker reads ahead
+    max_shard_rows: int = 512  # antbatch shards of 2 batches, so even the quick job has several to read ahead
     naive_threads: tuple[int, ...] = (1, 2)
-    bound_batches: int = 8
+    bound_batches: int = 4
     # Ray Data configurations tried; the best median is reported. See bench/systems/ray_data.py.
     ray_variants: tuple[dict[str, Any], ...] = ()
     straggler: StragglerConfig = StragglerConfig()
@@ -48,16 +50,19 @@ RAY_BEST = {"name": "ray", "num_cpus": 2, "pre_cpus": 0.5, "actor_cpus": 1, "thr
 PROFILES = {
     "quick": Profile(
         name="quick",
-        single=TextData(rows=4096, files=4, row_group_rows=512),
-        chain=TextData(rows=2048, files=2, row_group_rows=512),
+        single=TextData(rows=2048, files=2, row_group_rows=256),
+        chain=TextData(rows=1024, files=2, row_group_rows=256),
         repeats=2,
         ray_variants=(RAY_BEST,),
+        straggler=StragglerConfig(shards=32),
     ),
     "full": Profile(
         name="full",
-        single=TextData(rows=16384, files=8, row_group_rows=1024),
-        chain=TextData(rows=8192, files=4, row_group_rows=1024),
-        repeats=5,
+        single=TextData(rows=12288, files=6, row_group_rows=1024),
+        chain=TextData(rows=6144, files=4, row_group_rows=512),
+        repeats=3,
+        bound_batches=8,
+        max_shard_rows=2048,
         ray_variants=(
             RAY_BEST,
             {**RAY_BEST, "name": "ray-fused-pre", "pre_cpus": 1},

@@ -142,13 +142,43 @@ def _stages(report: dict[str, Any]) -> list[str]:
                 for k, v in stages.items()
             )
             out.append(f"- *{w}*, antbatch worker stages (last run): {parts}.")
+        ant = r["variants"].get("antbatch", {})
+        if "code_load_and_pool_start_s" in ant:
+            out.append(
+                f"- *{w}*, antbatch before its first shard (last run): planning {ant['plan_s']:.2f} s, loading the "
+                f"code and starting the preprocess processes {ant['code_load_and_pool_start_s']:.2f} s (of which "
+                f"building the models, excluded, {ant['model_load_s']:.2f} s). Leaving the preprocess processes' "
+                f"start out as well, as the worker's own summary does: "
+                f"{r.get('antbatch_rows_s_excluding_pool_start') or 0:.0f} rows/s."
+            )
         ray = r.get("ray_best_variant")
+        if r.get("ray_rows_s_after_actor_ready"):
+            out.append(
+                f"- *{w}*, Ray Data counted only from its model actor's first batch (optimistic: the reads and "
+                f"preprocessing done before then are not charged): {r['ray_rows_s_after_actor_ready']:.0f} rows/s."
+            )
         actors = (r["variants"].get(ray, {}).get("actors") or []) if ray else []
         out.extend(
             f"- *{w}*, Ray Data ({ray}) model actor `{a['actor']}` (last run): created {a['start_after_s']:.1f} s "
             f"into the job, {a['init_s']:.1f} s to import torch and build the model, first batch "
             f"{a['first_batch_after_s']:.1f} s into the job, busy {a['busy_s']:.1f} s over {a['batches']} batches."
             for a in actors
+        )
+    return out
+
+
+def _ceilings(report: dict[str, Any]) -> list[str]:
+    out = []
+    for w in _workloads(report):
+        c = report[w].get("ceiling")
+        if not c:
+            continue
+        core = c["core_s_per_batch"]
+        out.append(
+            f"- *{w}*: a batch costs {core['model_1_thread'] * 1000:.0f} core-ms of model (1 thread, the most "
+            f"efficient setting per core) and {core['read_preprocess_post_write'] * 1000:.0f} core-ms of "
+            f"read + preprocess + postprocess + write; with every one of {report['machine']['cpu_count']} cores "
+            f"busy on nothing else that is {c['rows_s']:.0f} rows/s, {c['over_naive']:.2f}x the best naive loop."
         )
     return out
 
@@ -179,6 +209,7 @@ def _straggler(report: dict[str, Any]) -> list[str]:
 def markdown(report: dict[str, Any], source: str) -> str:
     m = report["machine"]
     lat = report["latency"]
+    git = report.get("git", {})
     lines = [
         BEGIN,
         "",
@@ -186,7 +217,8 @@ def markdown(report: dict[str, Any], source: str) -> str:
         f"{report.get('finished_at', '?')} in {report['wall_s']:.0f} s; profile `{report['profile']}`, "
         f"{report['config']['repeats']} interleaved repeat(s), medians. Machine: {m['cpu_count']} CPUs, "
         f"{m['memory_gb']} GB, {m['platform']}, Python {m['python']}. Load average before/after: "
-        f"{report['load_avg_before']} / {report['load_avg_after']}.",
+        f"{report['load_avg_before']} / {report['load_avg_after']}. antbatch at commit `{git.get('commit', '?')}`"
+        f"{' with local changes to airflow_antbatch/' if git.get('airflow_antbatch_modified') else ''}.",
         f"Input through `latency://`: {lat['first_byte_s'] * 1000:.0f} ms to first byte per request, "
         f"{lat['bandwidth_mbs']:.0f} MB/s per request stream, {lat['block_mb']:.0f} MiB blocks; "
         f"output: {lat['output']}.",
@@ -204,6 +236,10 @@ def markdown(report: dict[str, Any], source: str) -> str:
         "### Where the time goes",
         "",
         *_stages(report),
+        "",
+        "### The ceiling on this machine",
+        "",
+        *_ceilings(report),
         "",
         "### Stragglers",
         "",

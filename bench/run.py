@@ -138,6 +138,7 @@ def summarise_variant(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
         "max_processes": max(r["max_processes"] for r in runs),
         "rows": runs[0]["rows"],
+        "batch_size": runs[0]["batch_size"],
         "threads": runs[-1].get("threads"),
     }
     if "stages_s" in runs[0]:
@@ -147,11 +148,22 @@ def summarise_variant(runs: list[dict[str, Any]]) -> dict[str, Any]:
         }
     if "stages" in runs[-1]:
         out["stages"] = runs[-1]["stages"]
+    if "rows_s_excluding_pool_start" in runs[0]:
+        out["rows_s_excluding_pool_start"] = round(_median([r["rows_s_excluding_pool_start"] for r in runs]), 1)
     if "rows_s_by_threads" in runs[0]:
         out["rows_s_by_threads"] = {
             k: round(_median([r["rows_s_by_threads"][k] for r in runs]), 1) for k in runs[0]["rows_s_by_threads"]
         }
-    for key in ("plan_s", "model_load_s", "shards", "requests", "worker_kwargs", "actors"):
+    for key in (
+        "plan_s",
+        "model_load_s",
+        "code_load_and_pool_start_s",
+        "worker_reported_s",
+        "shards",
+        "requests",
+        "worker_kwargs",
+        "actors",
+    ):
         if key in runs[-1]:
             out[key] = runs[-1][key]
     return out
@@ -181,8 +193,34 @@ def summarise_workload(by_variant: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out["threads"] = {s: by_variant[n]["threads"] for s, n in pick.items() if n}
     if naive:
         out["naive_stages_s_per_batch"] = by_variant[naive].get("stages_s_per_batch")
+    out["ceiling"] = ceiling(by_variant, naive)
+    out["antbatch_rows_s_excluding_pool_start"] = by_variant["antbatch"].get("rows_s_excluding_pool_start")
+    actors = by_variant[ray].get("actors") if ray else None
+    if actors:
+        # Optimistic context for short runs: Ray's rate once its last model actor had started.
+        ready = max(a["first_batch_after_s"] for a in actors)
+        out["ray_rows_s_after_actor_ready"] = round(by_variant[ray]["rows"] / (by_variant[ray]["run_s"] - ready), 1)
     out["variants"] = by_variant
     return out
+
+
+def ceiling(by_variant: dict[str, dict[str, Any]], naive: str | None) -> dict[str, Any] | None:
+    """What no system can beat here: every core busy with the work itself, the model at its most
+    efficient per core-second (one thread, from the bound), preprocess as timed in the naive loop.
+    """
+    bound = by_variant.get("bound", {}).get("rows_s_by_threads", {})
+    stages = by_variant.get(naive or "", {}).get("stages_s_per_batch")
+    if not bound or not stages or "1" not in bound:
+        return None
+    batch = by_variant["bound"]["batch_size"]
+    model_s = batch / bound["1"]
+    other_s = sum(v for k, v in stages.items() if k != "model")
+    rows_s = CPUS * batch / (model_s + other_s)
+    return {
+        "rows_s": round(rows_s, 1),
+        "over_naive": round(rows_s / by_variant[naive or ""]["rows_s"], 3),
+        "core_s_per_batch": {"model_1_thread": round(model_s, 4), "read_preprocess_post_write": round(other_s, 4)},
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -195,6 +233,22 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "processor": platform.processor() or platform.machine(),
+    }
+
+
+def git_state() -> dict[str, Any]:
+    """Which antbatch the numbers are of: the commit, and whether the package had local changes."""
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "subject": git("log", "-1", "--format=%s")[:120],
+        "airflow_antbatch_modified": bool(git("status", "--porcelain", "--", "airflow_antbatch")),
     }
 
 
@@ -265,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": profile.name,
         "command": f"python -m bench.run{' --quick' if args.quick else ''}",
         "machine": machine(),
+        "git": git_state(),
         "latency": {
             "first_byte_s": float(env["ANTBATCH_BENCH_LATENCY_S"]),
             "bandwidth_mbs": float(env["ANTBATCH_BENCH_BANDWIDTH_MBS"]),
