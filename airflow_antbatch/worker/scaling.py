@@ -70,7 +70,10 @@ class ElasticScaler:
         self.fixed_threads = fixed_threads
         self.interval_s = interval_s
         self.processes = fixed_processes if fixed_processes is not None else 1
-        self.preprocess_cores = self.processes  # until measured, assume every process busy
+        # Until measured, the model stages get every core: with a passive OpenMP wait policy,
+        # threads that share a core with a busy preprocess process lose little, and the first
+        # window (half an interval) says how many cores preprocessing really needs.
+        self.preprocess_cores = 0
         self._thread_cap: int | None = None
         self._probe: tuple[int, float] | None = None  # threads and model rate before an increase
         self._last_models: list[StageClock] = []
@@ -109,7 +112,8 @@ class ElasticScaler:
         """
         now = time.monotonic() if now is None else now
         window = now - self._window_start
-        if window < self.interval_s or self.processes == 0:
+        first = not self._last_models
+        if window < (self.interval_s / 2 if first else self.interval_s) or self.processes == 0:
             return None
         demand = (pool_busy_s - self._last_busy) / window
         busy = demand / self.processes

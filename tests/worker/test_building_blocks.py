@@ -90,12 +90,12 @@ def test_fixed_settings_are_never_scaled() -> None:
     scaler = ElasticScaler(cpu_budget=8, cpu_model_stages=2, fixed_processes=3, fixed_threads=5)
     assert scaler.observe(100.0, [StageClock(wait_in_s=100.0)], now=scaler._window_start + 60) is None
     assert (scaler.processes, scaler.torch_threads(), scaler.torch_threads(stage_threads=1)) == (3, 5, 1)
-    assert ElasticScaler(cpu_budget=8, cpu_model_stages=2).torch_threads() == 3  # (8 - 1 process) // 2 stages
+    assert ElasticScaler(cpu_budget=8, cpu_model_stages=2).torch_threads() == 4  # until measured: 8 cores // 2
 
 
 def test_a_fixed_pool_still_hands_idle_cores_to_the_model() -> None:
     scaler = ElasticScaler(cpu_budget=4, cpu_model_stages=1, fixed_processes=2, interval_s=1.0)
-    assert scaler.torch_threads() == 2
+    scaler.preprocess_cores = 2
     assert scaler.observe(pool_busy_s=0.1, models=[StageClock()], now=scaler._window_start + 2.0) is None
     assert scaler.processes == 2 and scaler.torch_threads() == 4
     assert scaler.decisions[-1].reason.startswith("preprocess uses 0.1 cores")
@@ -104,6 +104,7 @@ def test_a_fixed_pool_still_hands_idle_cores_to_the_model() -> None:
 @pytest.mark.parametrize(("rate_after", "kept"), [(2000.0, True), (1050.0, False)])
 def test_more_threads_stay_only_if_the_model_gets_faster(rate_after: float, kept: bool) -> None:
     scaler = ElasticScaler(cpu_budget=2, cpu_model_stages=1, interval_s=1.0)
+    scaler.preprocess_cores = 1  # as after a window in which preprocessing kept a core busy
     start = scaler._window_start
     model = StageClock(busy_s=2.0, rows=2000)  # 1000 rows per busy second on one thread
     scaler.observe(pool_busy_s=0.0, models=[model], now=start + 2.0)
@@ -119,7 +120,7 @@ def test_more_threads_stay_only_if_the_model_gets_faster(rate_after: float, kept
 
 def test_model_stages_share_the_cores_left_by_their_busy_time() -> None:
     scaler = ElasticScaler(cpu_budget=6, cpu_model_stages=3, interval_s=1.0)
-    assert [scaler.torch_threads(i) for i in range(3)] == [1, 1, 1]  # (6 - 1) // 3 until measured
+    assert [scaler.torch_threads(i) for i in range(3)] == [2, 2, 2]  # 6 // 3 until measured
     stages = [StageClock(busy_s=1.8), StageClock(busy_s=0.1), StageClock(busy_s=0.1)]
     scaler.observe(pool_busy_s=2.0, models=stages, now=scaler._window_start + 2.0)
     assert [scaler.torch_threads(i) for i in range(3)] == [4, 1, 1]  # the embedder does 90% of the work
