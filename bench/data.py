@@ -11,12 +11,16 @@ import dataclasses
 import json
 import os
 import shutil
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.vocab import PUNCTUATION, words
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 MIN_WORDS, MAX_WORDS = 5, 120
 
@@ -50,13 +54,24 @@ def _texts(rng: np.random.Generator, rows: int) -> list[str]:
     return out
 
 
+def _publish(directory: str, fill: Callable[[str], None]) -> list[str]:
+    """Generate into a private folder, then rename it into place: runs side by side never see half a dataset."""
+    if not os.path.isdir(directory):
+        tmp = f"{directory}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        fill(tmp)
+        try:
+            os.rename(tmp, directory)
+        except OSError:  # another run published it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".parquet"))
+
+
 def write_text(root: str, spec: TextData) -> list[str]:
     """The dataset's files (absolute paths), generating them once under ``root``."""
-    directory = os.path.join(root, spec.key())
-    marker = os.path.join(directory, "_done.json")
-    if not os.path.exists(marker):
-        shutil.rmtree(directory, ignore_errors=True)
-        os.makedirs(directory)
+
+    def fill(directory: str) -> None:
         rng = np.random.default_rng(spec.seed)
         per_file = -(-spec.rows // spec.files)
         for index in range(spec.files):
@@ -65,26 +80,22 @@ def write_text(root: str, spec: TextData) -> list[str]:
             table = pa.table(
                 {"id": pa.array(np.arange(start, start + count, dtype=np.int64)), "text": _texts(rng, count)}
             )
-            pq.write_table(
-                table, os.path.join(directory, f"part-{index:03d}.parquet"), row_group_size=spec.row_group_rows
-            )
-        with open(marker, "w") as handle:
+            path = os.path.join(directory, f"part-{index:03d}.parquet")
+            pq.write_table(table, path, row_group_size=spec.row_group_rows)
+        with open(os.path.join(directory, "_spec.json"), "w") as handle:
             json.dump(dataclasses.asdict(spec), handle)
-    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".parquet"))
+
+    return _publish(os.path.join(root, spec.key()), fill)
 
 
 def write_numeric(root: str, files: int, rows_per_file: int, seed: int = 11) -> list[str]:
     """Small numeric files for the straggler job: ``id`` and one float feature."""
-    directory = os.path.join(root, f"numeric-{files}f-{rows_per_file}r-s{seed}")
-    marker = os.path.join(directory, "_done.json")
-    if not os.path.exists(marker):
-        shutil.rmtree(directory, ignore_errors=True)
-        os.makedirs(directory)
+
+    def fill(directory: str) -> None:
         rng = np.random.default_rng(seed)
         for index in range(files):
             ids = np.arange(index * rows_per_file, (index + 1) * rows_per_file, dtype=np.int64)
             table = pa.table({"id": ids, "x": rng.random(rows_per_file, dtype=np.float32)})
             pq.write_table(table, os.path.join(directory, f"part-{index:03d}.parquet"))
-        with open(marker, "w") as handle:
-            json.dump({"files": files, "rows_per_file": rows_per_file, "seed": seed}, handle)
-    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".parquet"))
+
+    return _publish(os.path.join(root, f"numeric-{files}f-{rows_per_file}r-s{seed}"), fill)

@@ -178,7 +178,8 @@ def _ceilings(report: dict[str, Any]) -> list[str]:
             f"- *{w}*: a batch costs {core['model_1_thread'] * 1000:.0f} core-ms of model (1 thread, the most "
             f"efficient setting per core) and {core['read_preprocess_post_write'] * 1000:.0f} core-ms of "
             f"read + preprocess + postprocess + write; with every one of {report['machine']['cpu_count']} cores "
-            f"busy on nothing else that is {c['rows_s']:.0f} rows/s, {c['over_naive']:.2f}x the best naive loop."
+            f"busy on nothing else that is {c['rows_s']:.0f} rows/s, {c['over_naive']:.2f}x the best naive loop"
+            + (f" and {c['over_bound']:.2f}x the bound." if "over_bound" in c else ".")
         )
     return out
 
@@ -249,9 +250,43 @@ def markdown(report: dict[str, Any], source: str) -> str:
         "",
         *_variants(report),
         "",
+        *_other_results(source),
         END,
     ]
     return "\n".join(lines)
+
+
+def _other_results(source: str) -> list[str]:
+    """Headline tables of the other result files in bench/results (e.g. full beside quick)."""
+    directory = os.path.join(REPO, "bench", "results")
+    out: list[str] = []
+    if not os.path.isdir(directory):
+        return out
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if not name.endswith(".json") or os.path.abspath(path) == os.path.abspath(os.path.join(REPO, source)):
+            continue
+        with open(path) as handle:
+            other = json.load(handle)
+        out += [
+            f"### Also: `bench/results/{name}` (profile `{other['profile']}`)",
+            "",
+            f"Run of `{other['command']}` finished {other.get('finished_at', '?')} at commit "
+            f"`{other.get('git', {}).get('commit', '?')}`, {other['config']['repeats']} repeat(s), "
+            f"{other['config']['single']['rows']} rows single, {other['config']['chain']['rows']} chain; load average "
+            f"before/after {other['load_avg_before']} / {other['load_avg_after']}.",
+            "",
+            *_headline(other),
+            "",
+        ]
+        if "straggler" in other:
+            s = other["straggler"]
+            out += [
+                f"Stragglers: dynamic {s['dynamic_over_ideal']:.2f}x ideal, "
+                f"static {s['static_over_ideal']:.2f}x ideal.",
+                "",
+            ]
+    return out
 
 
 def write_doc(report: dict[str, Any], source: str, path: str = DOC) -> None:

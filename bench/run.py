@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -219,6 +220,7 @@ def ceiling(by_variant: dict[str, dict[str, Any]], naive: str | None) -> dict[st
     return {
         "rows_s": round(rows_s, 1),
         "over_naive": round(rows_s / by_variant[naive or ""]["rows_s"], 3),
+        "over_bound": round(rows_s / by_variant["bound"]["rows_s"], 3),
         "core_s_per_batch": {"model_1_thread": round(model_s, 4), "read_preprocess_post_write": round(other_s, 4)},
     }
 
@@ -271,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=os.environ.get("ANTBATCH_BENCH_WORK", "/tmp/antbatch-bench"))
     parser.add_argument("--out", help="result JSON (default bench/results/PROFILE.json)")
     parser.add_argument("--no-report", action="store_true", help="do not rewrite docs/benchmarks.md and the PNG")
+    parser.add_argument("--keep", action="store_true", help="keep this run's outputs and logs under --work")
     parser.add_argument("--quiet-wait", type=float, default=0.0, help="wait up to this many seconds for load < 0.5")
     args = parser.parse_args(argv)
 
@@ -292,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         "ANTBATCH_BENCH_BLOCK_MB": os.environ.get("ANTBATCH_BENCH_BLOCK_MB", str(DEFAULT_BLOCK_MB)),
         "RAY_DEDUP_LOGS": "0",
     }
-    work = os.path.join(args.work, profile.name)
+    # A folder of its own per run (outputs, logs, per-run results), so that runs side by side
+    # never clobber each other; the generated data is shared and kept between runs.
+    work = os.path.join(args.work, f"{profile.name}-{os.getpid()}")
     os.makedirs(work, exist_ok=True)
     inputs = {
         name: os.path.dirname(write_text(os.path.join(args.work, "data"), getattr(profile, name))[0])
@@ -352,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(text_table(report))
     print(f"wrote {out_path} in {report['wall_s']:.0f}s")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     if not args.no_report:
         render(out_path)
     return 0
