@@ -143,6 +143,12 @@ def _stages(report: dict[str, Any]) -> list[str]:
             )
             out.append(f"- *{w}*, antbatch worker stages (last run): {parts}.")
         ant = r["variants"].get("antbatch", {})
+        if stages and ant.get("worker_reported_s"):
+            busiest = max(stages, key=lambda k: stages[k].get("busy_s", 0))
+            out.append(
+                f"- *{w}*, antbatch's busiest stage (last run): {busiest}, busy "
+                f"{stages[busiest]['busy_s']:.1f} s of the worker's {ant['worker_reported_s']:.1f} s."
+            )
         if "code_load_and_pool_start_s" in ant:
             out.append(
                 f"- *{w}*, antbatch before its first shard (last run): planning {ant['plan_s']:.2f} s, loading the "
@@ -219,7 +225,8 @@ def markdown(report: dict[str, Any], source: str) -> str:
         f"{report['config']['repeats']} interleaved repeat(s), medians. Machine: {m['cpu_count']} CPUs, "
         f"{m['memory_gb']} GB, {m['platform']}, Python {m['python']}. Load average before/after: "
         f"{report['load_avg_before']} / {report['load_avg_after']}. antbatch at commit `{git.get('commit', '?')}`"
-        f"{' with local changes to airflow_antbatch/' if git.get('airflow_antbatch_modified') else ''}.",
+        f"{' with local changes to airflow_antbatch/' if git.get('airflow_antbatch_modified') else ''}"
+        + (f"; last worker change: `{git['worker_commit']}`." if git.get("worker_commit") else "."),
         f"Input through `latency://`: {lat['first_byte_s'] * 1000:.0f} ms to first byte per request, "
         f"{lat['bandwidth_mbs']:.0f} MB/s per request stream, {lat['block_mb']:.0f} MiB blocks; "
         f"output: {lat['output']}.",

@@ -250,6 +250,7 @@ def git_state() -> dict[str, Any]:
     return {
         "commit": git("rev-parse", "--short", "HEAD"),
         "subject": git("log", "-1", "--format=%s")[:120],
+        "worker_commit": git("log", "-1", "--format=%h %s", "--", "airflow_antbatch/worker")[:140],
         "airflow_antbatch_modified": bool(git("status", "--porcelain", "--", "airflow_antbatch")),
     }
 
@@ -309,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(profile.repeats):
         for workload, input_dir in inputs.items():
             todo = variants(profile, workload, with_ray)
+            if profile.bound_repeats is not None and repeat >= profile.bound_repeats:
+                todo = [v for v in todo if v.system != "bound"]
             shift = repeat % len(todo)
             for variant in todo[shift:] + todo[:shift]:
                 result = run_variant(variant, workload, input_dir, work, profile, env)
