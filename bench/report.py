@@ -265,16 +265,8 @@ def markdown(report: dict[str, Any], source: str) -> str:
 
 def _other_results(source: str) -> list[str]:
     """Headline tables of the other result files in bench/results (e.g. full beside quick)."""
-    directory = os.path.join(REPO, "bench", "results")
     out: list[str] = []
-    if not os.path.isdir(directory):
-        return out
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if not name.endswith(".json") or os.path.abspath(path) == os.path.abspath(os.path.join(REPO, source)):
-            continue
-        with open(path) as handle:
-            other = json.load(handle)
+    for name, other in _other_reports(source):
         out += [
             f"### Also: `bench/results/{name}` (profile `{other['profile']}`)",
             "",
@@ -286,13 +278,21 @@ def _other_results(source: str) -> list[str]:
             *_headline(other),
             "",
         ]
+        for w in _workloads(other):
+            c, r = other[w].get("ceiling"), other[w]
+            if c:
+                out.append(
+                    f"- *{w}*: ceiling {c['rows_s']:.0f} rows/s ({c['over_naive']:.2f}x the naive loop); antbatch "
+                    f"without its preprocess processes' start {r.get('antbatch_rows_s_excluding_pool_start') or 0:.0f} "
+                    f"rows/s; Ray from its actor's first batch {r.get('ray_rows_s_after_actor_ready') or 0:.0f} rows/s."
+                )
         if "straggler" in other:
             s = other["straggler"]
             out += [
-                f"Stragglers: dynamic {s['dynamic_over_ideal']:.2f}x ideal, "
+                f"- Stragglers: dynamic {s['dynamic_over_ideal']:.2f}x ideal, "
                 f"static {s['static_over_ideal']:.2f}x ideal.",
-                "",
             ]
+        out.append("")
     return out
 
 
@@ -307,38 +307,58 @@ def write_doc(report: dict[str, Any], source: str, path: str = DOC) -> None:
         handle.write(head + markdown(report, source) + tail)
 
 
-def plot(report: dict[str, Any], path: str = PNG) -> None:
+def _other_reports(source: str) -> list[tuple[str, dict[str, Any]]]:
+    """(file name, report) for the other result files in bench/results, e.g. full beside quick."""
+    directory = os.path.join(REPO, "bench", "results")
+    found = []
+    if os.path.isdir(directory):
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if name.endswith(".json") and os.path.abspath(path) != os.path.abspath(os.path.join(REPO, source)):
+                with open(path) as handle:
+                    found.append((name, json.load(handle)))
+    return found
+
+
+def plot(reports: list[dict[str, Any]], path: str = PNG) -> None:
+    """Rows/s per system, one group per workload and profile; straggler ratios per profile."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workloads = _workloads(report)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 1.3]})
+    groups = [(r, w) for r in reports for w in _workloads(r)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [3, 1.3]})
     width = 0.2
     colours = {"naive": "#999999", "antbatch": "#1f77b4", "ray": "#ff7f0e", "bound": "#2ca02c"}
     for i, system in enumerate(SYSTEMS):
-        values = [report[w][f"{system}_rows_s"] or 0 for w in workloads]
-        xs = [j + (i - 1.5) * width for j in range(len(workloads))]
+        values = [r[w][f"{system}_rows_s"] or 0 for r, w in groups]
+        xs = [j + (i - 1.5) * width for j in range(len(groups))]
         bars = left.bar(xs, values, width, label=LABELS[system], color=colours[system])
-        left.bar_label(bars, fmt="%.0f", fontsize=8)
-    left.set_xticks(range(len(workloads)), workloads)
+        left.bar_label(bars, fmt="%.0f", fontsize=7)
+    left.set_xticks(range(len(groups)), [f"{w}\n({r['profile']})" for r, w in groups])
     left.set_ylabel("rows/s (median)")
-    left.set_title(f"Throughput, {report['machine']['cpu_count']} CPUs ({report['profile']} profile)")
-    left.legend(fontsize=8)
-    if "straggler" in report:
-        s = report["straggler"]
-        bars = right.bar(
-            ["dynamic\n(ledger)", "static\nsplit"],
-            [s["dynamic_over_ideal"], s["static_over_ideal"]],
-            color=["#1f77b4", "#999999"],
-        )
+    left.set_title(f"Throughput on {reports[0]['machine']['cpu_count']} CPUs")
+    top = max((r[w][f"{system}_rows_s"] or 0) for r, w in groups for system in SYSTEMS)
+    left.set_ylim(0, top * 1.2)
+    left.legend(fontsize=8, ncol=4, loc="upper left")
+    stragglers = [r for r in reports if "straggler" in r]
+    if stragglers:
+        labels, values, colors = [], [], []
+        for r in stragglers:
+            s = r["straggler"]
+            labels += [f"dynamic\n({r['profile']})", f"static\n({r['profile']})"]
+            values += [s["dynamic_over_ideal"], s["static_over_ideal"]]
+            colors += ["#1f77b4", "#999999"]
+        bars = right.bar(labels, values, color=colors)
         right.bar_label(bars, fmt="%.2fx", fontsize=8)
         right.axhline(1.0, color="black", linewidth=0.8)
         right.axhline(1.15, color="red", linewidth=0.8, linestyle="--", label="goal 1.15x")
+        right.set_ylim(0, max(values) * 1.25)
         right.set_ylabel("makespan / ideal")
         right.set_title("One worker of 4 at half speed")
-        right.legend(fontsize=8)
+        right.tick_params(axis="x", labelsize=8)
+        right.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -354,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         report = json.load(handle)
     print(text_table(report))
     write_doc(report, source)
-    plot(report)
+    plot([report, *(other for _, other in _other_reports(source))])
     print(f"rewrote {os.path.relpath(DOC, REPO)} and {os.path.relpath(PNG, REPO)}")
     return 0
 
