@@ -190,6 +190,24 @@ def _ceilings(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def _agreement(report: dict[str, Any]) -> list[str]:
+    out = []
+    for w in _workloads(report):
+        checked = report[w].get("outputs")
+        if not checked:
+            continue
+        systems = {k: v for k, v in checked.items() if isinstance(v, dict)}
+        verdict = "agree" if checked["all_agree"] else "DISAGREE"
+        worst = max(v["max_top_score_diff"] for v in systems.values())
+        out.append(
+            f"- *{w}*: {', '.join(systems)} {verdict}: every input row written once, the same top class for "
+            f"every id as the naive loop, top scores within {worst:.1e}."
+            if checked["all_agree"]
+            else f"- *{w}*: the outputs {verdict}: {systems}"
+        )
+    return out
+
+
 def _straggler(report: dict[str, Any]) -> list[str]:
     if "straggler" not in report:
         return []
@@ -244,6 +262,12 @@ def markdown(report: dict[str, Any], source: str) -> str:
         "### Where the time goes",
         "",
         *_stages(report),
+        "",
+        "### Do the systems agree?",
+        "",
+        "The last repeat's output of every system, joined on `id` (`bench/verify.py`):",
+        "",
+        *_agreement(report),
         "",
         "### The ceiling on this machine",
         "",

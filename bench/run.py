@@ -125,6 +125,22 @@ def run_variant(
     return result
 
 
+def verify_outputs(
+    work: str, workload: str, by_variant: dict[str, list[dict[str, Any]]], rows: int
+) -> dict[str, Any] | None:
+    """The last repeat's outputs of every system that writes one, checked against the naive loop's."""
+    from bench.verify import compare
+
+    writers = {n: os.path.join(work, "out", f"{workload}-{n}") for n in by_variant if not n.startswith("bound")}
+    reference = next((n for n in writers if n.startswith("naive")), None)
+    if reference is None:
+        return None
+    result = compare(writers, reference, rows)
+    if not result["all_agree"]:
+        print(f"warning: {workload}: the systems' outputs disagree: {result}", file=sys.stderr)
+    return result
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -339,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for workload, by_variant in runs.items():
         report[workload] = summarise_workload({n: summarise_variant(r) for n, r in by_variant.items()})
+        report[workload]["outputs"] = verify_outputs(work, workload, by_variant, getattr(profile, workload).rows)
     if "straggler" in workloads:
         from bench import straggler
 
