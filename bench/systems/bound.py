@@ -2,7 +2,7 @@
 
 The first ``batches`` batches (8 by default: a rate needs no more) are read and tokenised
 before the clock starts and kept in memory; then the models run over all of them once per
-thread setting (1 and all cores), after one warm-up batch.
+thread setting (1 and all cores), after one warm-up batch, twice: the faster pass counts.
 Nothing else runs: no reading, no preprocess, no postprocess, no writing.
 """
 
@@ -36,16 +36,19 @@ def main() -> None:
     settings = config.options.get("thread_settings") or [1, os.cpu_count() or 1]
     by_threads: dict[str, float] = {}
     windows: dict[str, list[float]] = {}
+    passes = int(config.options.get("passes", 2))
     for threads in settings:
         torch.set_num_threads(threads)
         with torch.inference_mode():
             infer(models, inputs[0], batches[0])
-            window_start = time.time()
-            for batch, x in zip(batches, inputs, strict=True):
-                infer(models, x, batch)
-            window_end = time.time()
-        by_threads[str(threads)] = rows / (window_end - window_start)
-        windows[str(threads)] = [window_start, window_end]
+            for _ in range(passes):  # a ceiling: the fastest pass, so a burst of other work does not lower it
+                window_start = time.time()
+                for batch, x in zip(batches, inputs, strict=True):
+                    infer(models, x, batch)
+                window_end = time.time()
+                if rows / (window_end - window_start) > by_threads.get(str(threads), 0.0):
+                    by_threads[str(threads)] = rows / (window_end - window_start)
+                    windows[str(threads)] = [window_start, window_end]
     best = max(by_threads, key=lambda k: by_threads[k])
     write_result(
         config,
