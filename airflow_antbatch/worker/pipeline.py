@@ -265,6 +265,21 @@ class Pipeline:
     def _preprocess_in_thread(
         self, preprocess: Preprocess, source: queue.Queue[Any], out: queue.Queue[Any], clock: StageClock
     ) -> None:
+        def run(chunk: Chunk) -> Chunk:
+            try:
+                chunk.data = preprocess(chunk.batch)
+            except UserCodeError:
+                raise
+            except Exception as exc:
+                raise UserCodeError(f"preprocess hook raised {exc!r}") from exc
+            return chunk
+
+        self._map_chunks(run, source, out, clock)
+
+    def _map_chunks(
+        self, work: Callable[[Chunk], Any], source: queue.Queue[Any], out: queue.Queue[Any], clock: StageClock
+    ) -> None:
+        """A stage that turns each chunk into one item and passes everything else on."""
         while True:
             item = self._get(source, clock)
             if isinstance(item, Chunk):
@@ -272,13 +287,14 @@ class Pipeline:
                     continue
                 started = time.monotonic()
                 try:
-                    item.data = preprocess(item.batch)
-                except Exception as exc:
-                    self._fail(item.shard_id, UserCodeError(f"preprocess hook raised {exc!r}"))
+                    rows = item.batch.num_rows
+                    item = work(item)
+                except UserCodeError as exc:
+                    self._fail(item.shard_id, exc)
                     continue
                 finally:
                     clock.busy_s += time.monotonic() - started
-                clock.rows += item.batch.num_rows
+                clock.rows += rows
             self._put(out, item, clock)
             if item is DONE:
                 return
@@ -375,24 +391,10 @@ class Pipeline:
         return rest
 
     def _postprocessor(self, source: queue.Queue[Any], out: queue.Queue[Any]) -> None:
-        clock = self.clocks["postprocess"]
-        while True:
-            item = self._get(source, clock)
-            if isinstance(item, Chunk):
-                if self._dropping(item.shard_id):
-                    continue
-                started = time.monotonic()
-                try:
-                    item = Scored(item.shard_id, self.code.assembler(item.data, item.batch, item.kept))
-                except UserCodeError as exc:
-                    self._fail(item.shard_id, exc)
-                    continue
-                finally:
-                    clock.busy_s += time.monotonic() - started
-                clock.rows += item.table.num_rows
-            self._put(out, item, clock)
-            if item is DONE:
-                return
+        def run(chunk: Chunk) -> Scored:
+            return Scored(chunk.shard_id, self.code.assembler(chunk.data, chunk.batch, chunk.kept))
+
+        self._map_chunks(run, source, out, self.clocks["postprocess"])
 
     def _writer(self, source: queue.Queue[Any]) -> None:
         clock = self.clocks["write"]
