@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from airflow_antbatch.spec import ModelStage
 from airflow_antbatch.worker.inference import NumericFeatures, OutputAssembler
@@ -72,6 +72,3 @@ class JobCode:
             ModelStage(name="model", model="<in-process>", device=device, batch_size=batch_size), model
         )
         return cls([runner], assembler, preprocess or NumericFeatures(assembler.passthrough))
-
-    def describe(self) -> dict[str, Any]:
-        return {"stages": [r.stage.to_dict() for r in self.runners], "preprocess": self.preprocess_ref}

@@ -15,18 +15,6 @@ import torch
 from airflow_antbatch.errors import UserCodeError
 
 
-def tree_rows(value: Any) -> int | None:
-    """Rows in ``value`` (its first leaf's first dimension); None if it has no tensor."""
-    if isinstance(value, torch.Tensor | np.ndarray):
-        return int(value.shape[0]) if value.ndim else None
-    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, tuple | list) else ()
-    for item in items:
-        rows = tree_rows(item)
-        if rows is not None:
-            return rows
-    return None
-
-
 def slice_tree(value: Any, start: int, stop: int) -> Any:
     if isinstance(value, torch.Tensor | np.ndarray):
         return value[start:stop]
