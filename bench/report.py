@@ -22,6 +22,9 @@ LABELS = {"naive": "naive loop", "antbatch": "antbatch", "ray": "Ray Data", "bou
 WORKLOADS = ("single", "chain")
 
 
+PIPELINE_STAGES = ("read", "preprocess", "postprocess", "write")
+
+
 def _fmt(value: Any, spec: str = ".0f", suffix: str = "") -> str:
     if value is None:
         return "n/a"
@@ -149,6 +152,9 @@ def _stages(report: dict[str, Any]) -> list[str]:
                 f"- *{w}*, antbatch's busiest stage (last run): {busiest}, busy "
                 f"{stages[busiest]['busy_s']:.1f} s of the worker's {ant['worker_reported_s']:.1f} s."
             )
+        share = _model_share(w, r, report["config"]["batch_size"])
+        if share:
+            out.append(share)
         if "code_load_and_pool_start_s" in ant:
             out.append(
                 f"- *{w}*, antbatch before its first shard (last run): planning {ant['plan_s']:.2f} s, loading the "
@@ -171,6 +177,27 @@ def _stages(report: dict[str, Any]) -> list[str]:
             for a in actors
         )
     return out
+
+
+def _model_share(w: str, r: dict[str, Any], batch_size: int) -> str | None:
+    """How near the worker's model stages came to the model alone on one core: the rate a 2-core
+    machine gives the model while preprocessing holds the other core."""
+    ant = r["variants"].get("antbatch", {})
+    stages = ant.get("stages") or {}
+    one_thread = (r.get("ceiling") or {}).get("core_s_per_batch", {}).get("model_1_thread")
+    if not (stages and ant.get("worker_reported_s") and ant.get("rows") and one_thread):
+        return None
+    models = [k for k in stages if k not in PIPELINE_STAGES]
+    busy = sum(stages[k].get("busy_s", 0) for k in models)
+    batches = ant["rows"] / batch_size
+    worker_s = ant["worker_reported_s"]
+    one_thread_rows_s = batch_size / one_thread
+    return (
+        f"- *{w}*, antbatch's model stage(s) (last run): busy {busy:.1f} s of the worker's {worker_s:.1f} s "
+        f"({busy / worker_s:.0%}), {busy / batches * 1000:.0f} ms per batch against {one_thread * 1000:.0f} ms "
+        f"for the model(s) alone on one thread; the worker scored {ant['rows'] / worker_s:.0f} rows/s, "
+        f"{ant['rows'] / worker_s / one_thread_rows_s:.2f}x the one-thread model rate ({one_thread_rows_s:.0f} rows/s)."
+    )
 
 
 def _ceilings(report: dict[str, Any]) -> list[str]:
@@ -310,6 +337,9 @@ def _other_results(source: str) -> list[str]:
                     f"without its preprocess processes' start {r.get('antbatch_rows_s_excluding_pool_start') or 0:.0f} "
                     f"rows/s; Ray from its actor's first batch {r.get('ray_rows_s_after_actor_ready') or 0:.0f} rows/s."
                 )
+            share = _model_share(w, r, other["config"]["batch_size"])
+            if share:
+                out.append(share)
         if "straggler" in other:
             s = other["straggler"]
             out += [
