@@ -178,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker_args(p, budget_default="the CPUs available")
     p.add_argument("--summary-file", help="also write the summary JSON here (e.g. /airflow/xcom/return.json)")
 
+    p = sub.add_parser("merge", help="pack many small objects into large Parquet packs (once; reruns resume)")
+    p.add_argument("sources", nargs="*", help="prefixes, globs or objects to pack")
+    p.add_argument("--output", required=True, help="where the packs and _merge/manifest.json go")
+    p.add_argument("--list-file", help="a text file naming one object URL per line (# comments allowed)")
+    p.add_argument("--target-pack-mb", type=float, default=128.0, help="pack size to aim for (default 128)")
+    p.add_argument("--concurrency", type=_count(1), default=64, help="objects read at once (default 64)")
+    p.add_argument(
+        "--max-unreadable", type=_count(0), default=100, help="objects that may vanish or fail to read (default 100)"
+    )
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("status", help="shards by state, rows, throughput and ETA")
     p.add_argument("uri", help="plan URI, state root or output URI")
     p.add_argument("--json", action="store_true")
@@ -289,6 +300,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return exit_codes.OK
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from airflow_antbatch.merge import merge_small_files
+
+    result = merge_small_files(
+        args.sources,
+        args.output,
+        list_file=args.list_file,
+        target_pack_bytes=int(args.target_pack_mb * 2**20),
+        concurrency=args.concurrency,
+        max_unreadable=args.max_unreadable,
+        storage_options=args.storage_options,
+    )
+    text = (
+        f"{result.objects} objects ({result.bytes} bytes) in {result.packs} packs under {result.output_uri} "
+        f"({result.packs_written} written, {result.packs_skipped} already there), {len(result.unreadable)} unreadable; "
+        f"manifest {result.output_uri.rstrip('/')}/_merge/manifest.json"
+    )
+    _print(args, result.to_dict(), text)
+    return exit_codes.OK
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from airflow_antbatch.ledger import Ledger
     from airflow_antbatch.planning import resolve_plan_uri
@@ -326,6 +358,7 @@ _COMMANDS = {
     "plan": _cmd_plan,
     "run": _cmd_run,
     "worker": _cmd_worker,
+    "merge": _cmd_merge,
     "status": _cmd_status,
     "finalize": _cmd_finalize,
 }

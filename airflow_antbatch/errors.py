@@ -14,6 +14,7 @@ derive from the builtin whose meaning they share, so ``except ValueError`` keeps
     ├── UserCodeError                          a model/preprocess/postprocess import path or call failed
     ├── ShardError                             one shard could not be processed
     ├── WorkerError                            the worker's own machinery failed (preprocess processes)
+    ├── MergeError                             a small-file merge cannot go on (plan changed, too many unreadable)
     └── JobIncompleteError                     finalize/sensor: shards not committed (or failed)
 
 Foreign errors (fsspec, botocore, torch) are translated at the boundary with ``raise ... from``,
@@ -65,6 +66,10 @@ class ShardError(AntBatchError):
 
 class WorkerError(AntBatchError):
     """The worker cannot go on for a reason that is not one shard's: e.g. its processes cannot start."""
+
+
+class MergeError(AntBatchError):
+    """A small-file merge cannot go on: its plan is for other objects, or too many are unreadable."""
 
 
 class JobIncompleteError(AntBatchError):

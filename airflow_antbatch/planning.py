@@ -176,10 +176,15 @@ def list_input(spec: JobSpec) -> tuple[str, list[InputFile]]:
     for path in sorted(infos):
         info = infos[path]
         url = fs.unstrip_protocol(path)
-        version = str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
+        version = object_version(info)
         groups = _row_groups(fs, path, url) if fmt == "parquet" else None
         files.append(InputFile(url, int(info["size"]), version, groups))
     return fmt, files
+
+
+def object_version(info: dict[str, Any]) -> str:
+    """What changes when an object is rewritten: its ETag, or its mtime where there is none."""
+    return str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
 
 
 def _list_one(fs: fsspec.AbstractFileSystem, uri: str, fmt: str | None) -> dict[str, dict[str, Any]]:

@@ -39,3 +39,17 @@ def build_model_killing_first_process() -> torch.nn.Module:
 def failing_preprocess(batch: pa.RecordBatch) -> torch.Tensor:
     """Every batch is rejected: its shard fails for good after max_shard_attempts tries."""
     raise ValueError(f"corrupt feature row in a batch of {batch.num_rows}")
+
+
+def object_features(batch: pa.RecordBatch) -> torch.Tensor:
+    """For jobs over small-file packs: each record is one object's ``path`` and ``data`` bytes."""
+    rows = [
+        [len(data) / 1000.0, sum(data) / max(1, len(data)) / 255.0, data[0] / 255.0 if data else 0.0, len(path) / 100.0]
+        for path, data in zip(batch.column("path").to_pylist(), batch.column("data").to_pylist(), strict=True)
+    ]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def build_object_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Softmax(dim=1))
