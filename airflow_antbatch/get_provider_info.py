@@ -37,6 +37,7 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": [
                     "airflow_antbatch.operators.finalize",
                     "airflow_antbatch.operators.local_worker",
+                    "airflow_antbatch.operators.merge",
                     "airflow_antbatch.operators.plan",
                 ],
             }
