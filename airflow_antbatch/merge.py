@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import logging
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,7 @@ class MergeResult:
     bytes: int
     unreadable: list[tuple[str, str]]
     seconds: float
+    merged: bool = True  # False: the objects were large enough to read as they are
 
     @property
     def objects_per_s(self) -> float:
@@ -304,12 +306,15 @@ def merge_small_files(
     concurrency: int = DEFAULT_CONCURRENCY,
     max_unreadable: int = DEFAULT_MAX_UNREADABLE,
     storage_options: dict[str, Any] | None = None,
+    small_object_bytes: int | None = None,
 ) -> MergeResult:
     """Pack the objects under ``sources`` (and those named in ``list_file``) into ``output_uri``.
 
     Idempotent: a rerun writes only the packs a previous run did not finish. Objects that
     vanish or change between listing and reading are skipped and recorded with the reason;
-    more than ``max_unreadable`` of them fail the merge (packs written so far stay).
+    more than ``max_unreadable`` of them fail the merge (packs written so far stay). With
+    ``small_object_bytes``, nothing is packed when the median object is at least that large
+    (``MergeResult.merged`` is False): such objects are read as fast one by one.
     """
     if concurrency < 1:
         raise MergeError(f"concurrency must be >= 1, got {concurrency}")
@@ -320,7 +325,12 @@ def merge_small_files(
         raise MergeError("nothing to merge: give source prefixes, globs or objects, or a list file")
     fs, _ = fsspec.core.url_to_fs(names[0], **options)
     store = AtomicStore(output_uri, options)
-    packs = _load_or_write_plan(store, list_objects(fs, names, exclude=output_uri), target_pack_bytes)
+    listed = list_objects(fs, names, exclude=output_uri)
+    median = statistics.median_low(o.size for o in listed)
+    if small_object_bytes is not None and median >= small_object_bytes:
+        log.info("not merging: the median object is %d bytes (>= %d)", median, small_object_bytes)
+        return MergeResult(output_uri, 0, 0, 0, len(listed), sum(o.size for o in listed), [], 0.0, merged=False)
+    packs = _load_or_write_plan(store, listed, target_pack_bytes)
     records: list[dict[str, Any]] = []
     written = 0
     for index, objects in enumerate(packs):

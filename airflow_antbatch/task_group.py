@@ -17,6 +17,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from airflow_antbatch.operators.finalize import FinalizeBatchInferenceOperator
+from airflow_antbatch.operators.merge import INPUT_URI_KEY, SmallFileMergeOperator
 from airflow_antbatch.operators.plan import PLAN_URI_KEY, PlanBatchInferenceOperator
 from airflow_antbatch.sensors.ledger import ShardLedgerSensor
 from airflow_antbatch.version_compat import TaskGroup, TriggerRule
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
 
     from airflow_antbatch.spec import ModelStage
     from airflow_antbatch.version_compat import BaseOperator
+
+# "auto" merges when the median object is smaller than this: below it, first-byte latency
+# rather than bandwidth sets the read time on object stores.
+SMALL_OBJECT_BYTES = 2**20
 
 # launcher name -> "module:OperatorClass"
 LAUNCHERS: dict[str, str] = {
@@ -74,6 +79,9 @@ def elastic_batch_inference(
     sensor_timeout: float = 24 * 3600.0,
     force_rerun: bool | str = False,
     worker_kwargs: Mapping[str, Any] | None = None,
+    merge_small_files: bool | str = False,
+    merge_output_uri: str | None = None,
+    merge_kwargs: Mapping[str, Any] | None = None,
 ) -> TaskGroup:
     """Build the job's task group inside the current DAG and return it.
 
@@ -86,9 +94,31 @@ def elastic_batch_inference(
     The sensor runs once every worker task has ended, whatever its state, and succeeds when
     every shard is committed: a failed worker task does not fail the job if others finished
     its shards. The DAG run's state follows the sensor and finalize.
+
+    ``merge_small_files=True`` puts a :class:`SmallFileMergeOperator` first: the objects under
+    ``input_uri`` are packed into Parquet packs at ``merge_output_uri`` (default
+    ``OUTPUT/_packs``) and the job reads the packs, its preprocess hook getting each object's
+    ``path`` and ``data`` bytes. ``"auto"`` merges only when the median object of the one
+    ``input_uri`` is under ``SMALL_OBJECT_BYTES``, and otherwise lets the job read the input as
+    it is (the format is then inferred from the file names). ``merge_kwargs`` go to the merge
+    operator (``target_pack_bytes``, ``concurrency``, ``max_unreadable``, ``list_file``).
     """
+    if merge_small_files not in (False, True, "auto"):
+        raise ValueError(f"merge_small_files must be True, False or 'auto', got {merge_small_files!r}")
     worker_cls = launcher_operator(launcher)
     with TaskGroup(group_id=group_id) as group:
+        merge = None
+        if merge_small_files:
+            merge = SmallFileMergeOperator(
+                task_id="merge",
+                sources=input_uri,
+                output_uri=merge_output_uri or f"{output_uri.rstrip('/')}/_packs",
+                storage_options=storage_options,
+                small_object_bytes=SMALL_OBJECT_BYTES if merge_small_files == "auto" else None,
+                **(merge_kwargs or {}),
+            )
+            input_uri = f"{{{{ ti.xcom_pull(task_ids='{merge.task_id}', key='{INPUT_URI_KEY}') }}}}"
+            input_format = "parquet" if merge_small_files is True else None
         plan = PlanBatchInferenceOperator(
             task_id="plan",
             input_uri=input_uri,
@@ -142,6 +172,8 @@ def elastic_batch_inference(
         finalize = FinalizeBatchInferenceOperator(
             task_id="finalize", plan_uri=plan_uri, storage_options=storage_options
         )
+        if merge is not None:
+            merge >> plan
         plan >> workers >> sensor >> finalize
         plan >> sensor
     return group

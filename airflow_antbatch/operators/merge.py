@@ -32,6 +32,8 @@ class SmallFileMergeOperator(BaseOperator):
     :param concurrency: objects read at once.
     :param max_unreadable: objects that may vanish or fail before the merge fails.
     :param storage_options: fsspec options (no credentials: use the environment or a connection).
+    :param small_object_bytes: merge only if the median object is smaller than this; otherwise
+        the task passes its one source on as the job's input (the builder's ``"auto"``).
     """
 
     template_fields: Sequence[str] = ("sources", "output_uri", "list_file")
@@ -47,6 +49,7 @@ class SmallFileMergeOperator(BaseOperator):
         concurrency: int | None = None,
         max_unreadable: int | None = None,
         storage_options: dict[str, Any] | None = None,
+        small_object_bytes: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -57,6 +60,11 @@ class SmallFileMergeOperator(BaseOperator):
         self.concurrency = concurrency
         self.max_unreadable = max_unreadable
         self.storage_options = storage_options
+        self.small_object_bytes = small_object_bytes
+        if small_object_bytes is not None and (len(self.sources) != 1 or list_file):
+            raise ValueError(
+                "merging only small objects (small_object_bytes) takes exactly one source and no list file"
+            )
 
     def execute(self, context: Context) -> dict[str, Any]:
         from airflow_antbatch.merge import merge_small_files
@@ -71,8 +79,18 @@ class SmallFileMergeOperator(BaseOperator):
             self.output_uri,
             list_file=self.list_file or None,
             storage_options=self.storage_options,
+            small_object_bytes=self.small_object_bytes,
             **{k: v for k, v in limits.items() if v is not None},
         )
+        if not result.merged:
+            self.log.info(
+                "Not merging: the median of %d objects is at least %d bytes; the job reads %s as it is",
+                result.objects,
+                self.small_object_bytes,
+                self.sources[0],
+            )
+            context["ti"].xcom_push(key=INPUT_URI_KEY, value=self.sources[0])
+            return result.to_dict()
         self.log.info(
             "Packed %d objects (%d bytes) into %d packs under %s: %d written now, %d kept from an earlier try; "
             "%d unreadable; %.0f objects/s",

@@ -31,3 +31,21 @@ def test_a_missing_prefix_is_named(tmp_path: pathlib.Path) -> None:
     op = SmallFileMergeOperator(task_id="merge", sources=[str(tmp_path / "none")], output_uri=str(tmp_path / "p"))
     with pytest.raises(InputNotFoundError, match="none does not exist"):
         op.execute(FakeTaskInstance().context())
+
+
+def test_auto_mode_passes_large_objects_on_unmerged(tmp_path: pathlib.Path) -> None:
+    make_objects(fsspec.filesystem("file"), str(tmp_path / "objects"), 10)  # 1-9 KiB each
+    ti = FakeTaskInstance()
+    source = str(tmp_path / "objects")
+    op = SmallFileMergeOperator(
+        task_id="merge", sources=source, output_uri=str(tmp_path / "packs"), small_object_bytes=1024
+    )
+    summary = op.execute(ti.context())
+    assert summary["merged"] is False and summary["packs"] == 0 and summary["objects"] == 10
+    assert ti.xcom[INPUT_URI_KEY] == source
+    assert not (tmp_path / "packs").exists()
+
+
+def test_auto_mode_takes_one_source() -> None:
+    with pytest.raises(ValueError, match="exactly one source"):
+        SmallFileMergeOperator(task_id="merge", sources=["a", "b"], output_uri="out", small_object_bytes=1)
