@@ -177,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-id", required=True, help="stable id of this worker slot (e.g. worker-3)")
     _add_worker_args(p, budget_default="the CPUs available")
     p.add_argument("--summary-file", help="also write the summary JSON here (e.g. /airflow/xcom/return.json)")
+    p.add_argument(
+        "--cache-mb",
+        type=float,
+        default=256.0,
+        help="near cache for a shard's small input files, fetched many at a time (default 256; 0: off)",
+    )
+    p.add_argument("--cache-dir", help="keep the near cache on this local disk (default: in memory)")
 
     p = sub.add_parser("merge", help="pack many small objects into large Parquet packs (once; reruns resume)")
     p.add_argument("sources", nargs="*", help="prefixes, globs or objects to pack")
@@ -229,6 +236,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from airflow_antbatch.worker.near_cache import CacheOptions
     from airflow_antbatch.worker.run import run_worker
 
     stop = threading.Event()
@@ -246,6 +254,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         cpu_budget=args.cpu_budget,
         preprocess_workers=args.preprocess_workers,
         torch_threads=args.torch_threads,
+        cache=CacheOptions(max_bytes=int(args.cache_mb * 2**20), directory=args.cache_dir),
     )
     doc = summary.to_dict()
     if args.summary_file:

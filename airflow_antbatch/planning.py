@@ -283,20 +283,23 @@ def _units(files: list[InputFile], range_bytes: int | None) -> Iterable[Piece]:
         if f.row_groups is None and range_bytes is not None and f.size > range_bytes:
             for start in range(0, f.size, range_bytes):
                 end = min(f.size, start + range_bytes)
-                yield Piece(f.path, end - start, byte_range=(start, end))
+                yield Piece(f.path, end - start, byte_range=(start, end), file_size=f.size, version=f.version)
         elif f.row_groups is None:
-            yield Piece(f.path, f.size)
+            yield Piece(f.path, f.size, file_size=f.size, version=f.version)
         else:
             for index, (rows, size) in enumerate(f.row_groups):
-                yield Piece(f.path, size, rows, (index,))
+                yield Piece(f.path, size, rows, (index,), file_size=f.size, version=f.version)
 
 
 def _append(pieces: list[Piece], unit: Piece) -> list[Piece]:
     """Merge consecutive row groups of one file into one piece."""
     last = pieces[-1] if pieces else None
     if last is not None and last.path == unit.path and last.row_groups is not None and unit.row_groups is not None:
-        merged = Piece(
-            last.path, last.size + unit.size, (last.rows or 0) + (unit.rows or 0), last.row_groups + unit.row_groups
+        merged = dataclasses.replace(
+            last,
+            size=last.size + unit.size,
+            rows=(last.rows or 0) + (unit.rows or 0),
+            row_groups=last.row_groups + unit.row_groups,
         )
         return [*pieces[:-1], merged]
     return [*pieces, unit]

@@ -29,6 +29,9 @@ class Piece:
     rows: int | None = None
     row_groups: tuple[int, ...] | None = None
     byte_range: tuple[int, int] | None = None
+    # The whole file's size and version (ETag or mtime) at planning: what the near cache keys on.
+    file_size: int | None = None
+    version: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"path": self.path, "size": self.size, "rows": self.rows}
@@ -36,6 +39,10 @@ class Piece:
             out["row_groups"] = list(self.row_groups)
         if self.byte_range is not None:
             out["byte_range"] = list(self.byte_range)
+        if self.file_size is not None:
+            out["file_size"] = self.file_size
+        if self.version is not None:
+            out["version"] = self.version
         return out
 
     @classmethod
@@ -48,6 +55,8 @@ class Piece:
             rows=data.get("rows"),
             row_groups=tuple(groups) if groups is not None else None,
             byte_range=(int(byte_range[0]), int(byte_range[1])) if byte_range is not None else None,
+            file_size=int(data["file_size"]) if data.get("file_size") is not None else None,
+            version=data.get("version"),
         )
 
 

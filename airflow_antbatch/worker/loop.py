@@ -24,6 +24,7 @@ from airflow_antbatch.states import ShardState
 from airflow_antbatch.store import AtomicStore
 from airflow_antbatch.worker.heartbeat import Heartbeat
 from airflow_antbatch.worker.local import available_cpus
+from airflow_antbatch.worker.near_cache import CacheOptions, NearCache
 from airflow_antbatch.worker.pipeline import Pipeline, PipelineOptions
 from airflow_antbatch.worker.reader import iter_batches
 
@@ -61,6 +62,7 @@ class WorkerSummary:
     preprocess_restarts: int = 0  # children replaced after dying
     stages: dict[str, dict[str, float | int]] = dataclasses.field(default_factory=dict)
     scaling: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    cache: dict[str, int] = dataclasses.field(default_factory=dict)  # near cache: hits, misses, bytes
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -78,6 +80,7 @@ class Worker:
         options: PipelineOptions | None = None,
         stop: threading.Event | None = None,
         poll_interval_s: float | None = None,
+        cache: CacheOptions | None = None,
     ) -> None:
         self.ledger = ledger
         self.plan = ledger.plan
@@ -87,6 +90,7 @@ class Worker:
         self.poll_interval_s = poll_interval_s or min(5.0, max(0.1, ttl / 4))
         self.output = AtomicStore(self.plan.spec.output_uri, dict(self.plan.spec.storage_options))
         options = options or PipelineOptions(cpu_budget=available_cpus())
+        self.cache = NearCache(dict(self.plan.spec.storage_options), cache)
         self.pipeline = Pipeline(code, options, read=self._read, finish=self._finish, stop=self.stop)
         self.summary = WorkerSummary(identity.worker_id, identity.token, cpu_budget=options.cpu_budget)
         self._started = time.monotonic()
@@ -114,6 +118,7 @@ class Worker:
         finally:
             for work in self.pipeline.unfinished:
                 self._release_quietly(work.lease, "worker stopped on an error")
+            self.cache.close()
             self._fill_summary(final)
             self._heartbeat.stop(final)
             self.summary.requests = dict(self.ledger.store.counts)
@@ -128,6 +133,7 @@ class Worker:
         summary.preprocess_restarts = self.pipeline.pool_restarts
         summary.stages = {name: clock.to_dict() for name, clock in self.pipeline.clocks.items()}
         summary.scaling = [d.to_dict() for d in self.pipeline.scaler.decisions]
+        summary.cache = self.cache.stats.to_dict()
 
     # -- claiming ------------------------------------------------------------------------------
 
@@ -178,9 +184,16 @@ class Worker:
         return shard_ids[offset:] + shard_ids[:offset]
 
     def _read(self, shard: Shard) -> Iterator[pa.RecordBatch]:
+        """The shard's batches; its small files are fetched many at a time ahead of the reader."""
         spec = self.plan.spec
         batch_size = spec.model_stages[0].batch_size or spec.batch_size
-        return iter_batches(shard, self.plan.input_format, batch_size, dict(spec.storage_options))
+        self.cache.prefetch(shard)
+        try:
+            yield from iter_batches(
+                shard, self.plan.input_format, batch_size, dict(spec.storage_options), opener=self.cache.open
+            )
+        finally:
+            self.cache.forget(shard)
 
     # -- finishing -----------------------------------------------------------------------------
 

@@ -14,39 +14,51 @@ import pyarrow.parquet as pq
 from airflow_antbatch.errors import InputError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
+    from contextlib import AbstractContextManager
 
     from airflow_antbatch.shards import Piece, Shard
 
+    Opener = Callable[[Piece], AbstractContextManager[BinaryIO]]
+
 
 def iter_batches(
-    shard: Shard, fmt: str, batch_size: int, storage_options: dict[str, Any] | None = None
+    shard: Shard,
+    fmt: str,
+    batch_size: int,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    opener: Opener | None = None,
 ) -> Iterator[pa.RecordBatch]:
-    """Batches of at most ``batch_size`` rows, piece by piece, in planned order."""
+    """Batches of at most ``batch_size`` rows, piece by piece, in planned order.
+
+    ``opener`` opens each piece's file (the worker's near cache); default: straight from the store.
+    """
+    options = storage_options or {}
     for piece in shard.pieces:
         try:
-            yield from _read_piece(piece, fmt, batch_size, storage_options or {})
+            with opener(piece) if opener else fsspec.open(piece.path, "rb", **options) as handle:
+                yield from _read_piece(handle, piece, fmt, batch_size)
         except FileNotFoundError as exc:
             raise InputError(f"shard {shard.shard_id}: input file {piece.path} disappeared after planning") from exc
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise InputError(f"shard {shard.shard_id}: cannot read {fmt} file {piece.path}: {exc}") from exc
 
 
-def _read_piece(piece: Piece, fmt: str, batch_size: int, storage_options: dict[str, Any]) -> Iterator[pa.RecordBatch]:
-    with fsspec.open(piece.path, "rb", **storage_options) as handle:
-        if fmt == "parquet":
-            groups = list(piece.row_groups) if piece.row_groups is not None else None
-            yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size, row_groups=groups)
-            return
-        if fmt == "jsonl" and piece.byte_range is not None:
-            table = pajson.read_json(io.BytesIO(read_line_range(handle, *piece.byte_range)))
-        elif fmt == "jsonl":
-            table = pajson.read_json(handle)
-        elif fmt == "csv":
-            table = pacsv.read_csv(handle)
-        else:
-            raise InputError(f"unknown input format {fmt!r} for {piece.path}")
-        yield from table.to_batches(max_chunksize=batch_size)
+def _read_piece(handle: BinaryIO, piece: Piece, fmt: str, batch_size: int) -> Iterator[pa.RecordBatch]:
+    if fmt == "parquet":
+        groups = list(piece.row_groups) if piece.row_groups is not None else None
+        yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size, row_groups=groups)
+        return
+    if fmt == "jsonl" and piece.byte_range is not None:
+        table = pajson.read_json(io.BytesIO(read_line_range(handle, *piece.byte_range)))
+    elif fmt == "jsonl":
+        table = pajson.read_json(handle)
+    elif fmt == "csv":
+        table = pacsv.read_csv(handle)
+    else:
+        raise InputError(f"unknown input format {fmt!r} for {piece.path}")
+    yield from table.to_batches(max_chunksize=batch_size)
 
 
 def read_line_range(handle: BinaryIO, start: int, end: int) -> bytes:

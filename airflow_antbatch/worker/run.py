@@ -14,6 +14,8 @@ from airflow_antbatch.worker.pipeline import PipelineOptions
 if TYPE_CHECKING:
     import threading
 
+    from airflow_antbatch.worker.near_cache import CacheOptions
+
 log = logging.getLogger(__name__)
 
 
@@ -26,6 +28,7 @@ def run_worker(
     cpu_budget: int | None = None,
     preprocess_workers: int | None = None,
     torch_threads: int | None = None,
+    cache: CacheOptions | None = None,
 ) -> WorkerSummary:
     """Load the plan and the user code, then process shards until none is left.
 
@@ -35,7 +38,8 @@ def run_worker(
     must each pass their share, since OpenMP threads that spin against each other make
     inference many times slower (../shared/PERF_NOTES.md). ``preprocess_workers`` fixes the
     preprocess pool size (0: preprocess in a thread) instead of scaling it; ``torch_threads``
-    fixes the model stages' intra-op threads.
+    fixes the model stages' intra-op threads. ``cache`` sizes the near cache that fetches a
+    shard's small input files many at a time (default: 256 MiB in memory).
     """
     ledger = Ledger.open(plan_uri, storage_options)
     spec = ledger.plan.spec
@@ -54,7 +58,7 @@ def run_worker(
         len(code.runners),
         options.cpu_budget,
     )
-    summary = Worker(ledger, identity, code, options=options, stop=stop).run()
+    summary = Worker(ledger, identity, code, options=options, stop=stop, cache=cache).run()
     log.info(
         "%s: %s; committed %d shards (%d rows, %d quarantined), skipped %d already committed, %d failed tries, "
         "%.1f rows/s",
