@@ -37,7 +37,7 @@ def build_model_killing_first_process() -> torch.nn.Module:
 
 
 def failing_preprocess(batch: pa.RecordBatch) -> torch.Tensor:
-    """Every batch is rejected: its shard fails for good after max_shard_attempts tries."""
+    """Every record is rejected: past quarantine_limit its shard fails, for good after max_shard_attempts."""
     raise ValueError(f"corrupt feature row in a batch of {batch.num_rows}")
 
 

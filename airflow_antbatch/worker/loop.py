@@ -91,7 +91,14 @@ class Worker:
         self.output = AtomicStore(self.plan.spec.output_uri, dict(self.plan.spec.storage_options))
         options = options or PipelineOptions(cpu_budget=available_cpus())
         self.cache = NearCache(dict(self.plan.spec.storage_options), cache)
-        self.pipeline = Pipeline(code, options, read=self._read, finish=self._finish, stop=self.stop)
+        self.pipeline = Pipeline(
+            code,
+            options,
+            read=self._read,
+            finish=self._finish,
+            stop=self.stop,
+            quarantine_limit=self.plan.spec.quarantine_limit,
+        )
         self.summary = WorkerSummary(identity.worker_id, identity.token, cpu_budget=options.cpu_budget)
         self._started = time.monotonic()
         self._changed = threading.Condition()
@@ -218,13 +225,12 @@ class Worker:
             log.warning("%s: released shard %s on SIGTERM", self.identity.worker_id, lease.shard_id)
             return False
         limit = self.plan.spec.quarantine_limit
-        if work.error is None and len(work.quarantined) > limit:
-            reasons = "; ".join(sorted({q.reason for q in work.quarantined}))
-            work.fail(
-                ShardError(
-                    f"shard {lease.shard_id}: {len(work.quarantined)} bad records, more than quarantine_limit={limit} "
-                    f"({reasons})"
-                )
+        if len(work.quarantined) > limit:
+            # The cause, whether the preprocess stage stopped the shard early for it or not.
+            reasons = "; ".join(sorted({q.reason for q in work.quarantined})[:3])
+            work.error = ShardError(
+                f"shard {lease.shard_id}: {len(work.quarantined)} bad records, more than quarantine_limit={limit} "
+                f"(e.g. {reasons})"
             )
         if work.error is not None:
             self.summary.shards_failed += 1

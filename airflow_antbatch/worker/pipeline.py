@@ -16,12 +16,13 @@ import logging
 import queue
 import threading
 import time
+import traceback
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import torch
 
-from airflow_antbatch.errors import AntBatchError, UserCodeError
+from airflow_antbatch.errors import AntBatchError, ShardError, UserCodeError
 from airflow_antbatch.worker.preprocess_pool import Outcome, PreprocessPool
 from airflow_antbatch.worker.scaling import ElasticScaler, StageClock
 from airflow_antbatch.worker.trees import concat_tree, slice_tree
@@ -86,6 +87,7 @@ class ShardWork:
     error: Exception | None = None
     tables: list[pa.Table] = dataclasses.field(default_factory=list)
     quarantined: list[Quarantined] = dataclasses.field(default_factory=list)
+    quarantined_seen: int = 0  # counted as they leave preprocessing, to stop early past the limit
 
     @property
     def rows(self) -> int:
@@ -115,8 +117,10 @@ class Pipeline:
         read: Callable[[Shard], Iterator[pa.RecordBatch]],
         finish: Callable[[ShardWork], None],
         stop: threading.Event,
+        quarantine_limit: int = 10,
     ) -> None:
         self.code = code
+        self.quarantine_limit = quarantine_limit
         self.options = options
         self._read = read
         self._finish = finish
@@ -265,39 +269,64 @@ class Pipeline:
     def _preprocess_in_thread(
         self, preprocess: Preprocess, source: queue.Queue[Any], out: queue.Queue[Any], clock: StageClock
     ) -> None:
-        def run(chunk: Chunk) -> Chunk:
+        def run(chunk: Chunk) -> list[Chunk | Quarantined]:
+            """The chunk preprocessed; where the hook raises, halves until the record is alone."""
             try:
-                chunk.data = preprocess(chunk.batch)
+                return [Chunk(chunk.shard_id, chunk.batch, preprocess(chunk.batch))]
             except UserCodeError:
-                raise
+                raise  # the job's code or settings, not a record
             except Exception as exc:
-                raise UserCodeError(f"preprocess hook raised {exc!r}") from exc
-            return chunk
+                rows = chunk.batch.num_rows
+                if rows == 1:
+                    where = traceback.extract_tb(exc.__traceback__)[-1]
+                    reason = f"preprocess hook raised {exc!r} at {where.filename}:{where.lineno}"
+                    log.error("quarantining a record: %s", reason)
+                    return [Quarantined(chunk.shard_id, chunk.batch, reason)]
+                half = rows // 2
+                parts = [chunk.batch.slice(0, half), chunk.batch.slice(half)]
+                return [item for part in parts for item in run(Chunk(chunk.shard_id, part))]
 
         self._map_chunks(run, source, out, clock)
 
+    def _count_quarantined(self, item: Any) -> None:
+        """A shard past its quarantine limit fails now: its other records need no more work."""
+        if not isinstance(item, Quarantined):
+            return
+        work = self._shards.get(item.shard_id)
+        if work is None:
+            return
+        work.quarantined_seen += 1
+        if work.quarantined_seen > self.quarantine_limit:
+            work.fail(
+                ShardError(f"shard {item.shard_id}: more than quarantine_limit={self.quarantine_limit} bad records")
+            )
+
     def _map_chunks(
-        self, work: Callable[[Chunk], Any], source: queue.Queue[Any], out: queue.Queue[Any], clock: StageClock
+        self, work: Callable[[Chunk], list[Any]], source: queue.Queue[Any], out: queue.Queue[Any], clock: StageClock
     ) -> None:
-        """A stage that turns each chunk into one item and passes everything else on."""
+        """A stage that turns each chunk into items and passes everything else on."""
         while True:
             item = self._get(source, clock)
-            if isinstance(item, Chunk):
-                if self._dropping(item.shard_id):
-                    continue
-                started = time.monotonic()
-                try:
-                    rows = item.batch.num_rows
-                    item = work(item)
-                except UserCodeError as exc:
-                    self._fail(item.shard_id, exc)
-                    continue
-                finally:
-                    clock.busy_s += time.monotonic() - started
-                clock.rows += rows
-            self._put(out, item, clock)
-            if item is DONE:
-                return
+            if not isinstance(item, Chunk):
+                self._put(out, item, clock)
+                if item is DONE:
+                    return
+                continue
+            if self._dropping(item.shard_id):
+                continue
+            started = time.monotonic()
+            try:
+                rows = item.batch.num_rows
+                made = work(item)
+            except UserCodeError as exc:
+                self._fail(item.shard_id, exc)
+                continue
+            finally:
+                clock.busy_s += time.monotonic() - started
+            clock.rows += rows
+            for result in made:
+                self._count_quarantined(result)
+                self._put(out, result, clock)
 
     def _preprocess_in_pool(
         self, pool: PreprocessPool, source: queue.Queue[Any], out: queue.Queue[Any], clock: StageClock
@@ -319,11 +348,11 @@ class Pipeline:
                     order.ready[key] = [] if isinstance(item, Chunk) else [item]
                     finished = item is DONE
             for outcome in pool.poll(POLL_S if pool.in_flight else 0):
-                for shard_id, error in order.add(outcome):
-                    self._fail(shard_id, error)
+                order.add(outcome)
             for item in order.emit():
                 if isinstance(item, Chunk):
                     clock.rows += item.batch.num_rows
+                self._count_quarantined(item)
                 self._put(out, item, clock)
                 if item is DONE:
                     return
@@ -391,8 +420,8 @@ class Pipeline:
         return rest
 
     def _postprocessor(self, source: queue.Queue[Any], out: queue.Queue[Any]) -> None:
-        def run(chunk: Chunk) -> Scored:
-            return Scored(chunk.shard_id, self.code.assembler(chunk.data, chunk.batch, chunk.kept))
+        def run(chunk: Chunk) -> list[Scored]:
+            return [Scored(chunk.shard_id, self.code.assembler(chunk.data, chunk.batch, chunk.kept))]
 
         self._map_chunks(run, source, out, self.clocks["postprocess"])
 
@@ -430,7 +459,7 @@ class _InputOrder:
     """Puts preprocess results back in the order their chunks were read.
 
     Every item read gets a key; chunks sent to the pool are complete once all their rows are
-    back (as parts, quarantined records or an error), and items leave strictly by key.
+    back (as parts or quarantined records), and items leave strictly by key.
     """
 
     def __init__(self) -> None:
@@ -446,25 +475,21 @@ class _InputOrder:
     def expect(self, key: int, shard_id: str, rows: int) -> None:
         self._open[key] = _OpenChunk(shard_id, rows)
 
-    def add(self, outcome: Outcome) -> list[tuple[str, Exception]]:
-        """Record one outcome; returns the errors it carries, by shard."""
+    def add(self, outcome: Outcome) -> None:
+        """Record one outcome; the chunk is ready once all its rows are back."""
         chunk = self._open[outcome.key]
         chunk.outcomes.append(outcome)
         chunk.rows_left -= len(outcome.batch)
         if chunk.rows_left:
-            return []
+            return
         del self._open[outcome.key]
         items: list[Any] = []
-        errors: list[tuple[str, Exception]] = []
         for part in sorted(chunk.outcomes, key=lambda o: o.offset):
-            if part.error is not None:
-                errors.append((chunk.shard_id, part.error))
-            elif part.quarantine_reason is not None:
+            if part.quarantine_reason is not None:
                 items.append(Quarantined(chunk.shard_id, part.batch, part.quarantine_reason))
             else:
                 items.append(Chunk(chunk.shard_id, part.batch, part.output))
         self.ready[outcome.key] = items
-        return errors
 
     def emit(self) -> Iterator[Any]:
         while self._emit in self.ready:

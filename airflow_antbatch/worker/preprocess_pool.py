@@ -2,10 +2,10 @@
 
 Preprocess code is CPU-bound Python, so it runs in processes beside the model stages rather than
 in threads that would fight over the GIL. A child that dies (``os._exit``, a segfault, an OOM
-kill) is replaced and its batch tried again. A batch that kills a child twice is split in
-halves, and halves are split again, until the record that does it is alone: that record is
-quarantined with the reason, and every other record of the batch goes on. Nothing is lost and
-nothing is scored twice.
+kill) is replaced and its batch tried again. A batch that kills a child twice, or on which the
+hook raises, is split in halves, and halves are split again, until the record that does it is
+alone: that record is quarantined with the reason, and every other record of the batch goes
+on. Nothing is lost and nothing is scored twice.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from airflow_antbatch.errors import UserCodeError, WorkerError
+from airflow_antbatch.errors import WorkerError
 from airflow_antbatch.worker.codec import batch_from_bytes, batch_to_bytes, recv_tree, send_tree
 from airflow_antbatch.worker.user_code import load_callable
 
@@ -54,14 +54,13 @@ class Task:
 
 @dataclasses.dataclass
 class Outcome:
-    """What became of one task: its output, the reason its lone record was quarantined, or an error."""
+    """What became of one task: its output, or the reason its lone record was quarantined."""
 
     key: int
     offset: int
     batch: pa.RecordBatch
     output: Any = None
     quarantine_reason: str | None = None
-    error: UserCodeError | None = None
 
 
 class _Child:
@@ -217,10 +216,12 @@ class PreprocessPool:
         self._busy_s += seconds
         if tag == "ok":
             return [Outcome(task.key, task.offset, task.batch, output=value)]
-        rows = f"rows {task.offset}..{task.offset + len(task.batch) - 1} of its batch"
-        return [
-            Outcome(task.key, task.offset, task.batch, error=UserCodeError(f"preprocess hook raised {value} on {rows}"))
-        ]
+        if len(task.batch) == 1:
+            log.error("quarantining a record on which the preprocess hook raised %s", value)
+            return [Outcome(task.key, task.offset, task.batch, quarantine_reason=f"preprocess hook raised {value}")]
+        log.warning("the preprocess hook raised %s on a batch of %d rows: splitting it", value, len(task.batch))
+        self._split(task)
+        return []
 
     def _died(self, child: _Child) -> list[Outcome]:
         child.process.join(timeout=5)
@@ -237,22 +238,26 @@ class PreprocessPool:
             why = f"preprocess process {reason} on this record {task.deaths} times"
             return [Outcome(task.key, task.offset, task.batch, quarantine_reason=why)]
         if rows > 1 and (task.is_part or task.deaths >= DEATHS_BEFORE_SPLIT):
-            half = rows // 2
             log.warning(
                 "a batch of %d rows %s the preprocess process (%d deaths): splitting it to find the record",
                 rows,
                 reason,
                 task.deaths,
             )
-            parts = [
-                Task(task.key, task.offset, task.batch.slice(0, half), is_part=True),
-                Task(task.key, task.offset + half, task.batch.slice(half), is_part=True),
-            ]
-            self._queue.extendleft(reversed(parts))
+            self._split(task)
         else:
             log.warning("the preprocess process %s; retrying its batch of %d rows", reason, rows)
             self._queue.appendleft(task)
         return []
+
+    def _split(self, task: Task) -> None:
+        """Halves of the task go first in the queue, in order."""
+        half = len(task.batch) // 2
+        parts = [
+            Task(task.key, task.offset, task.batch.slice(0, half), is_part=True),
+            Task(task.key, task.offset + half, task.batch.slice(half), is_part=True),
+        ]
+        self._queue.extendleft(reversed(parts))
 
     def _handshake(self, child: _Child) -> None:
         """A new child says it is ready, or why it cannot be; one that dies first is a start failure."""

@@ -105,13 +105,36 @@ def test_more_bad_records_than_the_limit_fail_the_shard(tmp_path: pathlib.Path) 
     assert ledger.status().committed == len(ledger.plan.shards) - 1  # the other shards are not held back
 
 
-def test_preprocess_errors_fail_the_shard_naming_the_rows(tmp_path: pathlib.Path) -> None:
-    _poisoned_input(tmp_path, {620: "RAISE"})
-    summary, ledger = _run(_spec(tmp_path, max_shard_attempts=1))
+@pytest.mark.parametrize("preprocess_workers", [None, 0], ids=["processes", "thread"])
+def test_a_record_the_hook_raises_on_is_quarantined_and_the_shard_completes(
+    tmp_path: pathlib.Path, preprocess_workers: int | None
+) -> None:
+    table = _poisoned_input(tmp_path, {620: "RAISE"})
+    summary, ledger = _run(_spec(tmp_path, max_shard_attempts=1), preprocess_workers=preprocess_workers)
+    assert summary.failed_for_good == [] and summary.rows_quarantined == 1
+    assert summary.preprocess_restarts == 0  # an exception costs no process
+    [record] = [r for r in ledger.commit_records() if r.quarantined]
+    bad = pq.read_table(pathlib.Path(ledger.plan.spec.output_uri) / str(record.quarantine_file))
+    assert bad["txn_id"].to_pylist() == [620]
+    [reason] = bad["_antbatch_reason"].to_pylist()
+    assert (
+        "preprocess hook raised ValueError(\"cannot parse merchant 'RAISE'\")" in reason and "fault_hooks.py" in reason
+    )
+    assert sorted(_output(ledger)["txn_id"].to_pylist()) == [i for i in table["txn_id"].to_pylist() if i != 620]
+
+
+@pytest.mark.parametrize("preprocess_workers", [None, 0], ids=["processes", "thread"])
+def test_a_hook_that_raises_on_every_record_fails_the_shard_at_the_quarantine_limit(
+    tmp_path: pathlib.Path, preprocess_workers: int | None
+) -> None:
+    _poisoned_input(tmp_path, {i: "RAISE" for i in range(250)})  # the whole first shard
+    summary, ledger = _run(
+        _spec(tmp_path, max_shard_attempts=1, quarantine_limit=3), preprocess_workers=preprocess_workers
+    )
+    assert len(summary.failed_for_good) == 1
     [(_, error)] = ledger.status().failures
-    assert "preprocess hook raised ValueError(\"cannot parse merchant 'RAISE'\")" in error
-    assert "rows 0..49 of its batch" in error and "fault_hooks.py" in error
-    assert summary.preprocess_restarts == 0 and len(summary.failed_for_good) == 1
+    assert "bad records, more than quarantine_limit=3 (e.g. preprocess hook raised ValueError" in error
+    assert ledger.status().committed == len(ledger.plan.shards) - 1
 
 
 def test_rows_keep_their_order_when_processes_finish_out_of_order(tmp_path: pathlib.Path) -> None:
