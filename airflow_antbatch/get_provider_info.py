@@ -48,4 +48,10 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_antbatch.sensors.ledger"],
             }
         ],
+        "triggers": [
+            {
+                "integration-name": INTEGRATION,
+                "python-modules": ["airflow_antbatch.triggers.ledger"],
+            }
+        ],
     }

@@ -16,7 +16,7 @@ import datetime as dt
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from airflow_antbatch.operators.finalize import FinalizeBatchInferenceOperator
+from airflow_antbatch.operators.finalize import FinalizeBatchInferenceOperator, output_root_asset
 from airflow_antbatch.operators.merge import INPUT_URI_KEY, SmallFileMergeOperator
 from airflow_antbatch.operators.plan import PLAN_URI_KEY, PlanBatchInferenceOperator
 from airflow_antbatch.sensors.ledger import ShardLedgerSensor
@@ -24,6 +24,8 @@ from airflow_antbatch.version_compat import TaskGroup, TriggerRule
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
+
+    from airflow.sdk import Asset
 
     from airflow_antbatch.spec import ModelStage
     from airflow_antbatch.version_compat import BaseOperator
@@ -77,6 +79,8 @@ def elastic_batch_inference(
     worker_retry_delay: dt.timedelta = dt.timedelta(seconds=10),
     poke_interval: float = 10.0,
     sensor_timeout: float = 24 * 3600.0,
+    deferrable_sensor: bool = True,
+    output_asset: Asset | bool = True,
     force_rerun: bool | str = False,
     worker_kwargs: Mapping[str, Any] | None = None,
     merge_small_files: bool | str = False,
@@ -93,7 +97,11 @@ def elastic_batch_inference(
 
     The sensor runs once every worker task has ended, whatever its state, and succeeds when
     every shard is committed: a failed worker task does not fail the job if others finished
-    its shards. The DAG run's state follows the sensor and finalize.
+    its shards. The DAG run's state follows the sensor and finalize. With
+    ``deferrable_sensor`` (the default) it waits in the triggerer, not in a worker slot;
+    ``False`` pokes. Finalize emits ``output_asset``: by default the Asset of the output's static
+    root (see :func:`output_root_asset`), with the run's output URI and manifest in the event's
+    ``extra``; pass an ``Asset`` to name it yourself, or ``False`` for none.
 
     ``merge_small_files=True`` puts a :class:`SmallFileMergeOperator` first: the objects under
     ``input_uri`` are packed into Parquet packs at ``merge_output_uri`` (default
@@ -162,15 +170,20 @@ def elastic_batch_inference(
             storage_options=storage_options,
             poke_interval=poke_interval,
             timeout=sensor_timeout,
-            mode="poke",
+            deferrable=deferrable_sensor,  # False: poke mode, holding a worker slot while it waits
             # Runs when every worker task has ended, failed ones included, as long as the plan
             # succeeded (a failed plan marks it upstream_failed instead of running it).
             trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS,
             # It starts after the workers ended: shards left with no live worker are abandoned.
             stall_timeout=max(3 * lease_ttl_s, 2 * poke_interval),
         )
+        if output_asset is True:
+            output_asset = output_root_asset(output_uri)
         finalize = FinalizeBatchInferenceOperator(
-            task_id="finalize", plan_uri=plan_uri, storage_options=storage_options
+            task_id="finalize",
+            plan_uri=plan_uri,
+            storage_options=storage_options,
+            outlets=[output_asset] if output_asset else [],
         )
         if merge is not None:
             merge >> plan

@@ -1,8 +1,18 @@
-"""The finalize task: write the ``_SUCCESS`` manifest once every shard is committed."""
+"""The finalize task: write the ``_SUCCESS`` manifest once every shard is committed.
+
+It is also where the job's output becomes an Airflow Asset event, so that downstream DAGs can
+be scheduled on it (``schedule=[output_root_asset("s3://lake/predictions/")]``). Assets are
+static, named when the DAG is parsed, while a nightly output URI is usually templated
+(``s3://lake/predictions/ds={{ ds }}/``): the Asset is therefore the output's static root, the
+URI cut before its first templated path segment, and each run's details (the rendered output
+URI, the manifest, rows, attempt) travel in the asset event's ``extra``.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import Asset
 
 from airflow_antbatch.version_compat import BaseOperator
 
@@ -12,11 +22,35 @@ if TYPE_CHECKING:
     from airflow_antbatch.version_compat import Context
 
 
+def output_root_asset(output_uri: str) -> Asset:
+    """The Asset of a (possibly templated) output URI: its static root, as a URI.
+
+    ``s3://lake/predictions/ds={{ ds }}/`` gives ``s3://lake/predictions``; a local absolute
+    path gives a ``file://`` URI. A URI whose bucket or first path segment is templated has no
+    static root, and is refused: name the Asset yourself.
+    """
+    static = output_uri.split("{{", 1)[0]
+    if static != output_uri:
+        static = static.rsplit("/", 1)[0]  # drop the partly templated segment (ds=...)
+    static = static.rstrip("/")
+    if static.startswith("/"):
+        static = f"file://{static}"
+    scheme, sep, rest = static.partition("://")
+    if not (scheme and sep and rest):
+        raise ValueError(
+            f"output_uri {output_uri!r} has no static root to name an Airflow Asset after; "
+            "pass output_asset=Asset(...) (or False for no Asset) to elastic_batch_inference"
+        )
+    return Asset(uri=static)
+
+
 class FinalizeBatchInferenceOperator(BaseOperator):
     """Checks completeness from the ledger and writes the manifest; returns a compact summary.
 
     The manifest itself (every file with its row count) stays in the object store beside the
-    output; XCom carries only what downstream tasks need to find and trust it.
+    output; XCom carries only what downstream tasks need to find and trust it. Each Asset in
+    ``outlets`` gets an event whose ``extra`` is that summary plus the manifest's
+    ``finalized_at`` (unchanged when a rerun of a finished job rewrote nothing).
     """
 
     template_fields: Sequence[str] = ("plan_uri",)
@@ -47,4 +81,8 @@ class FinalizeBatchInferenceOperator(BaseOperator):
             summary["shards"],
             summary["attempt"],
         )
+        for outlet in self.outlets:
+            if isinstance(outlet, Asset):
+                extra = {**summary, "finalized_at": manifest.get("finalized_at")}
+                context["outlet_events"][outlet].extra.update(extra)
         return summary

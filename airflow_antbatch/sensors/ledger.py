@@ -1,12 +1,15 @@
 """``ShardLedgerSensor``: the job's success is decided by the ledger, not by task states.
 
 The decision (:func:`judge`) and the progress line (:func:`progress_line`) are plain functions
-of a :class:`~airflow_antbatch.ledger.JobStatus`, so that the deferrable trigger that comes
-later reuses them unchanged and the sensor only chooses between poking and deferring.
+of a :class:`~airflow_antbatch.ledger.JobStatus`, so that the deferrable trigger
+(:class:`~airflow_antbatch.triggers.ledger.ShardLedgerTrigger`) reuses them unchanged and the
+sensor only chooses between poking and deferring.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import time
 from typing import TYPE_CHECKING, Any
 
 from airflow_antbatch.version_compat import AirflowFailException, BaseSensorOperator, PokeReturnValue
@@ -18,6 +21,9 @@ if TYPE_CHECKING:
     from airflow_antbatch.version_compat import Context
 
 FAILURE_SAMPLE = 3
+# Airflow's own deferral timeout is a backstop for a triggerer that is down; the trigger's
+# deadline, with its clearer message, comes first.
+DEFERRAL_TIMEOUT_GRACE_S = 60.0
 
 
 class JobFailed(Exception):
@@ -30,7 +36,13 @@ class ShardLedgerSensor(BaseSensorOperator):
     Fails fast, with the count and a sample of the errors, once the ledger says the job can no
     longer finish: every shard is settled and some failed for good, or (with ``stall_timeout``)
     shards are left and no worker is running. Its XCom value is a compact status (shards,
-    rows, workers). Poke mode only for now.
+    rows, workers).
+
+    With ``deferrable=True`` it checks the ledger once and, unless that settles it, hands the
+    wait to :class:`~airflow_antbatch.triggers.ledger.ShardLedgerTrigger` in the triggerer,
+    freeing its worker slot; the trigger logs the same progress line every
+    ``poke_interval`` and gives up after ``timeout`` with the progress in the message.
+    Otherwise it pokes (``mode="poke"`` or ``"reschedule"``).
 
     :param plan_uri: the plan written by the plan task (templated: usually its XCom).
     :param storage_options: fsspec options for the ledger's store (no credentials).
@@ -38,6 +50,7 @@ class ShardLedgerSensor(BaseSensorOperator):
         with none running, unfinished work is abandoned and the sensor fails. None waits for
         ``timeout`` instead. Set it only where the sensor starts after the worker tasks ended
         (as the task-group builder does), or a pod still pending looks abandoned.
+    :param deferrable: wait in the triggerer instead of poking (needs a running triggerer).
     """
 
     template_fields: Sequence[str] = ("plan_uri",)
@@ -49,12 +62,44 @@ class ShardLedgerSensor(BaseSensorOperator):
         plan_uri: str,
         storage_options: dict[str, Any] | None = None,
         stall_timeout: float | None = None,
+        deferrable: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.plan_uri = plan_uri
         self.storage_options = storage_options
         self.stall_timeout = stall_timeout
+        self.deferrable = deferrable
+
+    def execute(self, context: Context) -> Any:
+        if not self.deferrable:
+            return super().execute(context)
+        first = self.poke(context)  # a finished job (a cleared, finished night) needs no trigger
+        if first.is_done:
+            return first.xcom_value
+        from airflow_antbatch.triggers.ledger import ShardLedgerTrigger
+
+        self.defer(
+            trigger=ShardLedgerTrigger(
+                plan_uri=self.plan_uri,
+                storage_options=self.storage_options,
+                poll_interval=self.poke_interval,
+                stall_timeout=self.stall_timeout,
+                deadline=time.time() + self.timeout,
+            ),
+            method_name="execute_complete",
+            timeout=dt.timedelta(seconds=self.timeout + self.poke_interval + DEFERRAL_TIMEOUT_GRACE_S),
+        )
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        """Resumes from the trigger's event: its compact status, or the failure it reported."""
+        from airflow_antbatch.triggers.ledger import SUCCESS
+
+        if event.get("status") == SUCCESS:
+            self.log.info("%s", event["message"])
+            return dict(event["result"])
+        # failed or timeout: a retry of the sensor would not change what the ledger says
+        raise AirflowFailException(event.get("message") or f"unexpected ledger trigger event {event!r}")
 
     def poke(self, context: Context) -> PokeReturnValue:
         from airflow_antbatch.ledger import Ledger

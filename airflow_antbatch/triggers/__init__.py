@@ -1,0 +1,1 @@
+"""Airflow triggers of airflow-antbatch: the shard-ledger trigger behind the deferrable sensor."""
