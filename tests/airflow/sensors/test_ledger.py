@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -11,6 +13,7 @@ from airflow_antbatch.ledger import JobStatus, Lease, Ledger, WorkerIdentity, Wo
 from airflow_antbatch.operators.plan import PlanBatchInferenceOperator
 from airflow_antbatch.sensors.ledger import JobFailed, ShardLedgerSensor, judge, progress_line
 from tests.airflow.conftest import TABULAR, FakeTaskInstance, FinishedJob
+from tests.airflow.test_dag_e2e import _load_dag
 
 if TYPE_CHECKING:
     import pathlib
@@ -134,3 +137,66 @@ def test_judge_counts_a_stale_heartbeat_as_no_worker() -> None:
 def test_refuses_a_missing_plan_uri() -> None:
     with pytest.raises(AirflowFailException, match="plan task did not push one"):
         _sensor("None").poke(CTX)
+
+
+class _OnMessage(logging.Handler):
+    """Sets an event when a log record contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+@pytest.mark.airflow
+@pytest.mark.parametrize("last_shard", ["committed", "failed"])
+def test_deferrable_through_dag_test_waits_in_the_trigger_for_the_last_shard(
+    airflow_db: pathlib.Path,
+    ledger: Ledger,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    last_shard: str,
+) -> None:
+    """The first check finds 2 of 3 shards committed and defers; once the trigger runs (inline in
+    dag.test), a thread settles the last shard, and the trigger's event ends the task."""
+    worker = WorkerIdentity("worker-0")
+    first, *rest = ledger.plan.shard_ids
+    for shard_id in rest:
+        _commit(ledger, shard_id, worker)
+    monkeypatch.setenv("ANTBATCH_TEST_PLAN_URI", ledger.plan_uri)
+    dag = _load_dag("antbatch_sensor_dags.py", "antbatch_deferred_sensor")
+    deferred = _OnMessage("running trigger in line")
+    caplog.set_level(logging.INFO, logger="airflow.sdk.definitions.dag")
+    logging.getLogger("airflow.sdk.definitions.dag").addHandler(deferred)
+
+    def settle_last_shard() -> None:
+        assert deferred.seen.wait(60)
+        if last_shard == "committed":
+            _commit(ledger, first, worker)
+            return
+        for _ in range(2):
+            lease = ledger.try_claim(first, worker)
+            assert isinstance(lease, Lease)
+            ledger.release(lease, reason="error", failed=True, error="ValueError: corrupt row")
+
+    thread = threading.Thread(target=settle_last_shard)
+    thread.start()
+    try:
+        run = dag.test()
+    finally:
+        thread.join(60)
+        logging.getLogger("airflow.sdk.definitions.dag").removeHandler(deferred)
+    assert deferred.seen.is_set()
+    [ti] = run.get_task_instances()
+    if last_shard == "committed":
+        assert run.state == ti.state == "success"
+        assert ti.xcom_pull(task_ids="wait_for_shards")["committed"] == 3
+    else:
+        assert run.state == ti.state == "failed"
+        # the trigger's reason, raised by execute_complete (Airflow's task log goes to stdout here)
+        assert "AirflowFailException: 1 of 3 shards failed for good (2 committed)" in capsys.readouterr().out
