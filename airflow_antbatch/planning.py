@@ -6,6 +6,7 @@ same shard ids; a rerun of the plan step reuses the stored plan when the input i
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime as dt
 import hashlib
@@ -14,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from airflow_antbatch.errors import InputError, InputNotFoundError, PlanConflictError
@@ -51,6 +53,7 @@ class InputFile:
     size: int
     version: str
     row_groups: tuple[tuple[int, int], ...] | None = None  # (rows, bytes) per Parquet row group
+    schema: pa.Schema | None = None  # Parquet: read from the footer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,8 @@ def plan_job(spec: JobSpec, *, force: bool = False) -> PlanResult:
         input_format=fmt,
         shards=tuple(cut_shards(files, spec.max_shard_rows, spec.target_shard_bytes, split_lines=fmt == "jsonl")),
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        input_columns=input_columns(fmt, files, dict(spec.storage_options)),
+        columns_from=files[0].path,
     )
     rel = _plan_rel(attempt)
     if not store.create(rel, plan.to_json()):
@@ -172,14 +177,52 @@ def list_input(spec: JobSpec) -> tuple[str, list[InputFile]]:
     if not infos:
         raise InputNotFoundError(f"input {list(spec.input_uris)} holds no non-empty data files")
     fmt = spec.input_format or _infer_format(sorted(infos))
-    files = []
+    files: list[InputFile] = []
     for path in sorted(infos):
         info = infos[path]
         url = fs.unstrip_protocol(path)
         version = object_version(info)
-        groups = _row_groups(fs, path, url) if fmt == "parquet" else None
-        files.append(InputFile(url, int(info["size"]), version, groups))
+        groups, schema = _parquet_footer(fs, path, url) if fmt == "parquet" else (None, None)
+        if schema is not None and files and files[0].schema is not None:
+            _check_same_schema(files[0].path, files[0].schema, url, schema)
+        files.append(InputFile(url, int(info["size"]), version, groups, schema))
     return fmt, files
+
+
+def input_columns(fmt: str, files: list[InputFile], storage_options: dict[str, Any]) -> tuple[str, ...]:
+    """The columns every input file must have: Parquet's are checked here for every file;
+    CSV and JSONL files are checked by the reader against the first file's header or line."""
+    first = files[0]
+    if first.schema is not None:
+        return tuple(first.schema.names)
+    try:
+        with fsspec.open(first.path, "rb", **storage_options) as handle:
+            line = handle.readline()
+        if fmt == "csv":
+            return tuple(next(csv.reader([line.decode("utf-8-sig")])))
+        record = json.loads(line)
+    except (ValueError, StopIteration, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the first {fmt} line of input file {first.path}: {exc}") from exc
+    if not isinstance(record, dict):
+        raise InputError(f"the first line of input file {first.path} is not a JSON object")
+    return tuple(record)
+
+
+def _check_same_schema(first: str, expected: pa.Schema, url: str, schema: pa.Schema) -> None:
+    if schema.equals(expected):
+        return
+    want = dict(zip(expected.names, expected.types, strict=True))
+    have = dict(zip(schema.names, schema.types, strict=True))
+    parts = [f"missing {sorted(want.keys() - have.keys())}"] if want.keys() - have.keys() else []
+    parts += [f"unexpected {sorted(have.keys() - want.keys())}"] if have.keys() - want.keys() else []
+    parts += [
+        f"{name!r} is {have[name]} here, {want[name]} there"
+        for name in want
+        if name in have and have[name] != want[name]
+    ]
+    raise InputError(
+        f"input file {url} does not match the schema of {first}: {'; '.join(parts) or 'column order differs'}"
+    )
 
 
 def object_version(info: dict[str, Any]) -> str:
@@ -243,13 +286,18 @@ def _infer_format(paths: list[str]) -> str:
     return next(iter(formats))
 
 
-def _row_groups(fs: fsspec.AbstractFileSystem, path: str, url: str) -> tuple[tuple[int, int], ...]:
+def _parquet_footer(
+    fs: fsspec.AbstractFileSystem, path: str, url: str
+) -> tuple[tuple[tuple[int, int], ...], pa.Schema]:
+    """(rows, bytes) of each row group, and the schema."""
     try:
         with fs.open(path, "rb") as handle:
             meta = pq.read_metadata(handle)
+        schema = meta.schema.to_arrow_schema().remove_metadata()
     except Exception as exc:  # pyarrow raises ArrowInvalid/OSError variants for bad footers
         raise InputError(f"input file {url} is not a readable Parquet file: {exc}") from exc
-    return tuple((meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups))
+    groups = tuple((meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups))
+    return groups, schema
 
 
 # -- sharding --------------------------------------------------------------------------------

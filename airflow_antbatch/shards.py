@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 from airflow_antbatch.errors import LedgerCorruptError, SpecError
 from airflow_antbatch.spec import JobSpec
 
 PLAN_FORMAT = "airflow-antbatch/plan"
+SHARD_ID = re.compile(r"[0-9]{5,}-[0-9a-f]{8}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +84,11 @@ class Shard:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Shard:
-        return cls(shard_id=data["id"], pieces=tuple(Piece.from_dict(p) for p in data["pieces"]))
+        shard_id = data["id"]
+        # Shard ids name output files: one the planner did not make could point outside the output.
+        if not isinstance(shard_id, str) or not SHARD_ID.fullmatch(shard_id):
+            raise ValueError(f"shard id {shard_id!r} is not one the planner makes")
+        return cls(shard_id=shard_id, pieces=tuple(Piece.from_dict(p) for p in data["pieces"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +101,9 @@ class JobPlan:
     input_format: str
     shards: tuple[Shard, ...]
     created_at: str
+    # The columns every input file must have, as read from ``columns_from`` when planning.
+    input_columns: tuple[str, ...] | None = None
+    columns_from: str | None = None
 
     @property
     def shard_ids(self) -> tuple[str, ...]:
@@ -123,6 +132,9 @@ class JobPlan:
             "spec": self.spec.to_dict(),
             "shards": [s.to_dict() for s in self.shards],
         }
+        if self.input_columns is not None:
+            doc["input_columns"] = list(self.input_columns)
+            doc["columns_from"] = self.columns_from
         return json.dumps(doc, sort_keys=True).encode()
 
     @classmethod
@@ -138,6 +150,8 @@ class JobPlan:
                 input_format=str(doc["input_format"]),
                 shards=tuple(Shard.from_dict(s) for s in doc["shards"]),
                 created_at=str(doc["created_at"]),
+                input_columns=tuple(doc["input_columns"]) if doc.get("input_columns") is not None else None,
+                columns_from=doc.get("columns_from"),
             )
         except SpecError as exc:
             raise LedgerCorruptError(f"{source}: {exc}") from exc

@@ -53,3 +53,22 @@ def object_features(batch: pa.RecordBatch) -> torch.Tensor:
 def build_object_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Softmax(dim=1))
+
+
+class RowSum(torch.nn.Module):
+    """Scores any numeric features (their sum); raises on a batch holding ANTBATCH_TEST_BAD_ID."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bad = os.environ.get("ANTBATCH_TEST_BAD_ID")
+        if bad is not None and bool((x[:, 0] == float(bad)).any()):
+            raise RuntimeError(f"cannot score row {bad}")
+        return x.sum(dim=1, keepdim=True)
+
+
+def build_row_sum_model() -> torch.nn.Module:
+    return RowSum()
+
+
+def amount_only(batch: pa.RecordBatch) -> torch.Tensor:
+    """Features from the ``amount`` column alone, whatever else the rows carry."""
+    return torch.tensor(batch.column("amount").to_pylist(), dtype=torch.float32).unsqueeze(1)

@@ -194,10 +194,17 @@ class Worker:
         """The shard's batches; its small files are fetched many at a time ahead of the reader."""
         spec = self.plan.spec
         batch_size = spec.model_stages[0].batch_size or spec.batch_size
+        plan = self.plan
+        columns = (plan.input_columns, plan.columns_from or "?") if plan.input_columns is not None else None
         self.cache.prefetch(shard)
         try:
             yield from iter_batches(
-                shard, self.plan.input_format, batch_size, dict(spec.storage_options), opener=self.cache.open
+                shard,
+                plan.input_format,
+                batch_size,
+                dict(spec.storage_options),
+                opener=self.cache.open,
+                columns=columns,
             )
         finally:
             self.cache.forget(shard)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from airflow_antbatch.shards import Piece, Shard
 
     Opener = Callable[[Piece], AbstractContextManager[BinaryIO]]
+    ExpectedColumns = tuple[tuple[str, ...], str]
 
 
 def iter_batches(
@@ -29,35 +30,52 @@ def iter_batches(
     storage_options: dict[str, Any] | None = None,
     *,
     opener: Opener | None = None,
+    columns: ExpectedColumns | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Batches of at most ``batch_size`` rows, piece by piece, in planned order.
 
-    ``opener`` opens each piece's file (the worker's near cache); default: straight from the store.
+    ``opener`` opens each piece's file (the worker's near cache); default: straight from the
+    store. ``columns`` (names, and the file they were read from when planning): a CSV or JSONL
+    file whose columns differ fails its shard, naming both files.
     """
     options = storage_options or {}
     for piece in shard.pieces:
         try:
             with opener(piece) if opener else fsspec.open(piece.path, "rb", **options) as handle:
-                yield from _read_piece(handle, piece, fmt, batch_size)
+                yield from _read_piece(handle, piece, fmt, batch_size, columns)
         except FileNotFoundError as exc:
             raise InputError(f"shard {shard.shard_id}: input file {piece.path} disappeared after planning") from exc
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise InputError(f"shard {shard.shard_id}: cannot read {fmt} file {piece.path}: {exc}") from exc
 
 
-def _read_piece(handle: BinaryIO, piece: Piece, fmt: str, batch_size: int) -> Iterator[pa.RecordBatch]:
+def _read_piece(
+    handle: BinaryIO, piece: Piece, fmt: str, batch_size: int, columns: ExpectedColumns | None
+) -> Iterator[pa.RecordBatch]:
     if fmt == "parquet":
         groups = list(piece.row_groups) if piece.row_groups is not None else None
         yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size, row_groups=groups)
         return
     if fmt == "jsonl" and piece.byte_range is not None:
-        table = pajson.read_json(io.BytesIO(read_line_range(handle, *piece.byte_range)))
+        lines = read_line_range(handle, *piece.byte_range)
+        if not lines:  # no line starts in this range: a longer line than the range covers it
+            return
+        table = pajson.read_json(io.BytesIO(lines))
     elif fmt == "jsonl":
         table = pajson.read_json(handle)
     elif fmt == "csv":
         table = pacsv.read_csv(handle)
     else:
         raise InputError(f"unknown input format {fmt!r} for {piece.path}")
+    if columns is not None and set(table.column_names) != set(columns[0]):
+        missing, extra = (
+            sorted(set(columns[0]) - set(table.column_names)),
+            sorted(set(table.column_names) - set(columns[0])),
+        )
+        raise InputError(
+            f"input file {piece.path} has other columns than {columns[1]}, which the job was planned from: "
+            f"missing {missing}, unexpected {extra}"
+        )
     yield from table.to_batches(max_chunksize=batch_size)
 
 

@@ -38,3 +38,12 @@ def test_big_jsonl_is_split_into_ranges_and_read_back_whole(tmp_path: pathlib.Pa
     assert all(p.byte_range is not None for s in plan.shards for p in s.pieces)
     ids = [i for s in plan.shards for b in iter_batches(s, "jsonl", 64) for i in b.column("id").to_pylist()]
     assert ids == list(range(2000))
+
+
+def test_a_line_longer_than_its_range_leaves_the_ranges_it_covers_empty(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "text": "x" * (500 if i == 3 else 5)}) + "\n" for i in range(8)))
+    spec = JobSpec(input_uri=str(path), output_uri=str(tmp_path / "out"), model="m:f", target_shard_bytes=100)
+    plan = plan_job(spec).plan
+    ids = [i for s in plan.shards for b in iter_batches(s, "jsonl", 64) for i in b.column("id").to_pylist()]
+    assert ids == list(range(8))
