@@ -227,12 +227,17 @@ def _validate(spec: JobSpec) -> None:
         raise SpecError(f"job spec field 'keep_columns' must be a list of column names, got {spec.keep_columns!r}")
     if spec.id_column is not None and spec.id_column in spec.keep_columns:
         raise SpecError(f"job spec field 'keep_columns' repeats the id column {spec.id_column!r}")
-    secrets = sorted(_SECRET_OPTION_KEYS & set(spec.storage_options))
+    secrets = credential_keys(spec.storage_options)
     if secrets:
         raise SpecError(
             f"job spec field 'storage_options' holds credentials {secrets}: pass them through the "
             "environment (Kubernetes secret, Airflow connection), not the spec"
         )
+
+
+def credential_keys(storage_options: Mapping[str, Any]) -> list[str]:
+    """Keys of fsspec options that hold credentials, which belong in the environment instead."""
+    return sorted(_SECRET_OPTION_KEYS & set(storage_options))
 
 
 def _check_autocast(where: str, value: object) -> None:

@@ -7,11 +7,12 @@ When a name moves between Airflow releases, this is the one file to change; the 
 from __future__ import annotations
 
 from airflow.sdk import BaseOperator, BaseSensorOperator, Context, Param, PokeReturnValue, TaskGroup, TriggerRule
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 __all__ = [
     "AirflowException",
     "AirflowFailException",
+    "AirflowSkipException",
     "BaseOperator",
     "BaseSensorOperator",
     "Context",

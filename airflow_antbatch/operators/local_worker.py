@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import psutil  # type: ignore[import-untyped]  # an Airflow dependency; no stubs installed
 
-from airflow_antbatch import exit_codes
-from airflow_antbatch.version_compat import AirflowException, AirflowFailException, BaseOperator
+from airflow_antbatch.operators.worker_exit import raise_for_exit
+from airflow_antbatch.version_compat import BaseOperator
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -129,29 +129,7 @@ class LocalBatchWorkerOperator(BaseOperator):
                 proc.stdout.close()
 
     def _raise_for(self, code: int, summary: dict[str, Any]) -> None:
-        if code == exit_codes.OK:
-            self.log.info(
-                "%s committed %s shards (%s rows), skipped %s already committed",
-                self.worker_id,
-                summary.get("shards_committed"),
-                summary.get("rows_committed"),
-                summary.get("shards_skipped"),
-            )
-            return
-        if code == exit_codes.PREEMPTED:
-            raise AirflowException(f"{self.worker_id} was preempted (SIGTERM), shards released; retry continues")
-        if code == exit_codes.SHARDS_FAILED:
-            failed = list(summary.get("failed_for_good", []))
-            raise AirflowFailException(
-                f"{self.worker_id}: {len(failed)} shards failed for good (max_shard_attempts reached), "
-                f"e.g. {failed[:3]}; fix the cause and rerun with force_rerun, see the log above for errors"
-            )
-        if code < 0:
-            raise AirflowException(
-                f"{self.worker_id}: antbatch worker was killed by {signal.Signals(-code).name}; "
-                "its lease expires and other workers or a retry take its shard over"
-            )
-        raise AirflowException(f"{self.worker_id}: antbatch worker exited with code {code}; see the log above")
+        raise_for_exit(self.log, self.worker_id, code, summary)
 
     def on_kill(self) -> None:
         """SIGTERM the worker (it releases its shard), then SIGKILL after the grace period."""

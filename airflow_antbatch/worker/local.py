@@ -24,7 +24,7 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def worker_command(
+def worker_arguments(
     plan_uri: str,
     worker_id: str,
     *,
@@ -34,24 +34,29 @@ def worker_command(
     torch_threads: int | None = None,
     summary_file: str | None = None,
 ) -> list[str]:
-    """The ``antbatch worker`` command line, for subprocesses and pods alike.
+    """The ``antbatch`` arguments that run one worker, for subprocesses and pods alike.
 
     Options left as None are left out, so the worker picks its own default.
     """
-    cmd = [sys.executable, "-m", "airflow_antbatch"]
+    args: list[str] = []
     if storage_options:  # a top-level option: it must come before the subcommand
-        cmd += ["--storage-options", json.dumps(storage_options)]
-    cmd += ["worker", "--spec", plan_uri, "--worker-id", worker_id]
+        args += ["--storage-options", json.dumps(storage_options)]
+    args += ["worker", "--spec", plan_uri, "--worker-id", worker_id]
     for flag, value in (
         ("--cpu-budget", cpu_budget),
         ("--preprocess-workers", preprocess_workers),  # 0 is a setting: preprocess in a thread
         ("--torch-threads", torch_threads),
     ):
         if value is not None:
-            cmd += [flag, str(value)]
+            args += [flag, str(value)]
     if summary_file:
-        cmd += ["--summary-file", summary_file]
-    return cmd
+        args += ["--summary-file", summary_file]
+    return args
+
+
+def worker_command(plan_uri: str, worker_id: str, **options: Any) -> list[str]:
+    """``antbatch worker`` run by this Python: :func:`worker_arguments` after the interpreter."""
+    return [sys.executable, "-m", "airflow_antbatch", *worker_arguments(plan_uri, worker_id, **options)]
 
 
 def run_local_workers(

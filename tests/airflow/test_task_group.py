@@ -91,8 +91,8 @@ def test_a_job_needs_a_model_or_a_chain_but_not_both(kwargs: dict[str, Any], mes
 
 
 def test_an_unknown_launcher_names_the_available_ones() -> None:
-    with pytest.raises(ValueError, match="unknown launcher 'kubernetes'; available launchers: local"):
-        _build(launcher="kubernetes")
+    with pytest.raises(ValueError, match="unknown launcher 'k8s'; available launchers: kubernetes, local"):
+        _build(launcher="k8s")
 
 
 def test_job_settings_are_checked_when_the_dag_is_parsed() -> None:
