@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import io
+import os
+import pickle
 from typing import TYPE_CHECKING, Any, cast
 
 import fsspec
@@ -19,6 +21,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 _SAVED_MODEL_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript", ".pt2")
+# Set to 1 on the workers to load torch.save'd modules (full pickles) from model URLs.
+TRUST_PICKLED_MODELS_ENV = "ANTBATCH_TRUST_PICKLED_MODELS"
 
 
 def load_callable(ref: str, role: str) -> Callable[..., Any]:
@@ -73,4 +77,32 @@ def _load_saved(url: str, storage_options: dict[str, Any]) -> torch.nn.Module:
             loaded = torch.jit.load(data, map_location="cpu")  # type: ignore[no-untyped-call]
         return cast(torch.nn.Module, loaded)
     except Exception as exc:
-        raise UserCodeError(f"saved model {url!r} cannot be loaded by torch: {exc!r}") from exc
+        error = exc
+    return _load_torch_saved(url, data, error)
+
+
+def _load_torch_saved(url: str, data: io.BytesIO, error: Exception) -> torch.nn.Module:
+    """A ``torch.save``d file: weights alone are refused; a whole module is a pickle, and
+    unpickling runs code, so it loads only where the workers' owner opted in."""
+    data.seek(0)
+    try:
+        weights = torch.load(data, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # more than tensors inside: a pickled module
+    except Exception:
+        raise UserCodeError(f"saved model {url!r} cannot be loaded by torch: {error!r}") from error
+    else:
+        raise UserCodeError(
+            f"saved model {url!r} holds a {type(weights).__name__} (weights?), not a model: load it in a model factory"
+        )
+    if os.environ.get(TRUST_PICKLED_MODELS_ENV) != "1":
+        raise UserCodeError(
+            f"saved model {url!r} is a pickled Python object, and unpickling can run any code, so it is not "
+            f"loaded: save it with torch.export (.pt2) or TorchScript (.pt), or, if you trust where it comes from, "
+            f"set {TRUST_PICKLED_MODELS_ENV}=1 in the workers' environment"
+        )
+    data.seek(0)
+    loaded = torch.load(data, map_location="cpu", weights_only=False)
+    if not isinstance(loaded, torch.nn.Module):
+        raise UserCodeError(f"saved model {url!r} holds a {type(loaded).__name__}, not a torch.nn.Module")
+    return loaded

@@ -68,3 +68,27 @@ def test_saved_model_loads_from_a_url(tmp_path: pathlib.Path, name: str, save: A
 def test_missing_saved_model_is_explained(tmp_path: pathlib.Path) -> None:
     with pytest.raises(UserCodeError, match="saved model .*nope.pt' does not exist"):
         load_model(str(tmp_path / "nope.pt"), device="cpu")
+
+
+def test_a_pickled_module_is_refused_unless_the_workers_owner_trusts_it(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow_antbatch.examples.tabular import FEATURES, build_model
+    from airflow_antbatch.worker.user_code import TRUST_PICKLED_MODELS_ENV
+
+    path = tmp_path / "model.pth"
+    torch.save(build_model(), path)
+    with pytest.raises(UserCodeError, match=f"pickled Python object.*set {TRUST_PICKLED_MODELS_ENV}=1"):
+        load_model(str(path), device="cpu")
+    monkeypatch.setenv(TRUST_PICKLED_MODELS_ENV, "1")
+    x = torch.ones(2, FEATURES)
+    assert torch.allclose(load_model(str(path), device="cpu")(x), build_model()(x))
+
+
+def test_saved_weights_are_not_taken_for_a_model(tmp_path: pathlib.Path) -> None:
+    from airflow_antbatch.examples.tabular import build_model
+
+    path = tmp_path / "weights.pt"
+    torch.save(build_model().state_dict(), path)
+    with pytest.raises(UserCodeError, match=r"holds a (Ordered)?[Dd]ict \(weights\?\), not a model"):
+        load_model(str(path), device="cpu")
