@@ -213,7 +213,7 @@ class ElasticBatchInferenceOperator(KubernetesPodOperator):
         ]
         if not candidates:
             return None
-        return max(candidates, key=lambda pod: str(pod.metadata.creation_timestamp or ""))
+        return max(candidates, key=_age_order)
 
     # -- how it ended -------------------------------------------------------------------------
 
@@ -269,9 +269,17 @@ class ElasticBatchInferenceOperator(KubernetesPodOperator):
                 f"{self.worker_id}: {termination.describe()} when the task stopped waiting for it "
                 "(see the error this one follows); on_finish_action decides whether it is deleted"
             )
+        if termination.cause == "deleted":
+            raise self._gone(termination.pod)
         raise AirflowException(
             f"{self.worker_id}: {termination.describe()} before the worker exited; "
             "a retry starts a new pod, which skips committed shards"
+        )
+
+    def _gone(self, pod_name: str) -> AirflowException:
+        return AirflowException(
+            f"{self.worker_id}: pod {pod_name} was deleted before the worker exited (preempted before it started, "
+            "evicted, drained or deleted by hand); a retry starts a new pod, which skips committed shards"
         )
 
     def _read_pod_or_none(self, pod: k8s.V1Pod) -> k8s.V1Pod | None:
@@ -292,11 +300,13 @@ class ElasticBatchInferenceOperator(KubernetesPodOperator):
             if isinstance(exc, ApiException) and exc.status != 404:
                 raise
             pod = self.pod or self.pod_request_obj
-            name = f"{pod.metadata.namespace}/{pod.metadata.name}" if pod is not None else "(not created)"
-            raise AirflowException(
-                f"{self.worker_id}: pod {name} was deleted before the worker exited (preempted before it "
-                "started, evicted or deleted by hand); a retry starts a new pod, which skips committed shards"
-            ) from exc
+            raise self._gone(pod.metadata.name if pod is not None else "(not created)") from exc
+
+
+def _age_order(pod: k8s.V1Pod) -> tuple[str, int]:
+    """Newest last: by creation time (whole seconds), then by the try that created it."""
+    try_number = str((pod.metadata.labels or {}).get("try_number", "0"))
+    return str(pod.metadata.creation_timestamp or ""), int(try_number) if try_number.isdigit() else 0
 
 
 def cpu_budget_of(resources: k8s.V1ResourceRequirements | None) -> int | None:
