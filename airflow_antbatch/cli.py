@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="near cache for a shard's small input files, fetched many at a time (default 256; 0: off)",
     )
     p.add_argument("--cache-dir", help="keep the near cache on this local disk (default: in memory)")
+    p.add_argument(
+        "--progress-interval", type=float, default=30.0, help="seconds between progress lines in the log (0: none)"
+    )
 
     p = sub.add_parser("merge", help="pack many small objects into large Parquet packs (once; reruns resume)")
     p.add_argument("sources", nargs="*", help="prefixes, globs or objects to pack")
@@ -255,6 +258,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         preprocess_workers=args.preprocess_workers,
         torch_threads=args.torch_threads,
         cache=CacheOptions(max_bytes=int(args.cache_mb * 2**20), directory=args.cache_dir),
+        progress_interval_s=args.progress_interval,
     )
     doc = summary.to_dict()
     if args.summary_file:

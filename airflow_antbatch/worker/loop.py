@@ -26,6 +26,7 @@ from airflow_antbatch.worker.heartbeat import Heartbeat
 from airflow_antbatch.worker.local import available_cpus
 from airflow_antbatch.worker.near_cache import CacheOptions, NearCache
 from airflow_antbatch.worker.pipeline import Pipeline, PipelineOptions
+from airflow_antbatch.worker.progress import ProgressLog
 from airflow_antbatch.worker.reader import iter_batches
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ class Worker:
         stop: threading.Event | None = None,
         poll_interval_s: float | None = None,
         cache: CacheOptions | None = None,
+        progress_interval_s: float = 30.0,
     ) -> None:
         self.ledger = ledger
         self.plan = ledger.plan
@@ -105,6 +107,7 @@ class Worker:
         self._in_flight: set[str] = set()
         self._retry: list[str] = []
         self._heartbeat = Heartbeat(ledger, identity, max(0.05, ttl / 4), self._stats)
+        self._progress = ProgressLog(ledger, self.summary, progress_interval_s)
 
     def _stats(self) -> dict[str, Any]:
         elapsed = max(1e-9, time.monotonic() - self._started)
@@ -123,6 +126,7 @@ class Worker:
             self.pipeline.run(self._claims())
             final = "preempted" if self.stop.is_set() else "finished"
         finally:
+            self._progress.stop()
             for work in self.pipeline.unfinished:
                 self._release_quietly(work.lease, "worker stopped on an error")
             self.cache.close()
@@ -148,6 +152,7 @@ class Worker:
         """Claimed shards for the pipeline's reader, while it holds fewer than MAX_LEASES."""
         shards = {s.shard_id: s for s in self.plan.shards}
         committed = self.ledger.committed_shards()
+        self._progress.start(len(committed))
         self.summary.shards_skipped = len(committed & shards.keys())
         if self.summary.shards_skipped:
             log.info("%s: skipping %d shards already committed", self.identity.worker_id, self.summary.shards_skipped)

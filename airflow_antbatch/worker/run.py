@@ -29,6 +29,7 @@ def run_worker(
     preprocess_workers: int | None = None,
     torch_threads: int | None = None,
     cache: CacheOptions | None = None,
+    progress_interval_s: float = 30.0,
 ) -> WorkerSummary:
     """Load the plan and the user code, then process shards until none is left.
 
@@ -39,7 +40,8 @@ def run_worker(
     inference many times slower (../shared/PERF_NOTES.md). ``preprocess_workers`` fixes the
     preprocess pool size (0: preprocess in a thread) instead of scaling it; ``torch_threads``
     fixes the model stages' intra-op threads. ``cache`` sizes the near cache that fetches a
-    shard's small input files many at a time (default: 256 MiB in memory).
+    shard's small input files many at a time (default: 256 MiB in memory). A progress line is
+    logged every ``progress_interval_s`` (0: never).
     """
     ledger = Ledger.open(plan_uri, storage_options)
     spec = ledger.plan.spec
@@ -58,7 +60,10 @@ def run_worker(
         len(code.runners),
         options.cpu_budget,
     )
-    summary = Worker(ledger, identity, code, options=options, stop=stop, cache=cache).run()
+    worker = Worker(
+        ledger, identity, code, options=options, stop=stop, cache=cache, progress_interval_s=progress_interval_s
+    )
+    summary = worker.run()
     log.info(
         "%s: %s; committed %d shards (%d rows, %d quarantined), skipped %d already committed, %d failed tries, "
         "%.1f rows/s",
