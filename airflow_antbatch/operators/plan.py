@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 from airflow_antbatch.errors import PlanConflictError, SpecError
@@ -140,8 +139,12 @@ class PlanBatchInferenceOperator(BaseOperator):
 
 
 def worker_count(shards: int, max_workers: int, min_shards_per_worker: int = 1) -> int:
-    """Few workers for a small night; never more than there are shards to share."""
-    return max(1, min(max_workers, math.ceil(shards / min_shards_per_worker)))
+    """Few workers for a small night: each gets at least ``min_shards_per_worker`` shards to share.
+
+    The count is an upper bound on parallelism, not a split: workers pull shards, so a slow
+    start, a late pod or a retry simply takes whatever is left.
+    """
+    return max(1, min(max_workers, shards // min_shards_per_worker))
 
 
 def as_bool(value: object, name: str) -> bool:

@@ -89,3 +89,24 @@ def test_failing_shards_fail_for_good_after_max_attempts(plan_uri: str) -> None:
     status = Ledger.open(plan_uri).status()
     assert status.failed == 6 and status.finished and not status.succeeded
     assert "boom on a batch of 100 rows" in status.failures[0][1]
+
+
+def test_a_late_worker_takes_whatever_is_left(plan_uri: str, transactions: tuple[pathlib.Path, pa.Table]) -> None:
+    """The fan-out is sized from the plan, but no shard belongs to a worker: a pod that starts
+    late, or a retry, commits only what the others left, and together they cover every row once."""
+    stop = threading.Event()
+    ledger = Ledger.open(plan_uri)
+
+    def stop_once_a_shard_is_committed(batch: pa.RecordBatch) -> object:
+        if ledger.committed_shards():
+            stop.set()
+        return tabular.preprocess(batch)
+
+    code = JobCode.in_process(tabular.build_model(), preprocess=stop_once_a_shard_is_committed, id_column="txn_id")
+    early = _worker(plan_uri, "w0", code, stop=stop).run()
+    assert early.outcome == "preempted" and 1 <= early.shards_committed < 6
+    late = _worker(plan_uri, "w1").run()
+    assert (late.shards_skipped, late.shards_committed) == (early.shards_committed, 6 - early.shards_committed)
+    records = Ledger.open(plan_uri).commit_records()
+    out = pq.read_table([str(pathlib.Path(ledger.plan.spec.output_uri) / r.file) for r in records])
+    assert sorted(out.column("txn_id").to_pylist()) == sorted(transactions[1].column("txn_id").to_pylist())

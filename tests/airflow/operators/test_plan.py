@@ -31,7 +31,15 @@ def _plan(directory: pathlib.Path, **kwargs: Any) -> PlanBatchInferenceOperator:
 
 @pytest.mark.parametrize(
     ("shards", "max_workers", "min_per_worker", "expected"),
-    [(12, 4, 1, 4), (3, 4, 1, 3), (12, 8, 5, 3), (1, 4, 3, 1), (0, 4, 1, 1), (100, 4, 1, 4)],
+    [
+        (12, 4, 1, 4),
+        (3, 4, 1, 3),
+        (12, 8, 5, 2),  # each worker gets at least 5 shards to share
+        (15, 8, 5, 3),
+        (1, 4, 3, 1),  # always at least one worker
+        (0, 4, 1, 1),
+        (100, 4, 1, 4),
+    ],
 )
 def test_worker_count(shards: int, max_workers: int, min_per_worker: int, expected: int) -> None:
     assert worker_count(shards, max_workers, min_per_worker) == expected
