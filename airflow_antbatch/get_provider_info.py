@@ -36,6 +36,7 @@ def get_provider_info() -> dict[str, Any]:
                 "integration-name": INTEGRATION,
                 "python-modules": [
                     "airflow_antbatch.operators.finalize",
+                    "airflow_antbatch.operators.kubernetes_worker",
                     "airflow_antbatch.operators.local_worker",
                     "airflow_antbatch.operators.merge",
                     "airflow_antbatch.operators.plan",
