@@ -1,0 +1,1 @@
+"""Chaos harness: real ``antbatch worker`` processes under seeded fault schedules (issue 6)."""
