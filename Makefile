@@ -30,6 +30,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# Chaos (issue 6): 50 seeded fault schedules per store (local files, SeaweedFS), each judged
+# by the checker from the ledger and the output files, then the soak (16 workers x 2,000
+# shards). `make test` runs a quick set of schedules (tests/chaos/test_chaos.py).
+.PHONY: chaos
+
+chaos: $(STAMP)
+	$(PY) -m tests.chaos.run --schedules 50 --stores local,seaweedfs --soak
+
 clean:
 	rm -rf .demo .pytest_cache .mypy_cache .ruff_cache
 
