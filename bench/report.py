@@ -368,6 +368,9 @@ def _other_reports(source: str) -> list[tuple[str, dict[str, Any]]]:
     if os.path.isdir(directory):
         for name in sorted(os.listdir(directory)):
             path = os.path.join(directory, name)
+            # smallfiles*.json belong to bench.smallfiles_report, a benchmark of another shape.
+            if name.startswith("smallfiles"):
+                continue
             if name.endswith(".json") and os.path.abspath(path) != os.path.abspath(os.path.join(REPO, source)):
                 with open(path) as handle:
                     found.append((name, json.load(handle)))

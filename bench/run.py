@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import platform
@@ -384,19 +385,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def render(result_path: str) -> None:
-    """Rewrite the doc's results and the PNG: here if matplotlib is here, else in the Ray environment."""
+def render(result_path: str, module: str = "bench.report") -> None:
+    """Rewrite the doc's results and the PNG (``module``'s ``main``): here if matplotlib is here,
+    else in the Ray environment."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         if not os.path.exists(RAY_PYTHON):
             print("matplotlib missing and no bench/.venv-ray: docs not rewritten", file=sys.stderr)
             return
-        subprocess.run([RAY_PYTHON, "-m", "bench.report", result_path], cwd=REPO, check=True)
+        subprocess.run([RAY_PYTHON, "-m", module, result_path], cwd=REPO, check=True)
         return
-    from bench import report
-
-    report.main([result_path])
+    importlib.import_module(module).main([result_path])
 
 
 if __name__ == "__main__":

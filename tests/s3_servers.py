@@ -173,7 +173,9 @@ def _wait_for_bucket(proc: subprocess.Popen[bytes], server: S3Server, log: pathl
     )
 
 
-def _weed_command(weed: str, workdir: pathlib.Path, s3_config: pathlib.Path) -> tuple[list[str], int, list[str]]:
+def _weed_command(
+    weed: str, workdir: pathlib.Path, s3_config: pathlib.Path, max_volumes: int
+) -> tuple[list[str], int, list[str]]:
     """``weed server`` on loopback, small and quiet: its command line, S3 port and gRPC sockets."""
     s3, s3_grpc, master, master_grpc, volume, volume_grpc, filer, filer_grpc = _free_ports(8)
     data = workdir / "data"
@@ -211,7 +213,7 @@ def _weed_command(weed: str, workdir: pathlib.Path, s3_config: pathlib.Path) -> 
             f"-s3.localSocket={workdir / 's3.sock'}",
             # Small and fast: tiny volumes (default 30 GB), a handful of them, no wait before stopping.
             "-master.volumeSizeLimitMB=64",
-            "-volume.max=16",
+            f"-volume.max={max_volumes}",
             "-volume.preStopSeconds=0",
             # No anonymous usage reports to the internet.
             "-master.telemetry=false",
@@ -221,9 +223,11 @@ def _weed_command(weed: str, workdir: pathlib.Path, s3_config: pathlib.Path) -> 
     )
 
 
-@pytest.fixture(scope="session")
-def seaweedfs_s3() -> Iterator[S3Server]:
-    """SeaweedFS (master, volume, filer and S3 gateway in one ``weed server``) on 127.0.0.1."""
+@contextlib.contextmanager
+def run_seaweedfs(max_volumes: int = 16) -> Iterator[S3Server]:
+    """SeaweedFS (master, volume, filer and S3 gateway in one ``weed server``) on 127.0.0.1,
+    stopped on exit; the benchmarks start theirs with this too (bench/smallfiles.py). Volumes hold
+    64 MB each: ``max_volumes`` bounds what the server stores."""
     weed = _weed_binary()
     # A short path: unix socket names must stay under ~100 characters.
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="antbatch-weed-"))
@@ -234,7 +238,7 @@ def seaweedfs_s3() -> Iterator[S3Server]:
         "actions": ["Admin", "Read", "Write", "List"],
     }
     s3_config.write_text(json.dumps({"identities": [identity]}))
-    cmd, port, grpc_sockets = _weed_command(weed, workdir, s3_config)
+    cmd, port, grpc_sockets = _weed_command(weed, workdir, s3_config, max_volumes)
     server = _server("seaweedfs", f"http://127.0.0.1:{port}")
     log = workdir / "weed.log"
     with log.open("wb") as log_file:
@@ -251,6 +255,13 @@ def seaweedfs_s3() -> Iterator[S3Server]:
         for sock in grpc_sockets:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(sock)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_s3() -> Iterator[S3Server]:
+    """The session's SeaweedFS server (see :func:`run_seaweedfs`)."""
+    with run_seaweedfs() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
