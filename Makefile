@@ -68,3 +68,13 @@ bench-quick: $(STAMP) $(BENCH_STAMP)
 
 bench: $(STAMP) $(BENCH_STAMP)
 	$(PY) -m bench.run
+
+# Small objects behind S3 (SeaweedFS from the test extra, latency added by a proxy): unmerged
+# reads against merge + packs, and the merge's concurrency sweep. The PNG is drawn in bench/.venv-ray.
+.PHONY: bench-smallfiles-quick bench-smallfiles
+
+bench-smallfiles-quick: $(STAMP) $(BENCH_STAMP)
+	$(PY) -m bench.smallfiles --quick
+
+bench-smallfiles: $(STAMP) $(BENCH_STAMP)
+	$(PY) -m bench.smallfiles
