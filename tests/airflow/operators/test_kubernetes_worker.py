@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import kubernetes_validate
 import pytest
+import yaml
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import ApiClient
 from kubernetes.client import models as k8s
@@ -30,6 +31,7 @@ from airflow_antbatch.operators.kubernetes_worker import (
 )
 from airflow_antbatch.operators.pod_termination import pod_termination
 from airflow_antbatch.task_group import launcher_operator
+from tests.conftest import REPO_ROOT
 from tests.kube_cluster import Disruption, KubeCluster, run_kube_cluster
 
 if TYPE_CHECKING:
@@ -208,6 +210,35 @@ def test_the_cpu_budget_comes_from_the_cpu_limit_or_request(
 def test_without_xcom_push_the_worker_writes_no_summary_file() -> None:
     args = build_parser().parse_args(_worker(do_xcom_push=False).worker_arguments())
     assert args.summary_file is None  # there is no /airflow/xcom volume to write to
+
+
+def test_the_readme_example_builds_a_valid_gpu_worker_pod() -> None:
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text[text.index("## Kubernetes") : text.index("## User code contract")]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert code is not None
+    namespace: dict[str, Any] = {}
+    exec(compile(code.group(1), "README.md", "exec"), namespace)
+    mapped = namespace["nightly_scoring_on_kubernetes"]().get_task("batch_inference.worker")
+    assert mapped.operator_class is ElasticBatchInferenceOperator
+    pod = _as_dict(
+        ElasticBatchInferenceOperator(
+            task_id="worker", plan_uri=PLAN_URI, worker_id="worker-0", **namespace["GPU_WORKER"]
+        ).build_pod_request_obj(dry_run=True)
+    )
+    kubernetes_validate.validate(pod, KUBERNETES_VERSION, strict=True)
+    assert build_parser().parse_args(pod["spec"]["containers"][0]["args"]).cpu_budget == 8
+
+
+def test_the_manifests_in_the_kubernetes_doc_are_valid_for_kubernetes_1_33() -> None:
+    text = (REPO_ROOT / "docs" / "kubernetes.md").read_text()
+    manifests = [
+        doc for block in re.findall(r"```yaml\n(.*?)```", text, re.DOTALL) for doc in yaml.safe_load_all(block) if doc
+    ]
+    kinds = sorted(doc["kind"] for doc in manifests)
+    assert kinds == ["PriorityClass", "Role", "RoleBinding", "ServiceAccount"]
+    for doc in manifests:
+        assert kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True) == KUBERNETES_VERSION
 
 
 def test_the_kubernetes_launcher_is_this_operator() -> None:
