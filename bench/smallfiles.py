@@ -1,10 +1,10 @@
 """The small-file benchmark: ``python -m bench.smallfiles [--quick]``.
 
 Objects of 4-64 KiB (20,000; quick 2,000, so that it stays under 4 minutes: the unmerged job
-alone reads about 35 objects/s here) in a real S3 server (SeaweedFS on 127.0.0.1, started as the tests
-start it) behind a proxy that adds an object store's latency (``bench/s3latency.py``: 20 ms
-to first byte per request, 100 MB/s per connection, the worker benchmark's model). Then, each
-step in a fresh process (``bench/smallfiles_run.py``) with its CPU sampled:
+alone reads about 35 objects/s here) in a real S3 server (SeaweedFS on 127.0.0.1, started as
+the tests start it) behind a proxy that adds an object store's latency (``bench/s3latency.py``:
+20 ms to first byte per request, 100 MB/s per connection, the worker benchmark's model). Then,
+each step in a fresh process (``bench/smallfiles_run.py``) with its CPU sampled:
 
 1. *unmerged*: an antbatch job whose input is a Parquet list of the objects' URLs and whose
    preprocess hook reads each object through s3fs, one after the other, as a plain hook does;
@@ -329,9 +329,9 @@ def summarise(
 ) -> dict[str, Any]:
     """The flat figures the bars are judged on, then every step in full."""
     objects = data["objects"]
-    for job in (unmerged, packed):
-        if job["objects"] != objects:
-            raise RuntimeError(f"a job scored {job['objects']} objects of {objects}")
+    for name, step in (("the unmerged job", unmerged), ("the merge", merge), ("the packed job", packed)):
+        if step["objects"] != objects:
+            raise RuntimeError(f"{name} handled {step['objects']} objects of {objects}")
     unmerged_read = unmerged["read"]["read_objs_s"]
     packed_read = round(objects / packed["read_busy_s"], 1)
     unmerged_e2e = round(objects / unmerged["run_s"], 1)
