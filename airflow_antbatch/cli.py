@@ -199,9 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("status", help="shards by state, rows, throughput and ETA")
+    p = sub.add_parser("status", help="shards by state, rows, throughput, ETA, workers and quarantined records")
     p.add_argument("uri", help="plan URI, state root or output URI")
-    p.add_argument("--json", action="store_true")
+    view = p.add_mutually_exclusive_group()
+    view.add_argument("--json", action="store_true", help="print the status as JSON, for scripts")
+    view.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=_seconds,
+        metavar="SECONDS",
+        help="redraw every SECONDS (default 2) until every shard is settled; Ctrl-C stops",
+    )
 
     p = sub.add_parser("finalize", help="check every shard is committed and write the _SUCCESS manifest")
     p.add_argument("--spec", required=True, help="plan URI")
@@ -334,28 +343,27 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return exit_codes.OK
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    from airflow_antbatch.ledger import Ledger
-    from airflow_antbatch.planning import resolve_plan_uri
+def _seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
-    plan_uri = resolve_plan_uri(args.uri, args.storage_options)
-    status = Ledger.open(plan_uri, args.storage_options).status()
-    eta = "-" if status.eta_s is None else f"{status.eta_s:.0f}s"
-    lines = [
-        f"plan {plan_uri}",
-        f"shards: {status.committed}/{status.planned} committed, {status.leased} leased, "
-        f"{status.pending} pending, {status.failed} failed",
-        f"rows: {status.rows_committed}"
-        + (f"/{status.rows_planned}" if status.rows_planned is not None else "")
-        + f", {status.rows_per_s:.1f} rows/s, ETA {eta}",
-    ]
-    lines += [
-        f"  {w.worker_id:<16} {w.state:<10} {w.shards_committed:>6} shards {w.rows_committed:>10} rows "
-        f"{w.rows_per_s:>9.1f} rows/s  beat {w.last_beat_age_s:.0f}s ago"
-        for w in status.workers
-    ]
-    lines += [f"  failed {shard}: {error}" for shard, error in status.failures]
-    _print(args, {"plan_uri": plan_uri, **status.to_dict()}, "\n".join(lines))
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from airflow_antbatch.planning import resolve_plan_uri
+    from airflow_antbatch.progress import JobProgress
+    from airflow_antbatch.status_view import show, watch
+
+    progress = JobProgress(resolve_plan_uri(args.uri, args.storage_options), args.storage_options)
+    if args.watch:
+        watch(progress, interval_s=args.watch)
+    else:
+        show(progress, as_json=args.json)
     return exit_codes.OK
 
 

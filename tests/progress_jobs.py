@@ -1,0 +1,109 @@
+"""A job caught mid-run, for the status CLI, the UI plugin and the browser test.
+
+The job is planned for real from Parquet input, and shards are then claimed, written and
+committed through the ledger's own API, as a worker does, with a heartbeat that stays fresh:
+the views read exactly what a running job leaves in the store, without waiting on torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import pathlib
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from airflow_antbatch.ledger import Lease, Ledger, WorkerIdentity
+from airflow_antbatch.planning import plan_job
+from airflow_antbatch.spec import JobSpec
+from airflow_antbatch.store import AtomicStore
+from tests.conftest import TABULAR, write_transactions
+
+SHARDS = 8
+ROWS_PER_SHARD = 50
+QUARANTINE_REASON = "ValueError: amount is negative"
+
+
+@dataclasses.dataclass
+class RunningJob:
+    """A planned job whose shards a test commits one by one under a live worker heartbeat."""
+
+    plan_uri: str
+    ledger: Ledger
+    output: AtomicStore
+    identity: WorkerIdentity
+    beat: int = 0
+    shards_committed: int = 0
+    rows_committed: int = 0
+    held: dict[int, Lease] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def plan(cls, root: pathlib.Path, *, lease_ttl_s: float = 60.0) -> RunningJob:
+        write_transactions(root / "in", files=2, rows_per_file=SHARDS * ROWS_PER_SHARD // 2, row_group_size=50)
+        spec = JobSpec(
+            input_uri=str(root / "in"),
+            output_uri=str(root / "out"),
+            model=f"{TABULAR}:build_model",
+            max_shard_rows=ROWS_PER_SHARD,
+            lease_ttl_s=lease_ttl_s,
+        )
+        result = plan_job(spec)
+        ledger = Ledger.open(result.plan_uri)
+        job = cls(result.plan_uri, ledger, AtomicStore(spec.output_uri), WorkerIdentity("worker-0"))
+        job.heartbeat()
+        return job
+
+    def heartbeat(self, state: str = "running", current_shard: str | None = None) -> None:
+        self.beat += 1
+        stats = {
+            "shards_committed": self.shards_committed,
+            "rows_committed": self.rows_committed,
+            "rows_per_s": 125.0,
+            "current_shard": current_shard,
+        }
+        self.ledger.heartbeat(self.identity, self.beat, state=state, stats=stats)
+
+    def commit(self, shard_index: int, *, quarantined: int = 0) -> None:
+        """Claim the shard, write its output (and quarantine file) and commit it."""
+        shard = self.ledger.plan.shards[shard_index]
+        lease = self.held.pop(shard_index, None) or self._claim(shard_index)
+        rows = ROWS_PER_SHARD - quarantined
+        name = self.ledger.plan.output_name(shard.shard_id)
+        self.output.put(name, _parquet(pa.table({"txn_id": list(range(rows))})))
+        quarantine = None
+        if quarantined:
+            quarantine = self.ledger.plan.quarantine_name(shard.shard_id)
+            bad = pa.table({"txn_id": list(range(quarantined)), "_antbatch_reason": [QUARANTINE_REASON] * quarantined})
+            self.output.put(quarantine, _parquet(bad))
+        assert self.ledger.commit(lease, file=name, rows=rows, quarantined=quarantined, quarantine_file=quarantine)
+        self.shards_committed += 1
+        self.rows_committed += rows
+        self.heartbeat()
+
+    def hold(self, shard_index: int) -> None:
+        """Claim a shard and keep it: it shows as leased while the heartbeat stays fresh."""
+        self.held[shard_index] = self._claim(shard_index)
+        self.heartbeat(current_shard=self.held[shard_index].shard_id)
+
+    def _claim(self, shard_index: int) -> Lease:
+        shard_id = self.ledger.plan.shards[shard_index].shard_id
+        lease = self.ledger.try_claim(shard_id, self.identity)
+        assert isinstance(lease, Lease), f"{shard_id} could not be claimed: {lease}"
+        return lease
+
+
+def mid_run(root: pathlib.Path) -> RunningJob:
+    """3 of 8 shards committed (one with 2 quarantined records), 1 leased, 4 pending."""
+    job = RunningJob.plan(root)
+    job.commit(0)
+    job.commit(1, quarantined=2)
+    job.commit(2)
+    job.hold(3)
+    return job
+
+
+def _parquet(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
