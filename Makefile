@@ -41,6 +41,17 @@ chaos: $(STAMP)
 clean:
 	rm -rf .demo .pytest_cache .mypy_cache .ruff_cache
 
+# The built wheel installed as users install it (docs/worker-images.md): into a fresh venv
+# holding only Airflow and the cncf-kubernetes provider, and into one without Airflow. It takes
+# minutes of pip, so `make test` leaves it out. docker-lint: hadolint on the worker images.
+.PHONY: install-check docker-lint
+
+install-check: $(STAMP)
+	BUILD_PYTHON=$(PY) PYTHON=$(PYTHON) bash scripts/check_install.sh
+
+docker-lint: $(STAMP)
+	$(VENV)/bin/hadolint docker/Dockerfile.cpu docker/Dockerfile.cuda
+
 # Benchmarks (docs/benchmarks.md). Ray Data, matplotlib and psutil live in their own
 # environment, bench/.venv-ray, so that they never enter the product's dependencies; the
 # naive loop, the bound and the antbatch worker run in the project's own environment.
