@@ -133,3 +133,24 @@ def test_parsing_the_example_dag_imports_neither_torch_nor_kubernetes() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_sensor_defers_by_default_and_pokes_on_request() -> None:
+    tasks, _ = _build()
+    assert tasks["score.wait_for_shards"].deferrable is True
+    tasks, _ = _build(deferrable_sensor=False)
+    assert tasks["score.wait_for_shards"].deferrable is False
+
+
+def test_finalize_emits_the_output_root_asset_or_the_one_given() -> None:
+    from airflow.sdk import Asset
+
+    tasks, _ = _build(output_uri="s3://lake/predictions/ds={{ ds }}/")
+    assert tasks["score.finalize"].outlets == [Asset(uri="s3://lake/predictions")]
+    mine = Asset(name="fraud_scores", uri="s3://lake/predictions")
+    tasks, _ = _build(output_asset=mine)
+    assert tasks["score.finalize"].outlets == [mine]
+    tasks, _ = _build(output_uri="{{ var.value.out }}", output_asset=False)
+    assert tasks["score.finalize"].outlets == []
+    with pytest.raises(ValueError, match="has no static root"):
+        _build(output_uri="{{ var.value.out }}")
