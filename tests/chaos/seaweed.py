@@ -16,9 +16,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 
+from airflow_antbatch.store import AtomicStore
 from tests.s3_servers import (
     ACCESS_KEY,
-    REGION,
     SEAWEEDFS_START_TIMEOUT_S,
     SEAWEEDFS_STOP_TIMEOUT_S,
     SECRET_KEY,
@@ -84,21 +84,11 @@ class RestartableSeaweedFS:
 
 
 def _round_trip(server: S3Server) -> None:
-    """One write and one read in the bucket: the server is really back, not just listening."""
-    import boto3  # type: ignore[import-untyped]
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=server.endpoint_url,
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
-        region_name=REGION,
-    )
-    try:
-        client.put_object(Bucket=server.bucket, Key="chaos-probe", Body=b"")
-        client.get_object(Bucket=server.bucket, Key="chaos-probe")["Body"].read()
-    finally:
-        client.close()
+    """One write and one read in the bucket, as the workers do them: the server is really back."""
+    store = AtomicStore(f"s3://{server.bucket}", {**server.storage_options, "skip_instance_cache": True})
+    store.put("chaos-probe", b"")
+    if store.read("chaos-probe") is None:
+        raise FileNotFoundError("the probe just written is not there yet")
 
 
 @contextlib.contextmanager
