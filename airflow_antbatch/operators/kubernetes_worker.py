@@ -31,6 +31,7 @@ from kubernetes.utils import parse_quantity  # type: ignore[import-untyped]
 
 from airflow_antbatch.operators.pod_termination import PodTermination, is_active, is_reusable, pod_termination
 from airflow_antbatch.operators.worker_exit import raise_for_exit
+from airflow_antbatch.plugins.links import AntBatchJobLink
 from airflow_antbatch.spec import credential_keys
 from airflow_antbatch.version_compat import AirflowException, AirflowSkipException
 
@@ -81,6 +82,7 @@ class ElasticBatchInferenceOperator(KubernetesPodOperator):
 
     template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "plan_uri", "worker_id")
     ui_color = "#e8f4fe"
+    operator_extra_links = (AntBatchJobLink(),)  # the job's progress page in the Airflow UI
 
     def __init__(
         self,
@@ -293,7 +295,7 @@ class ElasticBatchInferenceOperator(KubernetesPodOperator):
 
     @contextlib.contextmanager
     def _pod_gone_is_retryable(self) -> Iterator[None]:
-        """ "Pod not found" (preempted before it started, deleted while it ran) as one clear, retryable error."""
+        """A pod not found (preempted before it started, deleted while it ran) as one clear, retryable error."""
         try:
             yield
         except (PodNotFoundException, ApiException) as exc:

@@ -118,14 +118,15 @@ def is_active(pod: V1Pod) -> bool:
 
 
 def _cause(seen: PodTermination, *, deleting: bool) -> str:
-    if seen.exit_code == exit_codes.PREEMPTED:
-        return "preempted"  # the worker got SIGTERM and released its shards
+    # What the cluster did first; the exit code says how the worker took it.
     if seen.container_reason == "OOMKilled":
         return "oom_killed"
     if seen.reason in _POD_REASONS:
         return _POD_REASONS[seen.reason]
     if seen.disruption in _DISRUPTIONS:
         return _DISRUPTIONS[seen.disruption]
+    if seen.exit_code == exit_codes.PREEMPTED:
+        return "preempted"  # SIGTERM from somewhere (a drain, a delete): shards released
     if seen.exit_code == exit_codes.OK:
         return "completed"
     if seen.exit_code is None and seen.phase in _ACTIVE_PHASES:

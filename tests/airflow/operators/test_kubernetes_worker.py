@@ -31,6 +31,7 @@ from airflow_antbatch.operators.kubernetes_worker import (
 )
 from airflow_antbatch.operators.pod_termination import pod_termination
 from airflow_antbatch.task_group import launcher_operator
+from tests.airflow.conftest import FakeTaskInstance
 from tests.conftest import REPO_ROOT
 from tests.kube_cluster import Disruption, KubeCluster, run_kube_cluster
 
@@ -106,11 +107,9 @@ def _worker(**kwargs: Any) -> ElasticBatchInferenceOperator:
 
 def _context(try_number: int = 1, run_id: str = "scheduled__2026-11-26T00:00:00+00:00") -> dict[str, Any]:
     """What the provider reads off a task's context to label and find its pods."""
-    ti = types.SimpleNamespace(
-        dag_id="nightly_scoring", task_id="batch_inference.worker", map_index=3, try_number=try_number, pushed={}
-    )
-    ti.xcom_push = lambda key, value: ti.pushed.__setitem__(key, value)
-    return {"ti": ti, "run_id": run_id, "dag": types.SimpleNamespace()}
+    ti = FakeTaskInstance()
+    vars(ti).update(dag_id="nightly_scoring", task_id="batch_inference.worker", map_index=3, try_number=try_number)
+    return {**ti.context(), "run_id": run_id, "dag": types.SimpleNamespace()}
 
 
 def _as_dict(pod: k8s.V1Pod) -> dict[str, Any]:
@@ -278,9 +277,9 @@ def _status(
         (_status("Succeeded", exit_code=0, container_reason="Completed"), "completed", None, None),
         (
             _status("Failed", reason="Evicted", exit_code=exit_codes.PREEMPTED),
-            "preempted",
+            "evicted",
             AirflowException,
-            r"worker-3 was preempted \(SIGTERM\), shards released; retry continues \(pod w3 preempted, .*Evicted",
+            r"worker-3 was preempted \(SIGTERM\), shards released; retry continues \(pod w3 evicted, .*Evicted",
         ),
         (
             _status("Failed", exit_code=137, container_reason="OOMKilled"),
@@ -319,11 +318,17 @@ def _status(
             r"shards failed for good",
         ),
         (_status("Failed", exit_code=1, container_reason="Error"), "failed", AirflowException, r"exited with code 1"),
+        (
+            _status("Failed", exit_code=exit_codes.PREEMPTED, container_reason="Error"),
+            "preempted",
+            AirflowException,
+            r"preempted \(SIGTERM\), shards released; retry continues \(pod w3 preempted, .*exit code 75",
+        ),
         (None, "deleted", AirflowException, r"pod w3 was deleted before the worker exited \(preempted before it"),
     ],
     ids=[
         "completed",
-        "sigterm",
+        "evicted-released",
         "oom",
         "evicted",
         "deadline",
@@ -331,6 +336,7 @@ def _status(
         "node-shutdown",
         "shards",
         "error",
+        "drained",
         "gone",
     ],
 )
@@ -446,7 +452,7 @@ def test_cleanup_puts_why_the_pod_ended_into_the_summary_and_the_error(cluster: 
         op.cleanup(pod, op.pod_manager.read_pod(pod), summary, context)
     assert summary["pod_termination"]["cause"] == "preempted"
     assert summary["pod_termination"]["exit_code"] == exit_codes.PREEMPTED
-    assert context["ti"].pushed["return_value"]["pod_termination"]["cause"] == "preempted"
+    assert context["ti"].xcom["return_value"]["pod_termination"]["cause"] == "preempted"
     assert name not in {p["metadata"]["name"] for p in cluster.live_pods()}  # on_finish_action=delete_pod
 
 
