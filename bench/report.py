@@ -351,14 +351,24 @@ def _other_results(source: str) -> list[str]:
 
 
 def write_doc(report: dict[str, Any], source: str, path: str = DOC) -> None:
+    replace_section(path, BEGIN, END, markdown(report, source))
+
+
+def replace_section(path: str, begin: str, end: str, section: str, *, append: bool = False) -> None:
+    """Replace the doc's text from ``begin`` to ``end`` (``section`` holds both markers); with
+    ``append``, a doc without the markers gets the section at its end."""
     with open(path) as handle:
         text = handle.read()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{path} lacks the {BEGIN} / {END} markers")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + section + tail
+    elif append:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    else:
+        raise SystemExit(f"{path} lacks the {begin} / {end} markers")
     with open(path, "w") as handle:
-        handle.write(head + markdown(report, source) + tail)
+        handle.write(text)
 
 
 def _other_reports(source: str) -> list[tuple[str, dict[str, Any]]]:

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from bench.report import DOC, REPO
+from bench.report import DOC, REPO, replace_section
 
 PNG = os.path.join(REPO, "docs", "benchmarks-smallfiles.png")
 BEGIN, END = "<!-- smallfiles:begin -->", "<!-- smallfiles:end -->"
@@ -149,17 +149,7 @@ def _why(r: dict[str, Any]) -> list[str]:
 
 
 def write_doc(report: dict[str, Any], source: str, path: str = DOC) -> None:
-    with open(path) as handle:
-        text = handle.read()
-    section = markdown(report, source)
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(path, "w") as handle:
-        handle.write(text)
+    replace_section(path, BEGIN, END, markdown(report, source), append=True)
 
 
 def plot(report: dict[str, Any], path: str = PNG) -> None:
