@@ -55,4 +55,8 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_antbatch.triggers.ledger"],
             }
         ],
+        # The progress page; Airflow reads this key only with [core] lazy_discover_providers off,
+        # so the distribution also declares the plugin under the airflow.plugins entry point.
+        "plugins": [{"name": "antbatch", "plugin-class": "airflow_antbatch.plugins.plugin.AntBatchPlugin"}],
+        "extra-links": ["airflow_antbatch.plugins.links.AntBatchJobLink"],
     }

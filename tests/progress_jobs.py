@@ -25,6 +25,11 @@ ROWS_PER_SHARD = 50
 QUARANTINE_REASON = "ValueError: amount is negative"
 
 
+def write_input(root: pathlib.Path) -> None:
+    """Parquet input that plans into ``SHARDS`` shards of ``ROWS_PER_SHARD`` rows."""
+    write_transactions(root / "in", files=2, rows_per_file=SHARDS * ROWS_PER_SHARD // 2, row_group_size=ROWS_PER_SHARD)
+
+
 @dataclasses.dataclass
 class RunningJob:
     """A planned job whose shards a test commits one by one under a live worker heartbeat."""
@@ -40,7 +45,7 @@ class RunningJob:
 
     @classmethod
     def plan(cls, root: pathlib.Path, *, lease_ttl_s: float = 60.0) -> RunningJob:
-        write_transactions(root / "in", files=2, rows_per_file=SHARDS * ROWS_PER_SHARD // 2, row_group_size=50)
+        write_input(root)
         spec = JobSpec(
             input_uri=str(root / "in"),
             output_uri=str(root / "out"),
@@ -48,19 +53,24 @@ class RunningJob:
             max_shard_rows=ROWS_PER_SHARD,
             lease_ttl_s=lease_ttl_s,
         )
-        result = plan_job(spec)
-        ledger = Ledger.open(result.plan_uri)
-        job = cls(result.plan_uri, ledger, AtomicStore(spec.output_uri), WorkerIdentity("worker-0"))
+        return cls.attach(plan_job(spec).plan_uri)
+
+    @classmethod
+    def attach(cls, plan_uri: str) -> RunningJob:
+        """Take up a job planned elsewhere (by a plan task) as its worker ``worker-0``."""
+        ledger = Ledger.open(plan_uri)
+        job = cls(plan_uri, ledger, AtomicStore(ledger.plan.spec.output_uri), WorkerIdentity("worker-0"))
         job.heartbeat()
         return job
 
-    def heartbeat(self, state: str = "running", current_shard: str | None = None) -> None:
+    def heartbeat(self, state: str = "running") -> None:
+        """Beat as the worker does; a test calls it again to keep its leases live."""
         self.beat += 1
         stats = {
             "shards_committed": self.shards_committed,
             "rows_committed": self.rows_committed,
             "rows_per_s": 125.0,
-            "current_shard": current_shard,
+            "current_shard": min((lease.shard_id for lease in self.held.values()), default=None),
         }
         self.ledger.heartbeat(self.identity, self.beat, state=state, stats=stats)
 
@@ -84,7 +94,7 @@ class RunningJob:
     def hold(self, shard_index: int) -> None:
         """Claim a shard and keep it: it shows as leased while the heartbeat stays fresh."""
         self.held[shard_index] = self._claim(shard_index)
-        self.heartbeat(current_shard=self.held[shard_index].shard_id)
+        self.heartbeat()
 
     def _claim(self, shard_index: int) -> Lease:
         shard_id = self.ledger.plan.shards[shard_index].shard_id
@@ -95,7 +105,10 @@ class RunningJob:
 
 def mid_run(root: pathlib.Path) -> RunningJob:
     """3 of 8 shards committed (one with 2 quarantined records), 1 leased, 4 pending."""
-    job = RunningJob.plan(root)
+    return advance_to_mid_run(RunningJob.plan(root))
+
+
+def advance_to_mid_run(job: RunningJob) -> RunningJob:
     job.commit(0)
     job.commit(1, quarantined=2)
     job.commit(2)

@@ -47,7 +47,8 @@ def test_json_mid_run_then_after_finish(tmp_path: pathlib.Path, capsys: pytest.C
     assert doc["finished"] is False and doc["eta_s"] > 0
     assert doc["quarantined_rows"] == 2
     [quarantine] = doc["quarantine_files"]
-    assert quarantine["rows"] == 2 and quarantine["uri"].endswith(job.ledger.plan.quarantine_name(quarantine["shard_id"]))
+    assert quarantine["rows"] == 2
+    assert quarantine["uri"].endswith(job.ledger.plan.quarantine_name(quarantine["shard_id"]))
     [worker] = doc["workers"]
     assert worker["worker_id"] == "worker-0" and worker["stale"] is False and worker["rows_per_s"] == 125.0
     assert doc["manifest_uri"] == str(tmp_path / "out" / "_SUCCESS")

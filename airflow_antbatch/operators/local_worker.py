@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import psutil  # type: ignore[import-untyped]  # an Airflow dependency; no stubs installed
 
 from airflow_antbatch.operators.worker_exit import raise_for_exit
+from airflow_antbatch.plugins.links import AntBatchJobLink
 from airflow_antbatch.version_compat import BaseOperator
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class LocalBatchWorkerOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("plan_uri", "worker_id")
     ui_color = "#fef3e8"
+    operator_extra_links = (AntBatchJobLink(),)  # the job's progress page in the Airflow UI
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ import datetime as dt
 import time
 from typing import TYPE_CHECKING, Any
 
+from airflow_antbatch.plugins.links import AntBatchJobLink
 from airflow_antbatch.version_compat import AirflowFailException, BaseSensorOperator, PokeReturnValue
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class ShardLedgerSensor(BaseSensorOperator):
 
     template_fields: Sequence[str] = ("plan_uri",)
     ui_color = "#e8fef0"
+    operator_extra_links = (AntBatchJobLink(),)  # the job's progress page in the Airflow UI
 
     def __init__(
         self,
