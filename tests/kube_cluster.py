@@ -506,6 +506,11 @@ class Kubelet:
         procs = [c.proc for c in run.containers.values() if c.proc is not None and c.proc.poll() is None]
         for proc in procs:
             _signal_group(proc, signal.SIGTERM)
+        # The emulated sidecar is a shell in a sleep loop: SIGTERM ends it at once (143), so
+        # the XCom of a stopped pod is lost, as on a cluster.
+        for container in run.containers.values():
+            if container.proc is None:
+                container.finish(128 + signal.SIGTERM)
         deadline = time.monotonic() + run.grace_s
         for proc in procs:
             try:
@@ -513,16 +518,12 @@ class Kubelet:
             except subprocess.TimeoutExpired:
                 _signal_group(proc, signal.SIGKILL)
                 proc.wait(timeout=10)
-        # The emulated sidecar dies with the pod (sh killed by SIGTERM: 143).
+        # _collect records each exit once the output is drained; wait for it.
         for container in run.containers.values():
-            if container.proc is None:
-                container.finish(128 + signal.SIGTERM)
-            else:
-                # _collect records the exit once the output is drained; wait for it.
-                for _ in range(100):
-                    if container.exit_code is not None:
-                        break
-                    time.sleep(0.05)
+            for _ in range(100):
+                if container.exit_code is not None:
+                    break
+                time.sleep(0.05)
 
     # What the API server proxies to the kubelet -----------------------------------------------
 
@@ -715,8 +716,9 @@ def run_kube_cluster(
             yield KubeCluster(url, kubeconfig, namespace, api, kubelet, client)
         finally:
             kubelet.stop()
-            client.api_client.close()
-            kubelet.api.api_client.close()
+            for api_client in (client.api_client, kubelet.api.api_client):
+                api_client.close()  # its thread pool; the connection pool needs its own clear()
+                api_client.rest_client.pool_manager.clear()
     finally:
         asyncio.run_coroutine_threadsafe(stop(), loop).result(timeout=30)
         loop.call_soon_threadsafe(loop.stop)
