@@ -65,6 +65,19 @@ def test_the_plugin_loads_through_airflows_plugins_manager() -> None:
     }
 
 
+def test_the_provider_info_names_the_plugin_and_the_link() -> None:
+    from airflow.providers_manager import ProvidersManager
+
+    from airflow_antbatch.plugins.links import AntBatchJobLink
+    from airflow_antbatch.plugins.plugin import AntBatchPlugin
+
+    manager = ProvidersManager()  # type: ignore[no-untyped-call]
+    manager.initialize_providers_plugins()  # what Airflow does with [core] lazy_discover_providers off
+    [info] = [p for p in manager.plugins if p.name == "antbatch"]
+    assert info.plugin_class == f"{AntBatchPlugin.__module__}.{AntBatchPlugin.__name__}"
+    assert f"{AntBatchJobLink.__module__}.{AntBatchJobLink.__name__}" in manager.extra_links_class_names
+
+
 def test_the_plugins_folder_file_defers_to_the_installed_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
     from airflow._shared.plugins_manager import _load_plugins_from_plugin_directory
 
