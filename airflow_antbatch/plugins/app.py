@@ -86,9 +86,12 @@ class _Jobs:
 def storage_options() -> dict[str, Any]:
     """fsspec options for the ledgers this server reads, from ``ANTBATCH_STORAGE_OPTIONS`` (JSON)."""
     raw = os.environ.get("ANTBATCH_STORAGE_OPTIONS")
-    value = json.loads(raw) if raw else {}
+    try:
+        value = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as exc:
+        raise HTTPException(500, f"ANTBATCH_STORAGE_OPTIONS in the API server's env is not JSON: {exc}") from exc
     if not isinstance(value, dict):
-        raise HTTPException(500, "ANTBATCH_STORAGE_OPTIONS must be a JSON object")
+        raise HTTPException(500, "ANTBATCH_STORAGE_OPTIONS in the API server's environment must be a JSON object")
     return value
 
 
