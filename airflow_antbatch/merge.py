@@ -31,7 +31,7 @@ import json
 import logging
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import fsspec
@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from airflow_antbatch.errors import InputNotFoundError, MergeError
 from airflow_antbatch.planning import object_version
-from airflow_antbatch.store import AtomicStore
+from airflow_antbatch.store import AtomicStore, with_connection_pool
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -323,7 +323,7 @@ def merge_small_files(
     names = list(sources) + (read_list_file(list_file, options) if list_file else [])
     if not names:
         raise MergeError("nothing to merge: give source prefixes, globs or objects, or a list file")
-    fs, _ = fsspec.core.url_to_fs(names[0], **options)
+    fs, _ = fsspec.core.url_to_fs(names[0], **with_connection_pool(names[0], options, concurrency))
     store = AtomicStore(output_uri, options)
     listed = list_objects(fs, names, exclude=output_uri)
     median = statistics.median_low(o.size for o in listed)
@@ -333,19 +333,28 @@ def merge_small_files(
     packs = _load_or_write_plan(store, listed, target_pack_bytes)
     records: list[dict[str, Any]] = []
     written = 0
-    for index, objects in enumerate(packs):
-        record = _read_record(store, index)
-        if record is None:
-            record = _write_pack(store, fs, index, objects, concurrency)
-            written += 1
-        records.append(record)
-        unreadable = sum(len(r["unreadable"]) for r in records)
-        if unreadable > max_unreadable:
-            sample = "; ".join(f"{p}: {why}" for r in records for p, why in r["unreadable"])[:500]
-            raise MergeError(
-                f"{unreadable} objects could not be read (max_unreadable={max_unreadable}) merging into {output_uri}; "
-                f"{index + 1} of {len(packs)} packs are written and kept; e.g. {sample}"
-            )
+    # One pack uploads while the next one's objects are read: at most two packs in memory.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="antbatch-merge-upload") as uploader:
+        upload: Future[None] | None = None
+        for index, objects in enumerate(packs):
+            record = _read_record(store, index)
+            if record is None:
+                data, record = build_pack(objects, fetch_objects(fs, [o.path for o in objects], concurrency))
+                record = {"pack": pack_name(index), **record}
+                if upload is not None:
+                    upload.result()
+                upload = uploader.submit(_store_pack, store, index, data, record)
+                written += 1
+            records.append(record)
+            unreadable = sum(len(r["unreadable"]) for r in records)
+            if unreadable > max_unreadable:
+                sample = "; ".join(f"{p}: {why}" for r in records for p, why in r["unreadable"])[:500]
+                raise MergeError(
+                    f"{unreadable} objects could not be read (max_unreadable={max_unreadable}) merging into "
+                    f"{output_uri}; {index + 1} of {len(packs)} packs are written and kept; e.g. {sample}"
+                )
+        if upload is not None:
+            upload.result()
     result = MergeResult(
         output_uri=output_uri,
         packs=len(packs),
@@ -371,16 +380,11 @@ def merge_small_files(
     return result
 
 
-def _write_pack(
-    store: AtomicStore, fs: fsspec.AbstractFileSystem, index: int, objects: list[SmallObject], concurrency: int
-) -> dict[str, Any]:
-    contents = fetch_objects(fs, [o.path for o in objects], concurrency)
-    data, record = build_pack(objects, contents)
+def _store_pack(store: AtomicStore, index: int, data: bytes, record: dict[str, Any]) -> None:
+    """The pack first, its record second: a record means the pack is complete."""
     # A pack someone else finished first holds the same objects: keep theirs, record ours.
     store.create(pack_name(index), data)
-    record = {"pack": pack_name(index), **record}
     store.create(_record_rel(index), json.dumps(record).encode())
-    return record
 
 
 def _read_record(store: AtomicStore, index: int) -> dict[str, Any] | None:

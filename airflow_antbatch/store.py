@@ -118,6 +118,15 @@ class AtomicStore:
             self.fs.rm_file(self.path(rel))
 
 
+def with_connection_pool(url: str, options: dict[str, Any], concurrency: int) -> dict[str, Any]:
+    """s3fs opens at most 10 connections unless told otherwise, which caps any concurrency at 10."""
+    if url.split("://", 1)[0] not in _S3_PROTOCOLS:
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("max_pool_connections", concurrency)
+    return {**options, "config_kwargs": config}
+
+
 def _backend_kind(fs: fsspec.AbstractFileSystem, url: str) -> str:
     if isinstance(fs, LocalFileSystem):
         return "local"

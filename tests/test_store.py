@@ -10,11 +10,12 @@ from __future__ import annotations
 import pathlib
 import threading
 import zipfile
+from typing import Any
 
 import pytest
 
 from airflow_antbatch.errors import StoreError, UnsupportedStoreError
-from airflow_antbatch.store import AtomicStore
+from airflow_antbatch.store import AtomicStore, with_connection_pool
 from tests.s3_servers import StoreLocation
 
 RACERS = 8
@@ -163,3 +164,17 @@ def test_zip_archives_are_refused(tmp_path: pathlib.Path) -> None:
     with pytest.raises(UnsupportedStoreError) as info:
         AtomicStore(url)
     assert url in str(info.value) and "zip" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "expected"),
+    [
+        ("s3://b/k", {}, {"config_kwargs": {"max_pool_connections": 64}}),
+        ("s3://b/k", {"config_kwargs": {"max_pool_connections": 8}}, {"config_kwargs": {"max_pool_connections": 8}}),
+        ("/local/path", {}, {}),
+    ],
+)
+def test_s3_gets_a_connection_pool_as_large_as_the_concurrency(
+    url: str, options: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    assert with_connection_pool(url, options, 64) == expected

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import fsspec
 import fsspec.asyn
 
+from airflow_antbatch.store import with_connection_pool
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -171,7 +173,8 @@ class NearCache:
         return data
 
     def _submit(self, path: str) -> concurrent.futures.Future[bytes]:
-        fs, stripped = fsspec.core.url_to_fs(path, **self.storage_options)
+        options = with_connection_pool(path, self.storage_options, self.options.concurrency)
+        fs, stripped = fsspec.core.url_to_fs(path, **options)
         if getattr(fs, "async_impl", False):
             if self._limit is None:
                 self._limit = asyncio.Semaphore(self.options.concurrency)
