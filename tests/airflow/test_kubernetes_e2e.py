@@ -138,7 +138,8 @@ def test_worker_pods_score_every_row_once_and_a_cleared_worker_skips_committed_s
 
     run = dag.test()
     assert run.state == "success", _states(run)
-    assert collections.Counter(committed_ids(output)) == collections.Counter(table.column("txn_id").to_pylist())
+    ids = committed_ids(output)
+    assert collections.Counter(ids) == collections.Counter(table.column("txn_id").to_pylist())
     manifest = read_manifest(output)
     assert manifest is not None and manifest["rows"] == table.num_rows
 
@@ -178,7 +179,7 @@ def test_worker_pods_score_every_row_once_and_a_cleared_worker_skips_committed_s
     assert summary["shards_committed"] == 0 and summary["shards_skipped"] == 6
     assert _ledger_files(ledger) == before
     assert ("1", "2") in _worker_pods(kube_cluster)
-    assert committed_ids(output) == committed_ids(output) and read_manifest(output) == manifest
+    assert committed_ids(output) == ids and read_manifest(output) == manifest
 
 
 def _clear_and_run(dag: Any, run: Any, *, map_index: int) -> dict[str, Any]:
