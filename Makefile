@@ -80,6 +80,13 @@ bench-quick: $(STAMP) $(BENCH_STAMP)
 bench: $(STAMP) $(BENCH_STAMP)
 	$(PY) -m bench.run
 
+# Kill a job at half its rows and rerun it: antbatch's resume against Ray Data's row-id
+# checkpointing, and both from scratch (docs/benchmarks.md, "Resume after a kill").
+.PHONY: bench-resume
+
+bench-resume: $(STAMP) $(BENCH_STAMP)
+	$(PY) -m bench.resume
+
 # Small objects behind S3 (SeaweedFS from the test extra, latency added by a proxy): unmerged
 # reads against merge + packs, and the merge's concurrency sweep. The PNG is drawn in bench/.venv-ray.
 .PHONY: bench-smallfiles-quick bench-smallfiles

@@ -11,7 +11,9 @@ writes land locally and pay the latency and bandwidth once, on close (a single P
 The figures come from the environment (``ANTBATCH_BENCH_LATENCY_S``,
 ``ANTBATCH_BENCH_BANDWIDTH_MBS``, ``ANTBATCH_BENCH_BLOCK_MB``), so subprocesses of every system
 (the antbatch worker, Ray's workers) see the same ones. Importing this module registers the
-``latency`` protocol with fsspec.
+``latency`` protocol with fsspec. Where ``ANTBATCH_BENCH_READ_LOG`` names a folder, every GET is
+also appended there (path, first byte, length), one file per process, so that a harness can tell
+which bytes of which input a whole process tree read (``bench.resume``).
 """
 
 from __future__ import annotations
@@ -31,11 +33,20 @@ from fsspec.spec import AbstractBufferedFile
 DEFAULT_LATENCY_S = 0.020
 DEFAULT_BANDWIDTH_MBS = 100.0
 DEFAULT_BLOCK_MB = 5.0
+READ_LOG_ENV = "ANTBATCH_BENCH_READ_LOG"
 
 
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name)
     return float(value) if value else default
+
+
+def log_get(path: str, start: int, nbytes: int) -> None:
+    """Record one GET under ``$ANTBATCH_BENCH_READ_LOG`` (when set): a line per request, appended."""
+    directory = os.environ.get(READ_LOG_ENV)
+    if directory:
+        with open(os.path.join(directory, f"{os.getpid()}.tsv"), "a") as handle:
+            handle.write(f"{path}\t{start}\t{nbytes}\n")
 
 
 class LatencyFileSystem(fsspec.AbstractFileSystem):
@@ -109,8 +120,10 @@ class LatencyFileSystem(fsspec.AbstractFileSystem):
         self.local.rm_file(self._strip_protocol(path))
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
-        data: bytes = self.local.cat_file(self._strip_protocol(path), start=start, end=end)
+        local = self._strip_protocol(path)
+        data: bytes = self.local.cat_file(local, start=start, end=end)
         self.request("get", len(data))
+        log_get(local, _offset(start, local), len(data))
         return data
 
     # -- files -------------------------------------------------------------------------------
@@ -132,6 +145,13 @@ class LatencyFileSystem(fsspec.AbstractFileSystem):
         raise ValueError(f"latency filesystem: unsupported mode {mode!r}")
 
 
+def _offset(start: int | None, path: str) -> int:
+    """A ``cat_file`` start as a byte offset (None: 0; negative: from the end)."""
+    if start is None:
+        return 0
+    return start if start >= 0 else max(0, os.path.getsize(path) + start)
+
+
 class LatencyFile(AbstractBufferedFile):  # type: ignore[misc]
     """A read-only file whose every uncached range costs one simulated GET."""
 
@@ -140,6 +160,7 @@ class LatencyFile(AbstractBufferedFile):  # type: ignore[misc]
             handle.seek(start)
             data = handle.read(max(0, end - start))
         self.fs.request("get", len(data))
+        log_get(self.path, start, len(data))
         return data
 
 
