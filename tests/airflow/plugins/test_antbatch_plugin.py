@@ -17,6 +17,7 @@ import pytest
 
 from airflow_antbatch.finalize import finalize_job
 from tests.airflow.plugins.conftest import token
+from tests.airflow.test_dag_e2e import _load_dag
 from tests.conftest import REPO_ROOT
 from tests.progress_jobs import QUARANTINE_REASON, ROWS_PER_SHARD, SHARDS, RunningJob
 
@@ -164,3 +165,20 @@ def test_the_extra_link_opens_the_page_of_the_task() -> None:
     )
     for operator in (ShardLedgerSensor, LocalBatchWorkerOperator):
         assert [type(x) for x in operator.operator_extra_links] == [AntBatchJobLink]
+
+
+def test_a_finished_sensor_task_stores_its_link_for_the_ui(
+    airflow_db: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Airflow 3 computes the link on the worker when the task ends and keeps it in XCom."""
+    job = RunningJob.plan(tmp_path)
+    for i in range(SHARDS):
+        job.commit(i)
+    monkeypatch.setenv("ANTBATCH_TEST_PLAN_URI", job.plan_uri)
+    run = _load_dag("antbatch_sensor_dags.py", "antbatch_deferred_sensor").test()
+    [ti] = run.get_task_instances()
+    assert ti.state == "success"
+    link = ti.xcom_pull(task_ids=ti.task_id, key="_link_AntBatchJobLink")
+    assert link == f"/antbatch/job?dag_id=antbatch_deferred_sensor&run_id={quote(run.run_id, safe='')}" + (
+        "&task_id=wait_for_shards&map_index=-1"
+    )
