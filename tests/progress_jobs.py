@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import pathlib
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,22 +45,32 @@ class RunningJob:
     held: dict[int, Lease] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def plan(cls, root: pathlib.Path, *, lease_ttl_s: float = 60.0) -> RunningJob:
+    def plan(
+        cls,
+        root: pathlib.Path,
+        *,
+        lease_ttl_s: float = 60.0,
+        output_uri: str | None = None,
+        storage_options: Any = None,
+    ) -> RunningJob:
+        """Local input under ``root``; the output and ledger under ``root/out`` or ``output_uri``."""
         write_input(root)
         spec = JobSpec(
             input_uri=str(root / "in"),
-            output_uri=str(root / "out"),
+            output_uri=output_uri or str(root / "out"),
             model=f"{TABULAR}:build_model",
             max_shard_rows=ROWS_PER_SHARD,
             lease_ttl_s=lease_ttl_s,
+            storage_options=storage_options or {},
         )
-        return cls.attach(plan_job(spec).plan_uri)
+        return cls.attach(plan_job(spec).plan_uri, storage_options)
 
     @classmethod
-    def attach(cls, plan_uri: str) -> RunningJob:
+    def attach(cls, plan_uri: str, storage_options: dict[str, Any] | None = None) -> RunningJob:
         """Take up a job planned elsewhere (by a plan task) as its worker ``worker-0``."""
-        ledger = Ledger.open(plan_uri)
-        job = cls(plan_uri, ledger, AtomicStore(ledger.plan.spec.output_uri), WorkerIdentity("worker-0"))
+        ledger = Ledger.open(plan_uri, storage_options)
+        output = AtomicStore(ledger.plan.spec.output_uri, storage_options)
+        job = cls(plan_uri, ledger, output, WorkerIdentity("worker-0"))
         job.heartbeat()
         return job
 

@@ -6,6 +6,7 @@ import io
 import json
 import pathlib
 import threading
+import time
 
 import pytest
 from rich.console import Console
@@ -14,10 +15,12 @@ from airflow_antbatch import cli
 from airflow_antbatch.progress import JobProgress, throughput_timeline
 from airflow_antbatch.status_view import duration, show, watch
 from tests.progress_jobs import QUARANTINE_REASON, ROWS_PER_SHARD, SHARDS, RunningJob, mid_run
+from tests.s3_servers import StoreLocation
 
 
 def _status(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    assert cli.main(["status", *args]) == 0
+    argv = list(args) if "status" in args else ["status", *args]
+    assert cli.main(argv) == 0
     return capsys.readouterr().out
 
 
@@ -131,3 +134,23 @@ def test_timeline_buckets_rows_per_second() -> None:
     assert [rate for _, rate in timeline] == [10.0, 0.0, 0.0, 0.0, 20.0]
     assert throughput_timeline([], buckets=5) == ()
     assert [duration(s) for s in (None, 42, 185, 3725)] == ["-", "42s", "3m05s", "1h02m"]
+
+
+@pytest.mark.slow
+def test_json_on_an_s3_ledger(
+    tmp_path: pathlib.Path, moto_location: StoreLocation, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On S3 the commit times come from LastModified, and the quarantine file is read through s3fs."""
+    options = moto_location.storage_options
+    job = RunningJob.plan(tmp_path, output_uri=moto_location.url, storage_options=options)
+    job.commit(0, quarantined=3)
+    job.commit(1)
+    started = time.time()
+    doc = json.loads(_status(capsys, "--storage-options", json.dumps(options), "status", moto_location.url, "--json"))
+    assert (doc["committed"], doc["quarantined_rows"], doc["plan_uri"]) == (2, 3, job.plan_uri)
+    assert abs(doc["timeline"][0]["t"] - started) < 120  # a real modification time, not "now"
+    progress = JobProgress(job.plan_uri, options)
+    snap = progress.snapshot()
+    assert progress.quarantine_reasons(snap.quarantine_files) == {
+        snap.quarantine_files[0].shard_id: {QUARANTINE_REASON: 3}
+    }
