@@ -340,7 +340,7 @@ class RayJob:
             # antbatch's shards here.
             "RAY_DATA_PARQUET_BIN_PACKING_BYTES": str(largest_row_group(input_dir)),
         }
-        self.config = {
+        self.config: dict[str, Any] = {
             "system": "ray",
             "workload": "single",
             "input_dir": input_dir,
@@ -375,12 +375,12 @@ class RayJob:
 
 def largest_row_group(input_dir: str) -> int:
     """Uncompressed bytes of the input's largest row group."""
-    sizes = []
+    sizes: list[int] = []
     for name in os.listdir(input_dir):
         if name.endswith(".parquet"):
             meta = pq.read_metadata(os.path.join(input_dir, name))
             sizes.extend(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
-    return max(sizes)
+    return int(max(sizes))
 
 
 def committed_row_groups(input_dir: str, ids: np.ndarray) -> Ranges:
@@ -444,7 +444,7 @@ def _ray_rerun(job: RayJob, work: str, tag: str, committed: Ranges, rows: int) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.resume", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="2,048 rows (under 4 minutes); default 8,192")
+    parser.add_argument("--quick", action="store_true", help="2,048 rows instead of 8,192 (a few minutes)")
     parser.add_argument("--systems", default="antbatch,ray", help="comma-separated subset of antbatch,ray")
     parser.add_argument("--work", default=os.environ.get("ANTBATCH_BENCH_WORK", "/tmp/antbatch-bench"))
     parser.add_argument("--out", default=os.path.join(RESULTS, "resume.json"))
