@@ -109,10 +109,32 @@ def _kills(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def _splits(report: dict[str, Any]) -> list[str]:
+    out = []
+    for rerun, label in RERUNS.items():
+        if "antbatch" in report:
+            a = report["antbatch"][rerun]
+            out.append(
+                f"- *antbatch*, {label}: `antbatch plan` {a['plan_wall_s']} s, `antbatch worker` "
+                f"{a['worker_wall_s']} s (of which the worker's own shard loop, as its summary counts it, "
+                f"{a['worker_reported_s']} s; the rest is starting Python, importing torch, loading the code and "
+                "starting the preprocess processes); "
+                f"{a['shards_skipped']} shards skipped as committed."
+            )
+        if "ray" in report:
+            r = report["ray"][rerun]
+            loading = " (loading the checkpoint, itself a Ray Data job, and the filter actor's start included)"
+            out.append(
+                f"- *Ray Data*, {label}: `import ray` + `ray.init` {r['startup_s']} s, the job {r['job_s']} s"
+                f"{loading if rerun == 'resume' else ''}, the rest process start and shutdown."
+            )
+    return out
+
+
 def markdown(report: dict[str, Any], source: str) -> str:
     data = report["data"]
     git = report["git"]
-    load = report["load_avg_before"], report["load_avg_after"]
+    load = [" / ".join(f"{x:.1f}" for x in report[k]) for k in ("load_avg_before", "load_avg_after")]
     changed = " with local changes to airflow_antbatch/" if git.get("airflow_antbatch_modified") else ""
     parts = [
         BEGIN,
@@ -167,7 +189,7 @@ def markdown(report: dict[str, Any], source: str) -> str:
         f"{report['finished_at']} in {report['wall_s']:.0f} s, antbatch at commit `{git['commit']}`{changed}. "
         f"{data['rows']:,} rows in {data['files']} files of {data['row_group_rows']}-row row groups "
         f"({_mb(data['input_bytes'])} MB); antbatch shards of {report['max_shard_rows']} rows, batches of "
-        f"{report['batch_size']}. Load average (1, 5, 15 min) before {load[0]}, after {load[1]}: the machine "
+        f"{report['batch_size']}. Load average (1 / 5 / 15 min) before {load[0]}, after {load[1]}: the machine "
         "(2 cores) was shared with other work, so wall times are noisy; row and byte counts are not.",
         "",
         *table(report),
@@ -181,6 +203,10 @@ def markdown(report: dict[str, Any], source: str) -> str:
         "At the kill:",
         "",
         *_kills(report),
+        "",
+        "Where the rerun time goes:",
+        "",
+        *_splits(report),
         "",
         "Bars (issue 6: the rerun recomputes at most the shards in flight at the kill and re-reads no",
         "committed shard's input; every rerun's output has every row once):",
