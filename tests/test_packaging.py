@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email.parser
 import pathlib
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -26,10 +27,26 @@ DIST = f"airflow_antbatch-{airflow_antbatch.__version__}"
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
-    """Wheel and sdist, built once in an isolated build environment as a release would be."""
+    """Wheel and sdist, built once in an isolated build environment as a release would be.
+
+    Built from a copy of the checkout's files: setuptools writes ``*.egg-info`` into the
+    source tree, and one left in the repository makes Airflow see the provider's entry
+    points twice in the tests that follow."""
     out = tmp_path_factory.mktemp("dist")
+    src = tmp_path_factory.mktemp("src")
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    for name in listed:
+        if (REPO_ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, src / name)
     result = subprocess.run(
-        [sys.executable, "-m", "build", "--outdir", str(out), str(REPO_ROOT)],
+        [sys.executable, "-m", "build", "--outdir", str(out), str(src)],
         capture_output=True,
         text=True,
         timeout=240,
