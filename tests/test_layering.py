@@ -11,11 +11,15 @@ WORKER_SIDE = [
     "airflow_antbatch.cli",
     "airflow_antbatch.finalize",
     "airflow_antbatch.ledger",
+    "airflow_antbatch.merge",
     "airflow_antbatch.planning",
+    "airflow_antbatch.progress",
     "airflow_antbatch.spec",
+    "airflow_antbatch.status_view",
     "airflow_antbatch.store",
     "airflow_antbatch.worker.local",
     "airflow_antbatch.worker.loop",
+    "airflow_antbatch.worker.near_cache",
     "airflow_antbatch.worker.run",
 ]
 
