@@ -7,12 +7,14 @@ doc if the markers are missing); ``bench.resume`` calls it after every run.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
 from typing import Any
 
-DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks.md")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join(REPO, "docs", "benchmarks.md")
 BEGIN, END = "<!-- resume:begin -->", "<!-- resume:end -->"
 SYSTEMS = {"antbatch": "antbatch", "ray": "Ray Data"}
 RERUNS = {"resume": "resume", "scratch": "from scratch"}
@@ -196,9 +198,12 @@ def markdown(report: dict[str, Any], source: str) -> str:
         "",
         "Where committed bytes are re-read, the cause is the transfer unit, not a re-scored shard:",
         "antbatch's near cache fetches a shard's input file whole when it is small (at most 16 MiB),",
-        "so a file shared by committed and pending shards travels whole; a direct read goes through",
-        "fsspec's read-ahead (5 MiB blocks here, 50 MiB in s3fs), which runs on past the end of the",
-        "row group asked for. Ray reads every row group again and filters afterwards.",
+        "so a file that holds both committed and pending shards travels whole; a direct read goes",
+        "through fsspec's read-ahead (5 MiB blocks here, 50 MiB in s3fs), which runs on past the end",
+        "of the row group asked for. Whether that happens depends on where the kill falls: the worker",
+        "takes shards in plan order from an offset set by its id, so with 2 row groups (shards) per",
+        "file the first half committed is whole files, and with 4 it is not (compare the runs below).",
+        "Ray reads every row group again and filters afterwards.",
         "",
         "At the kill:",
         "",
@@ -213,9 +218,36 @@ def markdown(report: dict[str, Any], source: str) -> str:
         "",
         *(f"- `{k}`: {'met' if v else '**not met**'}" for k, v in report["bars"].items()),
         "",
+        *_others(source),
         END,
     ]
     return "\n".join(parts)
+
+
+def _others(source: str) -> list[str]:
+    """Every other resume result file's table and bars, so the doc shows each layout measured."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(REPO, "bench", "results", "resume*.json"))):
+        if os.path.abspath(path) == os.path.abspath(os.path.join(REPO, source)):
+            continue
+        with open(path) as handle:
+            other = json.load(handle)
+        data = other["data"]
+        out += [
+            f"### Also: `{os.path.relpath(path, REPO)}` (`{other['command']}`, finished {other['finished_at']})",
+            "",
+            f"{data['rows']:,} rows in {data['files']} files of {data['row_group_rows']}-row row groups; antbatch "
+            f"shards of {other['max_shard_rows']} rows; load average before "
+            f"{' / '.join(f'{x:.1f}' for x in other['load_avg_before'])}.",
+            "",
+            *table(other),
+            "",
+            *_kills(other),
+            "",
+            "Bars: " + ", ".join(f"`{k}` {'met' if v else '**not met**'}" for k, v in other["bars"].items()) + ".",
+            "",
+        ]
+    return out
 
 
 def write_doc(report: dict[str, Any], source: str, path: str = DOC) -> None:
