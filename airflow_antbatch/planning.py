@@ -323,7 +323,17 @@ def cut_shards(files: list[InputFile], max_rows: int, target_bytes: int, *, spli
         size += unit.size
     if current:
         shards.append(current)
-    return [_make_shard(i, pieces) for i, pieces in enumerate(shards)]
+    groups = {f.path: len(f.row_groups) for f in files if f.row_groups is not None}
+    return [_make_shard(i, [_whole_or_part(p, groups) for p in pieces]) for i, pieces in enumerate(shards)]
+
+
+def _whole_or_part(piece: Piece, groups: dict[str, int]) -> Piece:
+    """Only a piece that is its whole file keeps the file's size and version, the near cache's
+    key: a cache that fetched a whole file for one row group would read other shards' rows."""
+    partial = piece.byte_range is not None or (
+        piece.row_groups is not None and len(piece.row_groups) != groups.get(piece.path)
+    )
+    return dataclasses.replace(piece, file_size=None, version=None) if partial else piece
 
 
 def _units(files: list[InputFile], range_bytes: int | None) -> Iterable[Piece]:

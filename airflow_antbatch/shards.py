@@ -31,7 +31,8 @@ class Piece:
     rows: int | None = None
     row_groups: tuple[int, ...] | None = None
     byte_range: tuple[int, int] | None = None
-    # The whole file's size and version (ETag or mtime) at planning: what the near cache keys on.
+    # The file's size and version (ETag or mtime) at planning, set only where the piece is the
+    # whole file: what the near cache fetches and keys on.
     file_size: int | None = None
     version: str | None = None
 

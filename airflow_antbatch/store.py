@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 import uuid
@@ -72,7 +73,9 @@ class AtomicStore:
             return _s3_create(self.fs, path, data)
         except (StoreError, FileNotFoundError):
             raise
-        except OSError as exc:
+        except Exception as exc:
+            if not is_transport_error(exc):
+                raise
             raise StoreError(f"create of {self.uri(rel)} failed: {exc}") from exc
 
     def read(self, rel: str) -> bytes | None:
@@ -82,7 +85,9 @@ class AtomicStore:
             return bytes(self.fs.cat_file(self.path(rel)))
         except FileNotFoundError:
             return None
-        except OSError as exc:
+        except Exception as exc:
+            if not is_transport_error(exc):
+                raise
             raise StoreError(f"read of {self.uri(rel)} failed: {exc}") from exc
 
     def put(self, rel: str, data: bytes, *, kind: str = "put") -> None:
@@ -94,7 +99,9 @@ class AtomicStore:
                 _local_replace(path, data)
             else:
                 self.fs.pipe_file(path, data)
-        except OSError as exc:
+        except Exception as exc:
+            if not is_transport_error(exc):
+                raise
             raise StoreError(f"write of {self.uri(rel)} failed: {exc}") from exc
 
     def list(self, rel: str, *, recursive: bool = True) -> list[str]:
@@ -106,7 +113,9 @@ class AtomicStore:
             found = self.fs.find(base) if recursive else self.fs.ls(base, detail=False)
         except FileNotFoundError:
             return []
-        except OSError as exc:
+        except Exception as exc:
+            if not is_transport_error(exc):
+                raise
             raise StoreError(f"listing of {self.uri(rel)} failed: {exc}") from exc
         prefix = base.rstrip("/") + "/"
         names = (p[len(prefix) :] for p in found if p.startswith(prefix))
@@ -116,6 +125,19 @@ class AtomicStore:
         self._count("delete")
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.path(rel))
+
+
+def is_transport_error(exc: BaseException) -> bool:
+    """The store could not be reached or answered with an error: OSError, or one of the S3
+    client's own exceptions (botocore's and aiohttp's are not OSErrors). Only modules already
+    loaded are consulted: an error cannot come from a client that was never imported."""
+    if isinstance(exc, OSError):
+        return True
+    for module, name in (("botocore.exceptions", "BotoCoreError"), ("aiohttp", "ClientError")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return True
+    return False
 
 
 def with_connection_pool(url: str, options: dict[str, Any], concurrency: int) -> dict[str, Any]:

@@ -49,7 +49,10 @@ class Heartbeat:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        self.beat(final_state)
+        try:
+            self.beat(final_state)
+        except StoreError as exc:  # others then wait out the lease instead: slower, not wrong
+            log.warning("could not write the final heartbeat (%s): %s", final_state, exc)
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):

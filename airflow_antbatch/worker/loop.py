@@ -7,13 +7,15 @@ most two leases: the shard being scored and the next one, read ahead while the f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import io
 import logging
 import threading
 import time
 import zlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,6 +24,7 @@ from airflow_antbatch.errors import ShardError, StoreError
 from airflow_antbatch.ledger import Lease, Ledger, WorkerIdentity
 from airflow_antbatch.states import ShardState
 from airflow_antbatch.store import AtomicStore
+from airflow_antbatch.worker.backoff import retry_store
 from airflow_antbatch.worker.heartbeat import Heartbeat
 from airflow_antbatch.worker.local import available_cpus
 from airflow_antbatch.worker.near_cache import CacheOptions, NearCache
@@ -30,13 +33,14 @@ from airflow_antbatch.worker.progress import ProgressLog
 from airflow_antbatch.worker.reader import iter_batches
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from airflow_antbatch.shards import Shard
     from airflow_antbatch.worker.job_code import JobCode
     from airflow_antbatch.worker.pipeline import ShardWork
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_LEASES = 2  # the shard in the model stages and the next, being read
 
@@ -89,6 +93,8 @@ class Worker:
         self.identity = identity
         self.stop = stop or threading.Event()
         ttl = float(self.plan.spec.lease_ttl_s)
+        # How long a store outage is ridden out before the worker gives up (and its task retries).
+        self.store_patience_s = max(120.0, 4 * ttl)
         self.poll_interval_s = poll_interval_s or min(5.0, max(0.1, ttl / 4))
         self.output = AtomicStore(self.plan.spec.output_uri, dict(self.plan.spec.storage_options))
         options = options or PipelineOptions(cpu_budget=available_cpus())
@@ -120,7 +126,7 @@ class Worker:
         }
 
     def run(self) -> WorkerSummary:
-        self._heartbeat.start()
+        self._patiently(self._heartbeat.start, "writing the first heartbeat")
         final = "failed"
         try:
             self.pipeline.run(self._claims())
@@ -151,7 +157,7 @@ class Worker:
     def _claims(self) -> Iterator[tuple[Lease, Shard]]:
         """Claimed shards for the pipeline's reader, while it holds fewer than MAX_LEASES."""
         shards = {s.shard_id: s for s in self.plan.shards}
-        committed = self.ledger.committed_shards()
+        committed = self._patiently(self.ledger.committed_shards, "listing the committed shards")
         self._progress.start(len(committed))
         self.summary.shards_skipped = len(committed & shards.keys())
         if self.summary.shards_skipped:
@@ -170,7 +176,7 @@ class Worker:
             for shard_id in list(pending):
                 if self.stop.is_set() or len(self._in_flight) >= MAX_LEASES:
                     break
-                outcome = self.ledger.try_claim(shard_id, self.identity)
+                outcome = self._patiently(functools.partial(self.ledger.try_claim, shard_id, self.identity), "claiming")
                 if isinstance(outcome, Lease):
                     progressed = True
                     pending.remove(shard_id)
@@ -244,6 +250,11 @@ class Worker:
                 f"shard {lease.shard_id}: {len(work.quarantined)} bad records, more than quarantine_limit={limit} "
                 f"(e.g. {reasons})"
             )
+        if isinstance(work.error, StoreError):
+            # The store, not the shard: give the try back uncounted and claim the shard again.
+            log.warning("%s: shard %s: %s; giving it back", self.identity.worker_id, lease.shard_id, work.error)
+            self._release_quietly(lease, "store error while reading")
+            return False
         if work.error is not None:
             self.summary.shards_failed += 1
             error = f"{type(work.error).__name__}: {work.error}"
@@ -264,22 +275,28 @@ class Worker:
         quarantine = self._write_quarantine(work) if work.quarantined else None
         # Durable output first, commit second: a crash in between leaves an uncommitted file
         # at a fixed name that the next try overwrites with the same rows.
-        self.output.put(name, _parquet_bytes(table), kind="data")
-        if not self.ledger.holds(lease):
+        data = _parquet_bytes(table)
+        self._patiently(lambda: self.output.put(name, data, kind="data"), f"writing {name}")
+        if not self._patiently(lambda: self.ledger.holds(lease), "checking the lease"):
             self.summary.shards_lost += 1
             log.warning("%s: lease on %s was taken over; not committing", self.identity.worker_id, shard_id)
             return False
         quarantined = sum(q.batch.num_rows for q in work.quarantined)
-        if not self.ledger.commit(
-            lease, file=name, rows=table.num_rows, quarantined=quarantined, quarantine_file=quarantine
-        ):
+        committed = self._patiently(
+            lambda: self.ledger.commit(
+                lease, file=name, rows=table.num_rows, quarantined=quarantined, quarantine_file=quarantine
+            ),
+            f"committing {shard_id}",
+        )
+        if not committed:
             self.summary.shards_lost += 1
             log.warning("%s: shard %s was committed by another try", self.identity.worker_id, shard_id)
             return True
         self.summary.shards_committed += 1
         self.summary.rows_committed += table.num_rows
         self.summary.rows_quarantined += quarantined
-        self._heartbeat.beat()
+        with contextlib.suppress(StoreError):  # fresh counts for status; the heartbeat thread retries
+            self._heartbeat.beat()
         log.info(
             "%s: committed shard %s (%d rows%s) in %.1fs; this worker: %d shards, %d rows",
             self.identity.worker_id,
@@ -299,8 +316,12 @@ class Worker:
             for q in work.quarantined
         ]
         name = self.plan.quarantine_name(work.shard.shard_id)
-        self.output.put(name, _parquet_bytes(pa.concat_tables(tables, promote_options="default")), kind="data")
+        data = _parquet_bytes(pa.concat_tables(tables, promote_options="default"))
+        self._patiently(lambda: self.output.put(name, data, kind="data"), f"writing {name}")
         return name
+
+    def _patiently(self, call: Callable[[], T], what: str) -> T:
+        return retry_store(call, what=what, patience_s=self.store_patience_s, stop=self.stop)
 
     def _release_quietly(self, lease: Lease, reason: str) -> None:
         try:

@@ -11,7 +11,8 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from airflow_antbatch.errors import InputError
+from airflow_antbatch.errors import InputError, StoreError
+from airflow_antbatch.store import is_transport_error
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -47,6 +48,11 @@ def iter_batches(
             raise InputError(f"shard {shard.shard_id}: input file {piece.path} disappeared after planning") from exc
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise InputError(f"shard {shard.shard_id}: cannot read {fmt} file {piece.path}: {exc}") from exc
+        except Exception as exc:
+            if not is_transport_error(exc):
+                raise
+            # The store, not the file: the worker gives the shard back uncounted.
+            raise StoreError(f"shard {shard.shard_id}: reading {piece.path} failed: {exc}") from exc
 
 
 def _read_piece(

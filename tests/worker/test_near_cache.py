@@ -126,3 +126,16 @@ def test_a_job_over_many_small_files_reads_them_through_the_cache(
     assert summary.cache["hits"] == 24 and summary.cache["misses"] == 0 and summary.cache["bytes_prefetched"] > 0
     ids = pq.read_table(str(tmp_path / "out"), columns=["txn_id"]).column("txn_id").to_pylist()
     assert collections.Counter(ids) == collections.Counter(range(480))
+
+
+def test_a_shard_of_some_row_groups_of_a_file_streams_them_instead_of_fetching_the_file(
+    tmp_path: pathlib.Path,
+) -> None:
+    write_transactions(tmp_path / "in", files=2, rows_per_file=40, row_group_size=10)  # 4 row groups a file
+    spec = JobSpec(input_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "out"), model="m:f", max_shard_rows=20)
+    plan = plan_job(spec).plan
+    pieces = [p for s in plan.shards for p in s.pieces]
+    assert len(plan.shards) == 4 and all(p.row_groups is not None and len(p.row_groups) == 2 for p in pieces)
+    assert not any(NearCache().cacheable(p) for p in pieces)
+    whole = plan_job(JobSpec(input_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "o2"), model="m:f")).plan
+    assert all(NearCache().cacheable(p) for s in whole.shards for p in s.pieces)
