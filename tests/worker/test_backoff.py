@@ -15,14 +15,11 @@ import pytest
 from airflow_antbatch.errors import StoreError
 from airflow_antbatch.examples import tabular
 from airflow_antbatch.ledger import Ledger, WorkerIdentity
-from airflow_antbatch.planning import plan_job
-from airflow_antbatch.spec import JobSpec
 from airflow_antbatch.store import AtomicStore, is_transport_error
 from airflow_antbatch.worker import backoff
 from airflow_antbatch.worker.backoff import retry_store
 from airflow_antbatch.worker.job_code import JobCode
 from airflow_antbatch.worker.loop import Worker
-from tests.conftest import TABULAR
 
 
 def test_retry_store_waits_out_an_outage_and_gives_up_past_its_patience(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,18 +55,10 @@ def test_client_errors_that_are_not_oserrors_count_as_store_errors() -> None:
 
 
 def test_a_worker_rides_out_a_store_outage_and_commits_every_shard_once(
-    transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    plan_uri: str, transactions: tuple[pathlib.Path, pa.Table], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    directory, table = transactions
-    spec = JobSpec(
-        input_uri=str(directory),
-        output_uri=str(tmp_path / "out"),
-        model=f"{TABULAR}:build_model",
-        id_column="txn_id",
-        max_shard_rows=500,
-        lease_ttl_s=30.0,
-    )
-    ledger = Ledger.open(plan_job(spec).plan_uri)
+    _, table = transactions
+    ledger = Ledger.open(plan_uri)
     monkeypatch.setattr(backoff, "FIRST_DELAY_S", 0.05)
     down: list[float] = []  # the outage: 1.5 s from the first commit on, every request fails
     failures = collections.Counter[str]()
@@ -97,6 +86,6 @@ def test_a_worker_rides_out_a_store_outage_and_commits_every_shard_once(
     summary = Worker(ledger, WorkerIdentity("w0"), code).run()
     assert failures["create"] > 0 and failures["put"] > 0 and summary.outcome == "finished"
     assert summary.shards_committed == 6 and summary.shards_failed == 0
-    out = pathlib.Path(spec.output_uri)
+    out = pathlib.Path(ledger.plan.spec.output_uri)
     ids = [i for r in ledger.commit_records() for i in pq.read_table(out / r.file)["txn_id"].to_pylist()]
     assert collections.Counter(ids) == collections.Counter(table["txn_id"].to_pylist())

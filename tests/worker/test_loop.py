@@ -7,30 +7,11 @@ import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from airflow_antbatch.examples import tabular
 from airflow_antbatch.ledger import Ledger, WorkerIdentity
-from airflow_antbatch.planning import plan_job
-from airflow_antbatch.spec import JobSpec
 from airflow_antbatch.worker.job_code import JobCode
 from airflow_antbatch.worker.loop import MAX_LEASES, Worker
-from tests.conftest import TABULAR
-
-
-@pytest.fixture
-def plan_uri(transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path) -> str:
-    directory, _ = transactions
-    spec = JobSpec(
-        input_uri=str(directory),
-        output_uri=str(tmp_path / "out"),
-        model=f"{TABULAR}:build_model",
-        id_column="txn_id",
-        max_shard_rows=500,
-        batch_size=100,
-        lease_ttl_s=5.0,
-    )
-    return plan_job(spec).plan_uri
 
 
 def _worker(plan_uri: str, worker_id: str, code: JobCode | None = None, **kw: object) -> Worker:

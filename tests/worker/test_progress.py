@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import pathlib
 import re
 import time
 
@@ -12,11 +11,8 @@ import pytest
 
 from airflow_antbatch.examples import tabular
 from airflow_antbatch.ledger import Ledger, WorkerIdentity
-from airflow_antbatch.planning import plan_job
-from airflow_antbatch.spec import JobSpec
 from airflow_antbatch.worker.job_code import JobCode
 from airflow_antbatch.worker.loop import Worker
-from tests.conftest import TABULAR
 
 LINE = re.compile(
     r"progress: w0: (\d+) shards \((\d+) rows\) committed by this worker, [\d.]+ rows/s; "
@@ -24,19 +20,8 @@ LINE = re.compile(
 )
 
 
-def test_a_slow_job_logs_progress_lines_as_it_goes(
-    transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    directory, _ = transactions
-    spec = JobSpec(
-        input_uri=str(directory),
-        output_uri=str(tmp_path / "out"),
-        model=f"{TABULAR}:build_model",
-        id_column="txn_id",
-        max_shard_rows=500,
-        batch_size=50,
-    )
-    ledger = Ledger.open(plan_job(spec).plan_uri)
+def test_a_slow_job_logs_progress_lines_as_it_goes(plan_uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    ledger = Ledger.open(plan_uri)
 
     def slow_preprocess(batch: pa.RecordBatch) -> object:
         time.sleep(0.05)

@@ -1,0 +1,28 @@
+"""Fixtures shared by the worker tests."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pyarrow as pa
+import pytest
+
+from airflow_antbatch.planning import plan_job
+from airflow_antbatch.spec import JobSpec
+from tests.conftest import TABULAR
+
+
+@pytest.fixture
+def plan_uri(transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path) -> str:
+    """The tabular example job over ``transactions``: 6 shards of 500 rows, batches of 100."""
+    directory, _ = transactions
+    spec = JobSpec(
+        input_uri=str(directory),
+        output_uri=str(tmp_path / "out"),
+        model=f"{TABULAR}:build_model",
+        id_column="txn_id",
+        max_shard_rows=500,
+        batch_size=100,
+        lease_ttl_s=5.0,
+    )
+    return plan_job(spec).plan_uri
