@@ -378,12 +378,13 @@ def _other_reports(source: str) -> list[tuple[str, dict[str, Any]]]:
     if os.path.isdir(directory):
         for name in sorted(os.listdir(directory)):
             path = os.path.join(directory, name)
-            # smallfiles*.json belong to bench.smallfiles_report, a benchmark of another shape.
-            if name.startswith("smallfiles"):
+            if not name.endswith(".json") or os.path.abspath(path) == os.path.abspath(os.path.join(REPO, source)):
                 continue
-            if name.endswith(".json") and os.path.abspath(path) != os.path.abspath(os.path.join(REPO, source)):
-                with open(path) as handle:
-                    found.append((name, json.load(handle)))
+            with open(path) as handle:
+                report = json.load(handle)
+            # Only this harness's results: smallfiles*.json and resume*.json have reports of their own.
+            if "config" in report and "single" in report:
+                found.append((name, report))
     return found
 
 
