@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_antbatch import exit_codes
 from airflow_antbatch.errors import AntBatchError
+from airflow_antbatch.object_reader import READERS
 from airflow_antbatch.spec import AUTOCAST_DTYPES, JobSpec, ModelStage
 
 if TYPE_CHECKING:
@@ -197,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-unreadable", type=_count(0), default=100, help="objects that may vanish or fail to read (default 100)"
     )
+    p.add_argument(
+        "--reader",
+        choices=READERS,
+        default="auto",
+        help="what reads the objects: obstore (S3, a tenth of the CPU), s3fs, or auto (obstore where it applies)",
+    )
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("status", help="shards by state, rows, throughput, ETA, workers and quarantined records")
@@ -333,10 +340,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         max_unreadable=args.max_unreadable,
         storage_options=args.storage_options,
+        reader=args.reader,
     )
     text = (
         f"{result.objects} objects ({result.bytes} bytes) in {result.packs} packs under {result.output_uri} "
-        f"({result.packs_written} written, {result.packs_skipped} already there), {len(result.unreadable)} unreadable; "
+        f"({result.packs_written} written, {result.packs_skipped} already there, read with {result.reader}), "
+        f"{len(result.unreadable)} unreadable; "
         f"manifest {result.output_uri.rstrip('/')}/_merge/manifest.json"
     )
     _print(args, result.to_dict(), text)

@@ -110,7 +110,7 @@ def elastic_batch_inference(
     ``path`` and ``data`` bytes. ``"auto"`` merges only when the median object of the one
     ``input_uri`` is under ``SMALL_OBJECT_BYTES``, and otherwise lets the job read the input as
     it is (the format is then inferred from the file names). ``merge_kwargs`` go to the merge
-    operator (``target_pack_bytes``, ``concurrency``, ``max_unreadable``, ``list_file``).
+    operator (``target_pack_bytes``, ``concurrency``, ``max_unreadable``, ``list_file``, ``reader``).
     """
     if merge_small_files not in (False, True, "auto"):
         raise ValueError(f"merge_small_files must be True, False or 'auto', got {merge_small_files!r}")

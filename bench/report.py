@@ -432,14 +432,18 @@ def plot(reports: list[dict[str, Any]], path: str = PNG) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def result_argument(argv: list[str] | None, prog: str) -> tuple[str, dict[str, Any]]:
+    """A report command's one argument, a result JSON: its path from the repository root (the doc
+    quotes it) and what it holds."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m bench.report RESULT_JSON", file=sys.stderr)
-        return 2
-    source = os.path.relpath(os.path.abspath(args[0]), REPO)
+        raise SystemExit(f"usage: python -m {prog} RESULT_JSON")
     with open(args[0]) as handle:
-        report = json.load(handle)
+        return os.path.relpath(os.path.abspath(args[0]), REPO), json.load(handle)
+
+
+def main(argv: list[str] | None = None) -> int:
+    source, report = result_argument(argv, "bench.report")
     print(text_table(report))
     write_doc(report, source)
     plot([report, *(other for _, other in _other_reports(source))])

@@ -10,11 +10,10 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
 from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOC = os.path.join(REPO, "docs", "benchmarks.md")
+from bench.report import DOC, REPO, replace_section, result_argument
+
 BEGIN, END = "<!-- resume:begin -->", "<!-- resume:end -->"
 SYSTEMS = {"antbatch": "antbatch", "ray": "Ray Data"}
 RERUNS = {"resume": "resume", "scratch": "from scratch"}
@@ -251,26 +250,12 @@ def _others(source: str) -> list[str]:
 
 
 def write_doc(report: dict[str, Any], source: str, path: str = DOC) -> None:
-    with open(path) as handle:
-        text = handle.read()
-    section = markdown(report, source)
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(path, "w") as handle:
-        handle.write(text)
+    replace_section(path, BEGIN, END, markdown(report, source), append=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        raise SystemExit("usage: python -m bench.resume_report RESULT_JSON")
-    with open(args[0]) as handle:
-        report = json.load(handle)
-    write_doc(report, args[0])
+    source, report = result_argument(argv, "bench.resume_report")
+    write_doc(report, source)
     print(text_table(report))
     return 0
 

@@ -8,12 +8,10 @@ PNG only (bench/.venv-ray), as for ``bench.report``.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from typing import Any
 
-from bench.report import DOC, REPO, replace_section
+from bench.report import DOC, REPO, replace_section, result_argument
 
 PNG = os.path.join(REPO, "docs", "benchmarks-smallfiles.png")
 BEGIN, END = "<!-- smallfiles:begin -->", "<!-- smallfiles:end -->"
@@ -34,13 +32,13 @@ def text_table(report: dict[str, Any]) -> str:
         f"end to end:  unmerged {r['unmerged_e2e_objs_s']:8.0f}   merge + packed {r['packed_e2e_objs_s']:8.0f}   "
         f"{r['e2e_ratio']:.1f}x   ({r['unmerged_e2e_s']:.1f} s vs {r['packed_e2e_s']:.1f} s)",
         f"{'concurrency':>11s} {'objects':>8s} {'merge':>8s} {'limit':>8s} {'of limit':>8s} {'conns':>6s} "
-        f"{'CPU ms/obj':>10s} {'machine CPU':>11s}",
+        f"{'CPU ms/obj':>10s} {'machine CPU':>11s}  reader",
     ]
     lines += [
         f"{s['concurrency']:>11d} {s['objects']:>8d} {s['merge_objs_s']:>8.0f} {s['limit_objs_s']:>8.0f} "
         f"{s['over_limit']:>8.0%} {s['connections_max_open']:>6d} {s['client_cpu_ms_per_object']:>10.1f} "
-        f"{s['machine_cpu_util']:>11.0%}" + (f"  (pool {s['pool_connections']})" if s["pool_connections"] else "")
-        for s in [*r["sweep"], *r.get("sweep_pooled", [])]
+        f"{s['machine_cpu_util']:>11.0%}  {s['reader']}"
+        for s in [*r["sweep"], *r["sweep_s3fs"]]
     ]
     return "\n".join(lines)
 
@@ -83,10 +81,10 @@ def markdown(report: dict[str, Any], source: str) -> str:
         f"{nearest['concurrency']}, {nearest['merge_objs_s']:,.0f} of {nearest['limit_objs_s']:,.0f} objects/s "
         f"({nearest['over_limit']:.0%}).",
         "",
-        "| concurrency | s3fs pool | objects merged | merge objects/s | limit objects/s | of limit | "
+        "| concurrency | reader | objects merged | merge objects/s | limit objects/s | of limit | "
         "connections seen | requests | merge CPU ms/object | server CPU ms/object | machine CPU |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *(_sweep_row(s) for s in [*r["sweep"], *r.get("sweep_pooled", [])]),
+        *(_sweep_row(s) for s in [*r["sweep"], *r["sweep_s3fs"]]),
         "",
         *_why(r),
         "",
@@ -110,7 +108,7 @@ def markdown(report: dict[str, Any], source: str) -> str:
 
 def _sweep_row(s: dict[str, Any]) -> str:
     return (
-        f"| {s['concurrency']} | {s['pool_connections'] or 'default'} | {s['objects']:,} | {s['merge_objs_s']:,.0f} | "
+        f"| {s['concurrency']} | {s['reader']} | {s['objects']:,} | {s['merge_objs_s']:,.0f} | "
         f"{s['limit_objs_s']:,.0f} | {s['over_limit']:.0%} | {s['connections_max_open']} | {s['requests']:,} | "
         f"{s['client_cpu_ms_per_object']:.1f} | {s['server_cpu_ms_per_object']:.1f} | {s['machine_cpu_util']:.0%} |"
     )
@@ -121,31 +119,46 @@ def _best(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def cpu_ceiling(r: dict[str, Any]) -> float:
-    """Objects/s the CPU allows at the best step's cost per object: s3fs runs on one core, and
-    the client and the server together share all of them."""
+    """Objects/s the CPU allows at the best step's cost per object: the merge process, the server
+    and the latency proxy share every core (s3fs would also be held to one core by its event loop;
+    obstore's requests run on Rust threads)."""
     best = _best(r)
-    client, server = best["client_cpu_ms_per_object"], best["server_cpu_ms_per_object"]
-    return float(min(1000 / client, r["machine"]["cpu_count"] * 1000 / (client + server)))
+    per_object = best["client_cpu_ms_per_object"] + best["server_cpu_ms_per_object"] + best["proxy_cpu_ms_per_object"]
+    ceiling = r["machine"]["cpu_count"] * 1000 / per_object
+    if best["reader"] != "obstore":
+        ceiling = min(ceiling, 1000 / best["client_cpu_ms_per_object"])
+    return float(ceiling)
 
 
 def _why(r: dict[str, Any]) -> list[str]:
-    """What held the merge below the limit, from the best step's own figures."""
+    """What held the merge below the limit, from the best step's own figures, and what the reader is worth."""
     best = _best(r)
-    client, server = best["client_cpu_ms_per_object"], best["server_cpu_ms_per_object"]
+    client, server, proxy = (best[f"{k}_cpu_ms_per_object"] for k in ("client", "server", "proxy"))
     cores = r["machine"]["cpu_count"]
-    return [
-        f"At concurrency {best['concurrency']} each object cost {client:.1f} ms of the merge process's CPU (s3fs "
-        f"signs, sends and parses every request on one event-loop thread, so one core serves at most "
-        f"{1000 / client:,.0f} objects/s) and {server:.1f} ms of SeaweedFS's; at those costs {cores} otherwise idle "
-        f"cores allow {cpu_ceiling(r):,.0f} objects/s, against a latency-bound limit of "
-        f"{best['limit_objs_s']:,.0f}. The merge process itself got {best['client_cpu_util'] * cores:.2f} of a core on "
-        f"average; the machine was {best['machine_cpu_util']:.0%} busy during that step "
-        f"(load average {best['load_avg_after']} after it); the latency proxy's thread used "
-        f"{best['proxy_cpu_ms_per_object']:.1f} ms per object. At most {best['connections_max_open']} connections "
-        "were open at once: s3fs's client keeps a pool of 10 unless `config_kwargs={'max_pool_connections': N}` "
-        "is given, so concurrency above 10 only queues requests for a connection"
-        + (" (the rows with a larger pool show what lifting that changes here)." if r.get("sweep_pooled") else "."),
+    lines = [
+        f"At concurrency {best['concurrency']} ({best['reader']}) each object cost {client:.1f} ms of the merge "
+        f"process's CPU, {server:.1f} ms of SeaweedFS's and {proxy:.1f} ms of the latency proxy's: at those costs "
+        f"{cores} otherwise idle cores allow {cpu_ceiling(r):,.0f} objects/s, against a latency-bound limit of "
+        f"{best['limit_objs_s']:,.0f} there. The merge process got {best['client_cpu_util'] * cores:.2f} of a core on "
+        f"average; the machine was {best['machine_cpu_util']:.0%} busy during that step (load average "
+        f"{best['load_avg_after']} after it); at most {best['connections_max_open']} connections were open at once.",
     ]
+    by_concurrency = {s["concurrency"]: s for s in r["sweep"]}
+    pairs = [(by_concurrency[s["concurrency"]], s) for s in r["sweep_s3fs"] if s["concurrency"] in by_concurrency]
+    if pairs:
+        lines += [
+            "",
+            'The same merge read by s3fs (`reader="s3fs"`): '
+            + "; ".join(
+                f"at concurrency {s['concurrency']}, {s['merge_objs_s']:,.0f} objects/s at "
+                f"{s['client_cpu_ms_per_object']:.1f} ms of CPU each, against {fast['merge_objs_s']:,.0f} at "
+                f"{fast['client_cpu_ms_per_object']:.1f} ms with {fast['reader']} "
+                f"({fast['merge_objs_s'] / s['merge_objs_s']:.1f}x)"
+                for fast, s in pairs
+            )
+            + ".",
+        ]
+    return lines
 
 
 def write_doc(report: dict[str, Any], source: str, path: str = DOC) -> None:
@@ -181,7 +194,11 @@ def plot(report: dict[str, Any], path: str = PNG) -> None:
     right.plot(xs, [s["limit_objs_s"] for s in sweep], "--", color="black", label="latency-bound limit")
     right.plot(xs, [s["limit_objs_s"] / 2 for s in sweep], ":", color="red", label="50% of the limit")
     right.plot(xs, [s["merge_objs_s"] for s in sweep], "o-", color="#1f77b4", label="merge_small_files")
-    right.axhline(cpu_ceiling(report), color="#2ca02c", linewidth=0.9, label="CPU ceiling (s3fs + server CPU/object)")
+    right.axhline(cpu_ceiling(report), color="#2ca02c", linewidth=0.9, label="CPU ceiling (client + server + proxy)")
+    s3fs = report["sweep_s3fs"]
+    if s3fs:
+        xs3 = [s["concurrency"] for s in s3fs]
+        right.plot(xs3, [s["merge_objs_s"] for s in s3fs], "s", color="#ff7f0e", label="read by s3fs")
     right.set_xscale("log", base=2)
     right.set_yscale("log")
     right.set_xticks(xs, [str(x) for x in xs])
@@ -195,13 +212,7 @@ def plot(report: dict[str, Any], path: str = PNG) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m bench.smallfiles_report RESULT_JSON", file=sys.stderr)
-        return 2
-    source = os.path.relpath(os.path.abspath(args[0]), REPO)
-    with open(args[0]) as handle:
-        report = json.load(handle)
+    source, report = result_argument(argv, "bench.smallfiles_report")
     print(text_table(report))
     write_doc(report, source)
     plot(report)

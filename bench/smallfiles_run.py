@@ -24,6 +24,7 @@ def merge(config: dict[str, Any]) -> dict[str, Any]:
         config["output_uri"],
         concurrency=config["concurrency"],
         storage_options=config["storage_options"],
+        reader=config["reader"],
     )
     ended = time.time()
     out = result.to_dict()

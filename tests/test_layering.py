@@ -12,6 +12,7 @@ WORKER_SIDE = [
     "airflow_antbatch.finalize",
     "airflow_antbatch.ledger",
     "airflow_antbatch.merge",
+    "airflow_antbatch.object_reader",
     "airflow_antbatch.planning",
     "airflow_antbatch.progress",
     "airflow_antbatch.spec",

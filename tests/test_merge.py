@@ -22,6 +22,7 @@ from airflow_antbatch.merge import (
     fetch_objects,
     merge_small_files,
 )
+from airflow_antbatch.object_reader import Reader, reader_filesystem
 from tests.s3_servers import StoreLocation
 
 # Names users really have: spaces, unicode, dots that look like parent directories.
@@ -209,18 +210,29 @@ def test_cli_merges_a_list_file_and_a_job_scores_the_packs(
 
 
 @pytest.mark.slow
-def test_merge_over_s3_reads_concurrently_and_resumes(seaweedfs_location: StoreLocation) -> None:
+@pytest.mark.parametrize("reader", ["obstore", "s3fs"])
+def test_merge_over_s3_reads_concurrently_and_resumes(seaweedfs_location: StoreLocation, reader: Reader) -> None:
     options = seaweedfs_location.storage_options
     fs = fsspec.filesystem("s3", **options)
     made = make_objects(fs, f"{seaweedfs_location.url}/objects", 40)
     out = f"{seaweedfs_location.url}/packs"
+    sources = [f"{seaweedfs_location.url}/objects"]
     result = merge_small_files(
-        [f"{seaweedfs_location.url}/objects"], out, target_pack_bytes=64 * 1024, concurrency=16, storage_options=options
+        sources, out, target_pack_bytes=64 * 1024, concurrency=16, storage_options=options, reader=reader
     )
+    assert result.reader == ("obstore" if reader == "obstore" else "s3")
     assert result.objects == len(made) and read_packs(out, options) == made
-    assert (
-        merge_small_files(
-            [f"{seaweedfs_location.url}/objects"], out, target_pack_bytes=64 * 1024, storage_options=options
-        ).packs_written
-        == 0
-    )
+    assert merge_small_files(sources, out, target_pack_bytes=64 * 1024, storage_options=options).packs_written == 0
+
+
+@pytest.mark.slow
+def test_obstore_records_objects_that_vanished_after_the_listing(seaweedfs_location: StoreLocation) -> None:
+    options = seaweedfs_location.storage_options
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+    made = make_objects(fs, f"{seaweedfs_location.url}/objects", 12)
+    read_fs, name = reader_filesystem(seaweedfs_location.url, options, 4, reader="obstore")
+    paths = sorted(made)
+    fs.rm_file(paths[3])
+    got = fetch_objects(read_fs, paths, 4)
+    assert name == "obstore" and isinstance(got[3], FileNotFoundError)
+    assert [g for i, g in enumerate(got) if i != 3] == [made[p] for i, p in enumerate(paths) if i != 3]

@@ -14,6 +14,7 @@ from airflow_antbatch.version_compat import BaseOperator
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from airflow_antbatch.object_reader import Reader
     from airflow_antbatch.version_compat import Context
 
 INPUT_URI_KEY = "input_uri"
@@ -34,6 +35,8 @@ class SmallFileMergeOperator(BaseOperator):
     :param storage_options: fsspec options (no credentials: use the environment or a connection).
     :param small_object_bytes: merge only if the median object is smaller than this; otherwise
         the task passes its one source on as the job's input (the builder's ``"auto"``).
+    :param reader: what reads the objects: ``"auto"`` (obstore on S3 where s3fs's options
+        translate, else s3fs), ``"obstore"`` or ``"s3fs"``.
     """
 
     template_fields: Sequence[str] = ("sources", "output_uri", "list_file")
@@ -50,6 +53,7 @@ class SmallFileMergeOperator(BaseOperator):
         max_unreadable: int | None = None,
         storage_options: dict[str, Any] | None = None,
         small_object_bytes: int | None = None,
+        reader: Reader = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -61,6 +65,7 @@ class SmallFileMergeOperator(BaseOperator):
         self.max_unreadable = max_unreadable
         self.storage_options = storage_options
         self.small_object_bytes = small_object_bytes
+        self.reader = reader
         if small_object_bytes is not None and (len(self.sources) != 1 or list_file):
             raise ValueError(
                 "merging only small objects (small_object_bytes) takes exactly one source and no list file"
@@ -80,6 +85,7 @@ class SmallFileMergeOperator(BaseOperator):
             list_file=self.list_file or None,
             storage_options=self.storage_options,
             small_object_bytes=self.small_object_bytes,
+            reader=self.reader,
             **{k: v for k, v in limits.items() if v is not None},
         )
         if not result.merged:
@@ -93,7 +99,7 @@ class SmallFileMergeOperator(BaseOperator):
             return result.to_dict()
         self.log.info(
             "Packed %d objects (%d bytes) into %d packs under %s: %d written now, %d kept from an earlier try; "
-            "%d unreadable; %.0f objects/s",
+            "%d unreadable; %.0f objects/s read with %s",
             result.objects,
             result.bytes,
             result.packs,
@@ -102,6 +108,7 @@ class SmallFileMergeOperator(BaseOperator):
             result.packs_skipped,
             len(result.unreadable),
             result.objects_per_s,
+            result.reader,
         )
         for path, why in result.unreadable[:20]:
             self.log.warning("Skipped %s: %s", path, why)

@@ -11,7 +11,9 @@ Entries are keyed by the file's path, size and version (ETag or mtime) as the pl
 them, so a file rewritten since planning is never served from an entry of the old one, and
 the bytes served are those a direct read would have returned when the fetch ran. In memory
 an entry is dropped once read; on disk (``directory``) entries stay for a retried shard or the
-next job on this node, evicted oldest first beyond ``max_bytes``.
+next job on this node, evicted oldest first beyond ``max_bytes``. The directory is scanned
+when this process's running estimate of it passes the budget, not on every write, and each
+eviction frees a tenth of the budget more than it must, so scans stay rare.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
     from airflow_antbatch.shards import Piece, Shard
 
 log = logging.getLogger(__name__)
+
+EVICT_TO = 0.9  # an eviction leaves the disk cache at this share of its budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +81,12 @@ class NearCache:
         self._reserved = 0  # bytes of the pending fetches
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._limit: asyncio.Semaphore | None = None
+        # The disk cache's size as this process last scanned it, plus what it wrote since
+        # (other processes sharing the directory show up at the next scan).
+        self._disk_bytes = 0
         if self.options.directory:
             os.makedirs(self.options.directory, exist_ok=True)
+            self._disk_bytes = sum(size for _, size, _ in self._disk_entries())
 
     def cacheable(self, piece: Piece) -> bool:
         return (
@@ -208,24 +216,36 @@ class NearCache:
         with open(temp, "wb") as handle:
             handle.write(data)
         os.replace(temp, path)  # readers see a whole entry or none
-        self._evict()
+        with self._lock:
+            self._disk_bytes += len(data)
+            over = self._disk_bytes > self.options.max_bytes
+        if over:
+            self._evict()
 
-    def _evict(self) -> None:
-        """Oldest-used entries go first once the directory holds more than ``max_bytes``."""
+    def _disk_entries(self) -> list[tuple[float, int, str]]:
+        """(last used, size, path) of every whole entry in the directory."""
         assert self.options.directory is not None
         entries = []
         with os.scandir(self.options.directory) as found:
             for entry in found:
                 if entry.is_file() and not entry.name.endswith(".tmp"):
-                    stat = entry.stat()
-                    entries.append((stat.st_mtime, stat.st_size, entry.path))
+                    with contextlib.suppress(FileNotFoundError):  # another process evicted it
+                        stat = entry.stat()
+                        entries.append((stat.st_mtime, stat.st_size, entry.path))
+        return entries
+
+    def _evict(self) -> None:
+        """Oldest-used entries go first, until the directory holds ``EVICT_TO`` of ``max_bytes``."""
+        entries = self._disk_entries()
         total = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries):
-            if total <= self.options.max_bytes:
+            if total <= EVICT_TO * self.options.max_bytes:
                 break
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
             total -= size
+        with self._lock:
+            self._disk_bytes = total
 
 
 async def _fetch(fs: fsspec.asyn.AsyncFileSystem, path: str, limit: asyncio.Semaphore) -> bytes:

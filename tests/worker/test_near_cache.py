@@ -98,6 +98,22 @@ def test_the_disk_cache_evicts_the_oldest_entries_beyond_its_budget(tmp_path: pa
     assert 0 < held <= 1000
 
 
+def test_the_disk_cache_scans_its_directory_only_when_it_may_be_over_budget(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shard = small_files(tmp_path / "in", 40)
+    cache = NearCache(options=CacheOptions(directory=str(tmp_path / "cache"), max_bytes=2000))
+    scans = []
+    original = cache._disk_entries
+    monkeypatch.setattr(cache, "_disk_entries", lambda: scans.append(1) or original())
+    read_all(cache, shard)
+    written = sum(p.file_size or 0 for p in shard.pieces)
+    # A scan per eviction, and each eviction frees at least a tenth of the budget: far fewer
+    # scans than the 40 writes, with the directory never left over budget.
+    assert 0 < len(scans) <= written // 200 + 1 < 40
+    assert sum(p.stat().st_size for p in (tmp_path / "cache").iterdir()) <= 2000
+
+
 @pytest.mark.parametrize("backend", ["local", pytest.param("seaweedfs", marks=pytest.mark.slow)])
 def test_a_job_over_many_small_files_reads_them_through_the_cache(
     backend: str, tmp_path: pathlib.Path, request: pytest.FixtureRequest
