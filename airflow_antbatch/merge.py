@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from airflow_antbatch.errors import InputNotFoundError, MergeError
 from airflow_antbatch.object_reader import Reader, reader_filesystem
-from airflow_antbatch.planning import object_version
+from airflow_antbatch.planning import find_files, object_version
 from airflow_antbatch.store import AtomicStore
 
 if TYPE_CHECKING:
@@ -61,7 +61,6 @@ PLAN_REL = "_merge/plan.parquet"
 MANIFEST_REL = "_merge/manifest.json"
 PACK_SCHEMA = pa.schema([("path", pa.string()), ("data", pa.binary()), ("size", pa.int64()), ("version", pa.string())])
 _PLAN_SCHEMA = pa.schema([("pack", pa.int32()), ("path", pa.string()), ("size", pa.int64()), ("version", pa.string())])
-_GLOB_CHARS = frozenset("*?[")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,16 +116,7 @@ def list_objects(
     """
     infos: dict[str, dict[str, Any]] = {}
     for uri in sources:
-        path = fs._strip_protocol(uri)
-        if _GLOB_CHARS & set(path):
-            found = fs.glob(path, detail=True)
-        elif fs.isdir(path):
-            found = fs.find(path, detail=True)
-        elif fs.isfile(path):
-            found = {path: fs.info(path)}
-        else:
-            raise InputNotFoundError(f"merge source {uri} does not exist")
-        infos.update({p: i for p, i in found.items() if i.get("type", "file") == "file"})
+        infos.update(find_files(fs, uri, what="merge source"))
     skip = fs._strip_protocol(exclude).rstrip("/") + "/" if exclude else None
     objects = [
         SmallObject(fs.unstrip_protocol(p), int(i.get("size") or 0), object_version(i))

@@ -24,7 +24,7 @@ from airflow_antbatch.shards import JobPlan, Piece, Shard
 from airflow_antbatch.store import AtomicStore
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from airflow_antbatch.spec import JobSpec
 
@@ -230,23 +230,33 @@ def object_version(info: dict[str, Any]) -> str:
     return str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
 
 
-def _list_one(fs: fsspec.AbstractFileSystem, uri: str, fmt: str | None) -> dict[str, dict[str, Any]]:
+def find_files(
+    fs: fsspec.AbstractFileSystem, uri: str, *, what: str = "input", keep: Callable[[str], bool] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The files ``uri`` names, with their listing info: a glob's matches, every file under a
+    directory whose path below it passes ``keep``, or the one file; ``what`` names it in the error."""
     path = fs._strip_protocol(uri)
     if _GLOB_CHARS & set(path):
         found = fs.glob(path, detail=True)
-        if not found:
-            raise InputNotFoundError(f"input glob {uri} matches no files")
     elif fs.isdir(path):
         found = fs.find(path, detail=True)
-        found = {p: i for p, i in found.items() if _is_data_name(p[len(path) :], fmt)}
-        if not found:
-            wanted = f"{fmt} " if fmt else ""
-            raise InputNotFoundError(f"input directory {uri} holds no {wanted}data files")
+        if keep is not None:
+            found = {p: i for p, i in found.items() if keep(p[len(path) :])}
     elif fs.isfile(path):
         found = {path: fs.info(path)}
     else:
-        raise InputNotFoundError(f"input {uri} does not exist")
+        raise InputNotFoundError(f"{what} {uri} does not exist")
     return {p: i for p, i in found.items() if i.get("type", "file") == "file"}
+
+
+def _list_one(fs: fsspec.AbstractFileSystem, uri: str, fmt: str | None) -> dict[str, dict[str, Any]]:
+    found = find_files(fs, uri, keep=lambda rel: _is_data_name(rel, fmt))
+    if not found:
+        if _GLOB_CHARS & set(uri):
+            raise InputNotFoundError(f"input glob {uri} matches no files")
+        wanted = f"{fmt} " if fmt else ""
+        raise InputNotFoundError(f"input directory {uri} holds no {wanted}data files")
+    return found
 
 
 def _is_data_name(rel: str, fmt: str | None) -> bool:
