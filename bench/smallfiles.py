@@ -12,7 +12,8 @@ each step in a fresh process (``bench/smallfiles_run.py``) with its CPU sampled:
    the same job (same features, same model) over the packs;
 3. *sweep*: ``merge_small_files`` at each concurrency of the profile, on as many objects as
    keep the step short, beside the latency-bound limit ``concurrency / (first byte +
-   mean object / bandwidth)`` objects/s.
+   mean object / bandwidth)`` objects/s; then a few of the same steps with ``reader="s3fs"``,
+   to show what reading through obstore (the default on S3) is worth.
 
 Writes ``bench/results/smallfiles{-quick,}.json`` and, from it, the small-files section of
 docs/benchmarks.md and docs/benchmarks-smallfiles.png (``bench.smallfiles_report``).
