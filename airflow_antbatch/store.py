@@ -82,6 +82,11 @@ class AtomicStore:
         """The bytes at ``rel``, or None if nothing is there (one GET, never a listing)."""
         self._count("read")
         try:
+            if self.kind == "s3":
+                # One GET and nothing else: s3fs would first ask for the size (a HEAD), and
+                # fsspec answers that from its listing cache, as "not found" for a file written
+                # by another process since this one listed the folder (a commit, a claim).
+                return bytes(self.fs.cat_file(self.path(rel), max_concurrency=1))
             return bytes(self.fs.cat_file(self.path(rel)))
         except FileNotFoundError:
             return None

@@ -50,6 +50,18 @@ class TestCreateIfAbsent:
         assert store.read("nothing/here.json") is None
         assert store.read("nothing/else.json") == b""
 
+    @pytest.mark.parametrize("then", ["create", "put"])
+    def test_a_read_sees_what_another_process_wrote_after_a_listing(
+        self, store: AtomicStore, store_location: StoreLocation, then: str
+    ) -> None:
+        # fsspec answers "not found" from its listing cache for a file the listed folder lacked;
+        # a commit marker another worker wrote since must never read as missing.
+        store.create("commits/00000-a.json", b"a")
+        assert store.list("commits") == ["00000-a.json"]
+        other = AtomicStore(store_location.url, {**store_location.storage_options, "skip_instance_cache": True})
+        getattr(other, then)("commits/00001-b.json", b"b")
+        assert store.read("commits/00001-b.json") == b"b"
+
     def test_put_overwrites(self, store: AtomicStore) -> None:
         store.put("workers/w.json", b"beat 1", kind="heartbeat")
         store.put("workers/w.json", b"beat 2", kind="heartbeat")
