@@ -2,8 +2,6 @@
 
 The store-outage fault needs the object store itself to go away and come back with what it
 held: the same ``weed server`` command line (ports, data directory) is simply run again.
-Clients reach it through a :class:`~tests.chaos.gate.PortGate` that stays closed until the
-restarted server serves every sentinel object written before the stop (see gate.py for why).
 """
 
 from __future__ import annotations
@@ -19,14 +17,12 @@ import time
 from collections.abc import Iterator
 
 from airflow_antbatch.store import AtomicStore
-from tests.chaos.gate import PortGate
 from tests.s3_servers import (
     ACCESS_KEY,
     SEAWEEDFS_START_TIMEOUT_S,
     SEAWEEDFS_STOP_TIMEOUT_S,
     SECRET_KEY,
     S3Server,
-    _free_ports,
     _log_tail,
     _server,
     _stop_group,
@@ -35,13 +31,9 @@ from tests.s3_servers import (
     _weed_command,
 )
 
-# Objects written before each stop and read back after the restart before clients may reach
-# it again: enough to land in every volume the server writes to.
-SENTINELS = 64
-
 
 class RestartableSeaweedFS:
-    """One ``weed server`` on loopback, behind a gate, whose process can be stopped and restarted."""
+    """One ``weed server`` on loopback whose process can be stopped and restarted."""
 
     def __init__(self, workdir: pathlib.Path) -> None:
         s3_config = workdir / "s3.json"
@@ -53,34 +45,15 @@ class RestartableSeaweedFS:
         s3_config.write_text(json.dumps({"identities": [identity]}))
         self._cmd, port, self._grpc_sockets = _weed_command(_weed_binary(), workdir, s3_config, 16)
         self._log = workdir / "weed.log"
-        self._direct = _server("seaweedfs", f"http://127.0.0.1:{port}")  # the server itself, for the checks
-        (public,) = _free_ports(1)
-        self._gate = PortGate(public, ("127.0.0.1", port))
-        self.server: S3Server = _server("seaweedfs", f"http://127.0.0.1:{public}")  # what clients use
+        self.server: S3Server = _server("seaweedfs", f"http://127.0.0.1:{port}")
         self._proc: subprocess.Popen[bytes] | None = None
-        self._stops = 0
 
     def start(self) -> None:
-        """Start the server, create the bucket and let clients in."""
-        _wait_for_bucket(self._spawn(), self._direct, self._log)
-        self._gate.open()
-
-    def stop(self) -> None:
-        """Shut clients out and stop every process of the server; what it stored stays on disk."""
-        self._gate.close()
-        if self._proc is not None:
-            self._stops += 1
-            with contextlib.suppress(Exception):  # a server already failing is stopped all the same
-                _write_sentinels(self._direct, self._stops)
-            _stop_group(self._proc, SEAWEEDFS_STOP_TIMEOUT_S)
-            self._proc = None
-        for sock in self._grpc_sockets:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(sock)
+        """Start the server and create the bucket."""
+        _wait_for_bucket(self._spawn(), self.server, self._log)
 
     def restart(self, timeout_s: float = SEAWEEDFS_START_TIMEOUT_S) -> float:
-        """Start the stopped server again and open the gate once it serves what it held; returns
-        the seconds that took."""
+        """Start the stopped server again; returns the seconds until it served a write and a read."""
         started = time.monotonic()
         proc = self._spawn()
         last_error: Exception | None = None
@@ -88,10 +61,9 @@ class RestartableSeaweedFS:
             if proc.poll() is not None:
                 raise RuntimeError(f"weed server exited with {proc.returncode} on restart:\n{_log_tail(self._log)}")
             try:
-                _check_sentinels(self._direct, self._stops)
-                self._gate.open()
+                _round_trip(self.server)
                 return time.monotonic() - started
-            except Exception as exc:  # refused, filer not ready, older objects not served yet, ...
+            except Exception as exc:  # refused, filer not ready yet, ...: keep polling
                 last_error = exc
                 time.sleep(0.25)
         raise RuntimeError(f"SeaweedFS did not come back in {timeout_s:.0f} s (last error: {last_error!r})")
@@ -101,26 +73,22 @@ class RestartableSeaweedFS:
             self._proc = subprocess.Popen(self._cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         return self._proc
 
+    def stop(self) -> None:
+        """Stop every process of the server; what it stored stays in its data directory."""
+        if self._proc is not None:
+            _stop_group(self._proc, SEAWEEDFS_STOP_TIMEOUT_S)
+            self._proc = None
+        for sock in self._grpc_sockets:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sock)
 
-def _sentinel_store(server: S3Server) -> AtomicStore:
-    return AtomicStore(f"s3://{server.bucket}/_chaos", {**server.storage_options, "skip_instance_cache": True})
 
-
-def _write_sentinels(server: S3Server, stop: int) -> None:
-    store = _sentinel_store(server)
-    for i in range(SENTINELS):
-        store.create(f"stop-{stop}/{i:03d}", f"{stop}:{i}".encode())
-
-
-def _check_sentinels(server: S3Server, stop: int) -> None:
-    """Every sentinel of the last stop reads back, and create-if-absent over one is refused."""
-    store = _sentinel_store(server)
-    for i in range(SENTINELS):
-        rel = f"stop-{stop}/{i:03d}"
-        if store.read(rel) != f"{stop}:{i}".encode():
-            raise FileNotFoundError(f"{store.uri(rel)}, written before the stop, is not served yet")
-    if store.create(f"stop-{stop}/000", b"again"):
-        raise RuntimeError("create-if-absent over an object written before the stop succeeded")
+def _round_trip(server: S3Server) -> None:
+    """One write and one read in the bucket, as the workers do them: the server is really back."""
+    store = AtomicStore(f"s3://{server.bucket}", {**server.storage_options, "skip_instance_cache": True})
+    store.put("chaos-probe", b"")
+    if store.read("chaos-probe") is None:
+        raise FileNotFoundError("the probe just written is not there yet")
 
 
 @contextlib.contextmanager
