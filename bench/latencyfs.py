@@ -41,6 +41,12 @@ def _env_float(name: str, default: float) -> float:
     return float(value) if value else default
 
 
+def latency_env() -> dict[str, str]:
+    """The latency model's settings, this process's or the defaults, for the subprocesses it runs."""
+    defaults = {"LATENCY_S": DEFAULT_LATENCY_S, "BANDWIDTH_MBS": DEFAULT_BANDWIDTH_MBS, "BLOCK_MB": DEFAULT_BLOCK_MB}
+    return {f"ANTBATCH_BENCH_{k}": os.environ.get(f"ANTBATCH_BENCH_{k}", str(v)) for k, v in defaults.items()}
+
+
 def log_get(path: str, start: int, nbytes: int) -> None:
     """Record one GET under ``$ANTBATCH_BENCH_READ_LOG`` (when set): a line per request, appended."""
     directory = os.environ.get(READ_LOG_ENV)

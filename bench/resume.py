@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from bench.config import PROFILES, RAY_BEST
 from bench.data import TextData, write_text
-from bench.latencyfs import DEFAULT_BANDWIDTH_MBS, DEFAULT_BLOCK_MB, DEFAULT_LATENCY_S, READ_LOG_ENV
+from bench.latencyfs import READ_LOG_ENV, latency_env
 from bench.run import CPUS, RAY_PYTHON, REPO, RESULTS, git_state, machine
 from bench.systems.antbatch import job_fields
 from bench.systems.ray_resume import rows_scored
@@ -460,9 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {
         **os.environ,
         "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "ANTBATCH_BENCH_LATENCY_S": os.environ.get("ANTBATCH_BENCH_LATENCY_S", str(DEFAULT_LATENCY_S)),
-        "ANTBATCH_BENCH_BANDWIDTH_MBS": os.environ.get("ANTBATCH_BENCH_BANDWIDTH_MBS", str(DEFAULT_BANDWIDTH_MBS)),
-        "ANTBATCH_BENCH_BLOCK_MB": os.environ.get("ANTBATCH_BENCH_BLOCK_MB", str(DEFAULT_BLOCK_MB)),
+        **latency_env(),
         "OMP_WAIT_POLICY": "PASSIVE",
     }
     work = os.path.join(args.work, f"resume-{profile.name}-{os.getpid()}")

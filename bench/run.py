@@ -24,7 +24,7 @@ from typing import Any
 
 from bench.config import PROFILES, Profile
 from bench.data import write_text
-from bench.latencyfs import DEFAULT_BANDWIDTH_MBS, DEFAULT_BLOCK_MB, DEFAULT_LATENCY_S
+from bench.latencyfs import latency_env
 from bench.monitor import TreeMonitor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -308,9 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {
         **os.environ,
         "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "ANTBATCH_BENCH_LATENCY_S": os.environ.get("ANTBATCH_BENCH_LATENCY_S", str(DEFAULT_LATENCY_S)),
-        "ANTBATCH_BENCH_BANDWIDTH_MBS": os.environ.get("ANTBATCH_BENCH_BANDWIDTH_MBS", str(DEFAULT_BANDWIDTH_MBS)),
-        "ANTBATCH_BENCH_BLOCK_MB": os.environ.get("ANTBATCH_BENCH_BLOCK_MB", str(DEFAULT_BLOCK_MB)),
+        **latency_env(),
         "RAY_DEDUP_LOGS": "0",
     }
     # A folder of its own per run (outputs, logs, per-run results), so that runs side by side
