@@ -18,13 +18,13 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from airflow_antbatch import layout
 from airflow_antbatch.errors import InputError, InputNotFoundError, PlanConflictError
-from airflow_antbatch.ledger import PLAN_FILE
-from airflow_antbatch.shards import JobPlan, Piece, Shard
+from airflow_antbatch.shards import JobPlan, Piece, Shard, ShardTable
 from airflow_antbatch.store import AtomicStore
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Iterator
 
     from airflow_antbatch.spec import JobSpec
 
@@ -45,7 +45,7 @@ _RESULT_FIELDS = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class InputFile:
     """One listed input file and what identifies its version (etag, or size and mtime)."""
 
@@ -74,59 +74,58 @@ def plan_job(spec: JobSpec, *, force: bool = False) -> PlanResult:
     attempt, existing = _latest_plan(store)
     if existing is not None and not force:
         if existing.fingerprint == fingerprint:
-            log.info("reusing plan %s: input unchanged, %d shards", store.uri(_plan_rel(attempt)), len(existing.shards))
-            return PlanResult(existing, store.uri(_plan_rel(attempt)), reused=True)
-        raise PlanConflictError(_describe_conflict(existing, spec, fmt, files, store.uri(_plan_rel(attempt))))
+            where = store.uri(layout.plan_rel(attempt))
+            log.info("reusing plan %s: input unchanged, %d shards", where, len(existing))
+            return PlanResult(existing, where, reused=True)
+        raise PlanConflictError(_describe_conflict(existing, spec, fmt, files, store.uri(layout.plan_rel(attempt))))
     attempt = 0 if existing is None else attempt + 1
     plan = JobPlan(
         spec=spec,
         attempt=attempt,
         fingerprint=fingerprint,
         input_format=fmt,
-        shards=tuple(cut_shards(files, spec.max_shard_rows, spec.target_shard_bytes, split_lines=fmt == "jsonl")),
+        shards=cut_shards(files, spec.max_shard_rows, spec.target_shard_bytes, split_lines=fmt == "jsonl"),
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         input_columns=input_columns(fmt, files, dict(spec.storage_options)),
         columns_from=files[0].path,
     )
-    rel = _plan_rel(attempt)
-    if not store.create(rel, plan.to_json()):
+    rel = layout.plan_rel(attempt)
+    if not store.create(rel, plan.to_bytes()):
         # Another planner won the race for this attempt: use its plan if it is the same job.
         data = store.read(rel)
         assert data is not None
-        other = JobPlan.from_json(data, source=store.uri(rel))
+        other = JobPlan.from_bytes(data, source=store.uri(rel))
         if other.fingerprint != fingerprint:
             raise PlanConflictError(f"a concurrent planner wrote a different plan at {store.uri(rel)}")
         return PlanResult(other, store.uri(rel), reused=True)
-    log.info("planned %d shards from %d %s files into %s", len(plan.shards), len(files), fmt, store.uri(rel))
+    log.info("planned %d shards from %d %s files into %s", len(plan), len(files), fmt, store.uri(rel))
     return PlanResult(plan, store.uri(rel), reused=False)
 
 
 def resolve_plan_uri(uri: str, storage_options: dict[str, Any] | None = None) -> str:
     """The plan behind ``uri``: a plan file, a state root, or an output URI (latest attempt)."""
     uri = uri.rstrip("/")
-    if uri.endswith("/" + PLAN_FILE):
+    if uri.endswith("/" + layout.PLAN_FILE):
         return uri
-    for root in (uri, uri + "/_antbatch"):
+    for root in (uri, f"{uri}/{layout.STATE_DIR}"):
         store = AtomicStore(root, storage_options)
         attempt, plan = _latest_plan(store)
         if plan is not None:
-            return store.uri(_plan_rel(attempt))
-    raise FileNotFoundError(f"no airflow-antbatch plan under {uri} (looked for attempt-*/{PLAN_FILE} and _antbatch/)")
-
-
-def _plan_rel(attempt: int) -> str:
-    return f"attempt-{attempt:03d}/{PLAN_FILE}"
+            return store.uri(layout.plan_rel(attempt))
+    raise FileNotFoundError(
+        f"no airflow-antbatch plan under {uri} (looked for attempt-*/{layout.PLAN_FILE} and {layout.STATE_DIR}/)"
+    )
 
 
 def _latest_plan(store: AtomicStore) -> tuple[int, JobPlan | None]:
     """Probe attempt-000, attempt-001, ... and return the last plan found."""
     attempt, plan = -1, None
     while True:
-        data = store.read(_plan_rel(attempt + 1))
+        data = store.read(layout.plan_rel(attempt + 1))
         if data is None:
             return attempt, plan
         attempt += 1
-        plan = JobPlan.from_json(data, source=store.uri(_plan_rel(attempt)))
+        plan = JobPlan.from_bytes(data, source=store.uri(layout.plan_rel(attempt)))
 
 
 def _describe_conflict(existing: JobPlan, spec: JobSpec, fmt: str, files: list[InputFile], where: str) -> str:
@@ -135,7 +134,7 @@ def _describe_conflict(existing: JobPlan, spec: JobSpec, fmt: str, files: list[I
     if changed:
         what = f"job settings differ ({', '.join(changed)})"
     else:
-        planned = {p.path for s in existing.shards for p in s.pieces}
+        planned = existing.shards.input_paths()
         listed = {f.path for f in files}
         what = (
             f"the input changed since it was planned ({len(listed - planned)} new, "
@@ -148,8 +147,12 @@ def _describe_conflict(existing: JobPlan, spec: JobSpec, fmt: str, files: list[I
 
 
 def plan_fingerprint(spec: JobSpec, fmt: str, files: Iterable[InputFile]) -> str:
-    doc = {"format": fmt, "files": [(f.path, f.size, f.version) for f in files], "spec": result_settings(spec)}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    """A hash of the job's result settings and every file's path, size and version, fed a file
+    at a time (a JSON array each, so self-delimiting): a million files make no giant string."""
+    digest = hashlib.sha256(json.dumps({"format": fmt, "spec": result_settings(spec)}, sort_keys=True).encode())
+    for f in files:
+        digest.update(json.dumps([f.path, f.size, f.version]).encode())
+    return digest.hexdigest()
 
 
 def result_settings(spec: JobSpec) -> dict[str, Any]:
@@ -176,10 +179,11 @@ def list_input(spec: JobSpec) -> tuple[str, list[InputFile]]:
     infos = {p: i for p, i in infos.items() if _keep_size(p, i)}
     if not infos:
         raise InputNotFoundError(f"input {list(spec.input_uris)} holds no non-empty data files")
-    fmt = spec.input_format or _infer_format(sorted(infos))
+    paths = sorted(infos)
+    fmt = spec.input_format or _infer_format(paths)
     files: list[InputFile] = []
-    for path in sorted(infos):
-        info = infos[path]
+    for path in paths:
+        info = infos.pop(path)  # a listing entry is a dict of ~10 keys: free each once it is read
         url = fs.unstrip_protocol(path)
         version = object_version(info)
         groups, schema = _parquet_footer(fs, path, url) if fmt == "parquet" else (None, None)
@@ -313,28 +317,34 @@ def _parquet_footer(
 # -- sharding --------------------------------------------------------------------------------
 
 
-def cut_shards(files: list[InputFile], max_rows: int, target_bytes: int, *, split_lines: bool = False) -> list[Shard]:
+def cut_shards(files: list[InputFile], max_rows: int, target_bytes: int, *, split_lines: bool = False) -> ShardTable:
     """Pack files (or Parquet row groups) in order into shards under both limits.
 
     Big JSONL files (``split_lines``) are first cut into byte ranges of ``target_bytes``. A
     unit larger than a limit on its own (one huge row group, one big CSV file) becomes a shard
     by itself: row groups and CSV files are never split (a quoted newline makes CSV ranges unsafe).
     """
-    shards: list[list[Piece]] = []
+    groups = {f.path: len(f.row_groups) for f in files if f.row_groups is not None}
+    packed = _pack(_units(files, target_bytes if split_lines else None), max_rows, target_bytes)
+    return ShardTable.from_shards(
+        _make_shard(i, [_whole_or_part(p, groups) for p in pieces]) for i, pieces in enumerate(packed)
+    )
+
+
+def _pack(units: Iterable[Piece], max_rows: int, target_bytes: int) -> Iterator[list[Piece]]:
+    """Each shard's pieces in turn: the cut streams into the plan's columns, never holding every Shard."""
     current: list[Piece] = []
     rows = size = 0
-    for unit in _units(files, target_bytes if split_lines else None):
+    for unit in units:
         unit_rows = unit.rows or 0
         if current and (rows + unit_rows > max_rows or size + unit.size > target_bytes):
-            shards.append(current)
+            yield current
             current, rows, size = [], 0, 0
-        current = _append(current, unit)
+        _append(current, unit)
         rows += unit_rows
         size += unit.size
     if current:
-        shards.append(current)
-    groups = {f.path: len(f.row_groups) for f in files if f.row_groups is not None}
-    return [_make_shard(i, [_whole_or_part(p, groups) for p in pieces]) for i, pieces in enumerate(shards)]
+        yield current
 
 
 def _whole_or_part(piece: Piece, groups: dict[str, int]) -> Piece:
@@ -359,20 +369,21 @@ def _units(files: list[InputFile], range_bytes: int | None) -> Iterable[Piece]:
                 yield Piece(f.path, size, rows, (index,), file_size=f.size, version=f.version)
 
 
-def _append(pieces: list[Piece], unit: Piece) -> list[Piece]:
-    """Merge consecutive row groups of one file into one piece."""
+def _append(pieces: list[Piece], unit: Piece) -> None:
+    """Add ``unit`` to the shard's pieces, merging consecutive row groups of one file into one piece."""
     last = pieces[-1] if pieces else None
     if last is not None and last.path == unit.path and last.row_groups is not None and unit.row_groups is not None:
-        merged = dataclasses.replace(
+        pieces[-1] = dataclasses.replace(
             last,
             size=last.size + unit.size,
             rows=(last.rows or 0) + (unit.rows or 0),
             row_groups=last.row_groups + unit.row_groups,
         )
-        return [*pieces[:-1], merged]
-    return [*pieces, unit]
+    else:
+        pieces.append(unit)
 
 
 def _make_shard(index: int, pieces: list[Piece]) -> Shard:
-    digest = hashlib.sha1(json.dumps([p.to_dict() for p in pieces], sort_keys=True).encode()).hexdigest()
+    """The id is the shard's position and a digest of its pieces: stable for the same input."""
+    digest = hashlib.sha1(json.dumps([vars(p) for p in pieces]).encode()).hexdigest()
     return Shard(shard_id=f"{index:05d}-{digest[:8]}", pieces=tuple(pieces))

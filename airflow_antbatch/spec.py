@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from airflow_antbatch import layout
 from airflow_antbatch.errors import SpecError
 
 SPEC_VERSION = 1
@@ -136,7 +137,7 @@ class JobSpec:
     @property
     def state_root(self) -> str:
         """Where the ledger lives: ``state_uri``, or ``_antbatch`` beside the output."""
-        return self.state_uri or self.output_uri.rstrip("/") + "/_antbatch"
+        return self.state_uri or layout.default_state_root(self.output_uri)
 
     @property
     def input_uris(self) -> tuple[str, ...]:

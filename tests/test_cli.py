@@ -92,7 +92,7 @@ def test_sigkill_of_a_worker_mid_shard_loses_and_duplicates_nothing(
     assert run.returncode == 0, output
     assert "exit -9" in output  # the launcher saw the killed worker
     _assert_exactly_once(out, table)
-    plan_uri = str(out / "_antbatch" / "attempt-000" / "plan.json")
+    plan_uri = str(out / "_antbatch" / "attempt-000" / "plan.arrow")
     # The dead worker's try was taken over: some shard has a second claim (epoch 1).
     assert any(name.endswith("/0001.json") for name in Ledger.open(plan_uri).store.list("claims"))
 

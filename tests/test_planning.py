@@ -12,9 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from airflow_antbatch import layout
 from airflow_antbatch.errors import InputError, InputNotFoundError, PlanConflictError
 from airflow_antbatch.planning import InputFile, cut_shards, list_input, plan_job, resolve_plan_uri
+from airflow_antbatch.shards import JobPlan
 from airflow_antbatch.spec import JobSpec, ModelStage
+from bench import plan_scale
 from tests.conftest import TABULAR, write_transactions
 
 
@@ -112,6 +115,36 @@ def test_batch_sizes_and_devices_are_not_part_of_the_job(
         single, model=None, stages=(ModelStage(name="model", model=str(single.model), batch_size=7),)
     )
     assert plan_job(tuned).reused  # the same model as a one-stage chain, scored in other batch sizes
+
+
+def test_the_plan_is_an_arrow_file_under_the_state_root(
+    transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path
+) -> None:
+    directory, _ = transactions
+    result = plan_job(_spec(str(directory), tmp_path / "out"))
+    path = tmp_path / "out" / layout.STATE_DIR / layout.plan_rel(0)
+    assert result.plan_uri == str(path) and path.name == "plan.arrow"
+    assert JobPlan.from_bytes(path.read_bytes(), source=str(path)) == result.plan
+
+
+def test_a_simulated_listing_is_planned_one_object_a_shard(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing bench/plan_scale.py plans a million objects from, at 2,500: one shard each,
+    read a listing page at a time, with only the first object's first line opened."""
+    monkeypatch.setattr(plan_scale, "PAGE_S", 0.0)
+    spec = JobSpec(input_uri=plan_scale.register(2500), output_uri=str(tmp_path / "out"), model="pkg:model")
+    first = plan_job(spec)
+    assert len(first.plan) == 2500 and plan_scale.SimListing.pages == 3
+    assert first.plan.input_columns == ("id", "text")
+    last = first.plan.shard(-1).pieces[0]
+    assert last.path == f"simlist://{plan_scale.PREFIX}/part-0002499.jsonl"
+    assert last.version is not None and len(last.version) == 34 and last.file_size == last.size
+    again = plan_job(spec)
+    assert again.reused and again.plan.fingerprint == first.plan.fingerprint
+    plan_scale.register(2501)
+    with pytest.raises(PlanConflictError, match=r"\(1 new, 0 gone"):
+        plan_job(spec)
 
 
 def test_glob_and_list_inputs(transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path) -> None:

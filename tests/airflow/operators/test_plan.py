@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import pathlib
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +12,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_antbatch.errors import SpecError
 from airflow_antbatch.operators.plan import PlanBatchInferenceOperator, as_bool, worker_count
+from airflow_antbatch.shards import JobPlan
 from airflow_antbatch.spec import ModelStage
 from tests.airflow.conftest import TABULAR, FakeTaskInstance
 
@@ -51,7 +51,7 @@ def test_returns_one_kwargs_dict_per_worker_and_pushes_the_plan_uri(
     directory, _ = transactions  # 12 row groups of 250 rows: 12 shards
     result = _plan(directory, max_workers=5, min_shards_per_worker=3).execute(fake_ti.context())
     plan_uri = fake_ti.xcom["plan_uri"]
-    assert str(plan_uri).endswith("/out/_antbatch/attempt-000/plan.json")
+    assert str(plan_uri).endswith("/out/_antbatch/attempt-000/plan.arrow")
     assert result == [{"plan_uri": plan_uri, "worker_id": f"worker-{i}"} for i in range(4)]
 
 
@@ -65,7 +65,7 @@ def test_a_rerun_reuses_the_plan_and_force_rerun_starts_a_fresh_attempt(
         _plan(directory, force_rerun=force).execute(ti.context())
         uris.append(ti.xcom["plan_uri"])
     assert uris[0] == uris[1]
-    assert str(uris[2]).endswith("/attempt-001/plan.json")
+    assert str(uris[2]).endswith("/attempt-001/plan.arrow")
 
 
 def test_a_changed_input_fails_the_task_for_good(transactions: tuple[pathlib.Path, pa.Table]) -> None:
@@ -121,8 +121,8 @@ def test_a_chain_and_its_settings_are_written_into_the_plan(
     directory, _ = transactions
     op = _plan(directory, model=None, stages=STAGES, autocast_dtype="bfloat16", compile="inductor", quarantine_limit=0)
     op.execute(fake_ti.context())
-    plan = json.loads(pathlib.Path(str(fake_ti.xcom["plan_uri"])).read_text())
-    spec = plan["spec"]
+    plan_uri = str(fake_ti.xcom["plan_uri"])
+    spec = JobPlan.from_bytes(pathlib.Path(plan_uri).read_bytes(), source=plan_uri).spec.to_dict()
     assert spec["model"] is None
     assert [(s["name"], s["batch_size"], s["adapter"]) for s in spec["stages"]] == [
         ("embed", 64, None),
