@@ -176,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="process shards of a planned job until none is left")
     p.add_argument("--spec", required=True, help="plan URI (printed by 'antbatch plan')")
     p.add_argument("--worker-id", required=True, help="stable id of this worker slot (e.g. worker-3)")
+    p.add_argument(
+        "--slot",
+        type=_slot,
+        help="I/N: this worker's share of the plan to claim first (e.g. 3/16); default: a point hashed from the id",
+    )
     _add_worker_args(p, budget_default="the CPUs available")
     p.add_argument("--summary-file", help="also write the summary JSON here (e.g. /airflow/xcom/return.json)")
     p.add_argument(
@@ -254,6 +259,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return exit_codes.OK
 
 
+def _slot(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"--slot must be I/N with 0 <= I < N, got {text!r}")
+    return int(index), int(count)
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     from airflow_antbatch.worker.near_cache import CacheOptions
     from airflow_antbatch.worker.run import run_worker
@@ -275,6 +287,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         torch_threads=args.torch_threads,
         cache=CacheOptions(max_bytes=int(args.cache_mb * 2**20), directory=args.cache_dir),
         progress_interval_s=args.progress_interval,
+        slot=args.slot,
     )
     doc = summary.to_dict()
     if args.summary_file:

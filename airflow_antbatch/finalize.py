@@ -1,18 +1,24 @@
 """Finalize: once every shard is committed, write the ``_SUCCESS`` manifest of the output.
 
-The manifest lists every output file with its shard and row count, so that downstream readers
-take exactly the committed files and nothing a zombie or an older attempt left behind.
+The manifest lists every output file with its shard, row count and content hash, so that
+downstream readers take exactly the committed files and nothing a zombie or an older attempt
+left behind. Once it is written, the files of this attempt's losing tries (a zombie's, a try
+that died between its write and its commit) are removed: no commit names them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from typing import Any
 
+from airflow_antbatch import layout
 from airflow_antbatch.errors import JobIncompleteError, StoreError
-from airflow_antbatch.ledger import Ledger
+from airflow_antbatch.ledger import CommitRecord, Ledger
 from airflow_antbatch.store import AtomicStore
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_SUCCESS"
 MANIFEST_FORMAT = "airflow-antbatch/manifest"
@@ -39,7 +45,15 @@ def finalize_job(plan_uri: str, storage_options: dict[str, Any] | None = None) -
         record = records[shard_id]
         if record.file not in present:
             raise StoreError(f"shard {shard_id} is committed but its output {output.uri(record.file)} is missing")
-        files.append({"path": record.file, "uri": output.uri(record.file), "shard": shard_id, "rows": record.rows})
+        files.append(
+            {
+                "path": record.file,
+                "uri": output.uri(record.file),
+                "shard": shard_id,
+                "rows": record.rows,
+                "sha256": record.sha256,
+            }
+        )
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "plan": plan_uri,
@@ -58,7 +72,22 @@ def finalize_job(plan_uri: str, storage_options: dict[str, Any] | None = None) -
         return previous  # a rerun of a finished job: nothing to rewrite
     manifest["finalized_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     output.put(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+    remove_losing_tries(output, plan.attempt, list(records.values()), present)
     return manifest
+
+
+def remove_losing_tries(output: AtomicStore, attempt: int, records: list[CommitRecord], present: set[str]) -> None:
+    """Delete this attempt's output and quarantine files that no commit names."""
+    kept = {r.file for r in records} | {r.quarantine_file for r in records if r.quarantine_file}
+    prefix = layout.attempt_output_prefix(attempt)
+    quarantined = {f"{layout.QUARANTINE_DIR}/{name}" for name in output.list(layout.QUARANTINE_DIR)}
+    losers = sorted(
+        name for name in present | quarantined if name.rsplit("/", 1)[-1].startswith(prefix) and name not in kept
+    )
+    for name in losers:
+        output.delete(name)
+    if losers:
+        log.info("removed %d output files of losing tries: %s", len(losers), ", ".join(losers[:5]))
 
 
 def read_manifest(output_uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:

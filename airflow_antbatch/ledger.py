@@ -1,18 +1,16 @@
 """The shard ledger: exactly-once committed output over a plain object store.
 
-Layout under one job attempt's root (see docs/adr/0002-ledger-protocol.md)::
+Layout under one job attempt's root: see :mod:`airflow_antbatch.layout` and
+docs/adr/0002-ledger-protocol.md. A shard's tries are numbered epochs. Whoever creates the
+claim of epoch ``e`` holds try ``e``. Try ``e+1`` may be created once try ``e`` was released,
+or its owner's heartbeat stopped moving for a lease TTL as measured by the observer's own clock
+(no clock sync assumed). The first commit create wins; every later commit, from a zombie
+included, is refused. Each try writes its own output file and the commit names the one that won,
+so a late writer never changes a committed file.
 
-    plan.json                          the JobPlan, written once by the planner
-    workers/<token>.json               one heartbeat per worker process, overwritten
-    claims/<shard>/<epoch>.json        lease of one try at a shard (create-if-absent)
-    releases/<shard>/<epoch>.json      that try gave the shard back: preempted or failed
-    commits/<shard>.json               the shard's output is durable (create-if-absent)
-
-A shard's tries are numbered epochs. Whoever creates ``claims/<shard>/<e>`` holds try ``e``.
-Try ``e+1`` may be created once try ``e`` was released, or its owner's heartbeat stopped
-moving for a lease TTL as measured by the observer's own clock (no clock sync assumed). The
-first ``commits/<shard>`` create wins; every later commit, from a zombie included, is refused.
-Output names are fixed per shard, so a late writer rewrites identical rows in the same place.
+Which shard a worker tries next is :mod:`airflow_antbatch.worker.claims`' business; this module
+holds the records and the rules. Status comes from the heartbeats (each carries its worker's
+counts) and two listings of the workers, never from a per-shard read.
 """
 
 from __future__ import annotations
@@ -25,20 +23,24 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from airflow_antbatch import layout
 from airflow_antbatch.errors import LedgerCorruptError, SpecError
 from airflow_antbatch.shards import JobPlan
 from airflow_antbatch.states import ShardState, shard_state
 from airflow_antbatch.store import AtomicStore
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Hashable, Iterable
 
-PLAN_FILE = "plan.json"
 _WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # Heartbeat states after which the process holds nothing and will not write again.
-_EXITED_STATES = frozenset({"finished", "preempted", "failed"})
+EXITED_STATES = frozenset({"finished", "preempted", "failed"})
+_READ_THREADS = 32  # records read side by side (finalize, status): one GET each on an object store
+_RECENT_FAILURES = 20  # failed tries a heartbeat carries, newest last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,7 @@ class CommitRecord:
     rows: int
     quarantined: int = 0  # bad records moved to ``quarantine_file`` instead of the output
     quarantine_file: str | None = None
+    sha256: str | None = None  # of ``file``'s bytes: the committed file never changes after this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +93,10 @@ class WorkerStatus:
     rows_per_s: float
     last_beat_age_s: float
     current_shard: str | None
+    leases: tuple[str, ...] = ()
+    rows_quarantined: int = 0
+    # (epoch seconds at a bucket's start, rows this worker committed in it), by the worker's clock
+    timeline: tuple[tuple[float, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +136,26 @@ class JobStatus:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """Every shard's final state, from listings: what decides that a job is done."""
+
+    committed: frozenset[str]
+    failures: dict[str, list[str]]  # shard -> errors of its failed tries, for shards not committed
+    max_attempts: int
+
+    @property
+    def failed(self) -> frozenset[str]:
+        return frozenset(
+            shard
+            for shard, errors in self.failures.items()
+            if shard_state(
+                committed=False, failures=len(errors), max_attempts=self.max_attempts, leased_by_live_owner=False
+            )
+            is ShardState.FAILED
+        )
+
+
 def _encode(kind: str, fields: dict[str, Any]) -> bytes:
     return json.dumps({"format": f"airflow-antbatch/{kind}", **fields}, sort_keys=True).encode()
 
@@ -146,27 +173,30 @@ def _decode(kind: str, data: bytes, source: str, required: Iterable[str]) -> dic
     return doc
 
 
-class _Liveness:
-    """Decides whether a lease owner is gone, from heartbeats seen by this process's clock.
+class Liveness:
+    """Decides whether a worker is gone, from what this process saw of it, by its own clock.
 
-    An owner is gone when its heartbeat says it exited, or when its beat counter has not moved
-    for a whole TTL since this observer first saw that value. Wall clocks of different pods
-    are never compared.
+    A worker is gone when its heartbeat says it exited, or when its mark (the beat counter, or
+    the heartbeat object's version in a listing) has not moved for a whole TTL since this
+    observer first saw that mark. Wall clocks of different pods are never compared.
     """
 
     def __init__(self, ttl_s: float, clock: Callable[[], float]) -> None:
         self._ttl = ttl_s
         self._clock = clock
-        self._seen: dict[str, tuple[int, float]] = {}
+        self._seen: dict[str, tuple[Hashable, float]] = {}
+        self.judged_gone: set[str] = set()  # by another mark (a listing's version), same clock
 
     def gone(self, token: str, heartbeat: dict[str, Any] | None) -> bool:
-        if heartbeat is not None and heartbeat.get("state") in _EXITED_STATES:
+        if token in self.judged_gone or (heartbeat is not None and heartbeat.get("state") in EXITED_STATES):
             return True
-        beat = int(heartbeat["beat"]) if heartbeat is not None else -1
+        return self.unchanged_for_ttl(token, int(heartbeat["beat"]) if heartbeat is not None else -1)
+
+    def unchanged_for_ttl(self, token: str, mark: Hashable) -> bool:
         now = self._clock()
         seen = self._seen.get(token)
-        if seen is None or seen[0] != beat:
-            self._seen[token] = (beat, now)
+        if seen is None or seen[0] != mark:
+            self._seen[token] = (mark, now)
             return False
         return now - seen[1] >= self._ttl
 
@@ -177,13 +207,16 @@ class Ledger:
     def __init__(self, store: AtomicStore, plan: JobPlan, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.plan = plan
-        self._clock = clock
-        self._ttl = float(plan.spec.lease_ttl_s)
-        self._liveness = _Liveness(self._ttl, clock)
+        self.clock = clock
+        self.ttl_s = float(plan.spec.lease_ttl_s)
+        self._liveness = Liveness(self.ttl_s, clock)  # by beat counters read from heartbeats
+        self._listed_liveness = Liveness(self.ttl_s, clock)  # by heartbeat versions in listings
         self._beat_cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._status_beats: dict[str, tuple[str, dict[str, Any]]] = {}  # token -> (version, record)
         self._next_epoch: dict[str, int] = {}
         self._failures: dict[str, set[int]] = {}
         self._claims: dict[tuple[str, int], dict[str, Any]] = {}
+        self.recent_failures: deque[tuple[str, int, str]] = deque(maxlen=_RECENT_FAILURES)
         self._lock = threading.Lock()
 
     # -- opening ---------------------------------------------------------------------------
@@ -196,12 +229,12 @@ class Ledger:
         data = store.read(name)
         if data is None:
             raise FileNotFoundError(f"no job plan at {plan_uri}: run the plan step first")
-        plan = JobPlan.from_json(data, source=plan_uri)
+        plan = JobPlan.from_bytes(data, source=plan_uri)
         return cls(store, plan)
 
     @property
     def plan_uri(self) -> str:
-        return self.store.uri(PLAN_FILE)
+        return self.store.uri(layout.PLAN_FILE)
 
     # -- heartbeats ------------------------------------------------------------------------
 
@@ -217,42 +250,116 @@ class Ledger:
                 "time": time.time(),
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
+                "failures": [list(f) for f in self.recent_failures],
                 **stats,
             },
         )
-        self.store.put(f"workers/{identity.token}.json", record, kind="heartbeat")
+        self.store.put(layout.heartbeat_key(identity.token), record, kind="heartbeat")
 
-    def _read_heartbeat(self, token: str) -> dict[str, Any] | None:
-        """A recent read of ``token``'s heartbeat: at most one GET per owner per TTL/4."""
-        now = self._clock()
-        cached = self._beat_cache.get(token)
-        if cached is not None and now - cached[0] < self._ttl / 4:
-            return cached[1]
-        rel = f"workers/{token}.json"
+    def read_heartbeat(self, token: str) -> dict[str, Any] | None:
+        """``token``'s heartbeat as it is now: one GET."""
+        rel = layout.heartbeat_key(token)
         data = self.store.read(rel)
-        record = None if data is None else _decode("heartbeat", data, self.store.uri(rel), ("beat", "state"))
+        return None if data is None else _decode("heartbeat", data, self.store.uri(rel), ("beat", "state"))
+
+    def _recent_heartbeat(self, token: str) -> dict[str, Any] | None:
+        """A recent read of ``token``'s heartbeat: at most one GET per owner per TTL/4."""
+        now = self.clock()
+        cached = self._beat_cache.get(token)
+        if cached is not None and now - cached[0] < self.ttl_s / 4:
+            return cached[1]
+        record = self.read_heartbeat(token)
         self._beat_cache[token] = (now, record)
         return record
 
+    def worker_versions(self) -> dict[str, str]:
+        """Every worker process that ever beat, with its heartbeat's version: one listing, no reads."""
+        return {
+            name.removesuffix(".json"): version
+            for name, version in self.store.list_versions(layout.WORKERS_DIR).items()
+            if name.endswith(".json")
+        }
+
+    def unchanged_for_ttl(self, token: str, version: str) -> bool:
+        """Whether ``token``'s heartbeat has kept ``version`` for a TTL of this observer's clock;
+        if so, its tries count as over for this ledger's claims too."""
+        if not self._listed_liveness.unchanged_for_ttl(token, version):
+            return False
+        self._liveness.judged_gone.add(token)
+        return True
+
+    def mark_idle(self, identity: WorkerIdentity) -> None:
+        """Say that this process has nothing left to claim (it still watches and beats)."""
+        self.store.create(layout.idle_key(identity.token), b"")
+
+    def clear_idle(self, identity: WorkerIdentity) -> None:
+        self.store.delete(layout.idle_key(identity.token))
+
+    def idle_tokens(self) -> set[str]:
+        return set(self.store.list(layout.IDLE_DIR))
+
+    # -- the end of the job ----------------------------------------------------------------
+
+    def read_done(self) -> dict[str, Any] | None:
+        """The record that every shard is committed or failed, once a worker has verified it."""
+        data = self.store.read(layout.DONE_FILE)
+        if data is None:
+            return None
+        return _decode("done", data, self.store.uri(layout.DONE_FILE), ("committed", "failed"))
+
+    def sweep(self) -> Sweep:
+        """Final states of all shards: a listing of commits and one of releases (never of claims).
+
+        Costs one request per 1,000 commits plus one per release: done rarely (at a job's end,
+        or when no worker is alive), never per claim.
+        """
+        committed = frozenset(self._listed_commits())
+        failures: dict[str, list[str]] = {}
+        released = [
+            layout.shard_of_listed(name) for name in self.store.list(layout.RELEASES_DIR) if name.endswith(".json")
+        ]
+        pending = [(shard, epoch) for shard, epoch in released if shard not in committed and epoch is not None]
+        for (shard, _), record in zip(pending, self._read_all(self._read_release, pending), strict=True):
+            if record is not None and record.get("failed"):
+                failures.setdefault(shard, []).append(str(record.get("error")))
+        return Sweep(committed, failures, self.plan.spec.max_shard_attempts)
+
+    def write_done(self, sweep: Sweep) -> bool:
+        """Record that the job is over; True if this call wrote it (create-if-absent)."""
+        failed = sorted(sweep.failed)
+        record = {
+            "committed": len(sweep.committed),
+            "failed": failed,
+            "errors": {s: sweep.failures[s][-1] for s in failed},
+        }
+        return self.store.create(layout.DONE_FILE, _encode("done", record))
+
     # -- claiming --------------------------------------------------------------------------
 
-    def committed_shards(self) -> set[str]:
-        """Shards whose commit marker exists: one listing, done once at worker start."""
-        return {name.removesuffix(".json") for name in self.store.list("commits") if name.endswith(".json")}
+    def try_claim(self, shard_id: str, identity: WorkerIdentity, *, investigate: bool = True) -> Lease | ShardState:
+        """Take the shard's next free try, or say why not (committed, failed, or leased).
 
-    def try_claim(self, shard_id: str, identity: WorkerIdentity) -> Lease | ShardState:
-        """Take the shard's next free try, or say why not (committed, failed, or leased)."""
+        Without ``investigate`` a try held by another worker is reported as leased at once,
+        without reading its release or its owner's heartbeat: what a worker walking its own run
+        wants, since another claim there means another worker got there first.
+        """
         epoch = self._next_epoch.get(shard_id, 0)
         checked_commit = False
+        if epoch > 0:  # this process had a try before: it may have been committed since
+            if self._read_commit(shard_id) is not None:
+                return ShardState.COMMITTED
+            checked_commit = True
         while len(self._failures.get(shard_id, ())) < self.plan.spec.max_shard_attempts:
             claim = {"shard": shard_id, "epoch": epoch, "token": identity.token, "worker_id": identity.worker_id}
-            if self.store.create(self._claim_rel(shard_id, epoch), _encode("claim", claim)):
+            if self.store.create(layout.claim_key(shard_id, epoch), _encode("claim", claim)):
                 self._next_epoch[shard_id] = epoch + 1
                 return Lease(shard_id, epoch, identity.token)
             if not checked_commit:
                 if self._read_commit(shard_id) is not None:
                     return ShardState.COMMITTED
                 checked_commit = True
+            if not investigate and not self._my_earlier_incarnation(shard_id, epoch, identity):
+                return ShardState.LEASED
             if not self._try_is_over(shard_id, epoch, identity):
                 self._next_epoch[shard_id] = epoch
                 return ShardState.LEASED
@@ -260,68 +367,80 @@ class Ledger:
         # A zombie's try may still have committed after the last failure: commit wins.
         return ShardState.COMMITTED if self._read_commit(shard_id) is not None else ShardState.FAILED
 
+    def _my_earlier_incarnation(self, shard_id: str, epoch: int, identity: WorkerIdentity) -> bool:
+        owner = self._read_claim(shard_id, epoch)
+        return bool(owner["worker_id"] == identity.worker_id and owner["token"] != identity.token)
+
     def _try_is_over(self, shard_id: str, epoch: int, identity: WorkerIdentity) -> bool:
         """Whether try ``epoch`` of the shard was released or its owner is gone."""
-        release = self._read_release(shard_id, epoch)
+        release = self._read_release((shard_id, epoch))
         if release is not None:
             if release.get("failed"):
                 self._failures.setdefault(shard_id, set()).add(epoch)
             return True
-        owner = self._read_claim(shard_id, epoch)
-        if owner["worker_id"] == identity.worker_id and owner["token"] != identity.token:
+        if self._my_earlier_incarnation(shard_id, epoch, identity):
             # An earlier incarnation of this same worker slot (a retried task or pod): it is
             # dead or being replaced, so its tries are over without waiting out the TTL.
             return True
-        return self._liveness.gone(owner["token"], self._read_heartbeat(owner["token"]))
+        owner = self._read_claim(shard_id, epoch)["token"]
+        return self._liveness.gone(owner, self._recent_heartbeat(owner))
 
     def holds(self, lease: Lease) -> bool:
         """Fencing check before commit: no later try of the shard has been started."""
-        return self.store.read(self._claim_rel(lease.shard_id, lease.epoch + 1)) is None
+        return self.store.read(layout.claim_key(lease.shard_id, lease.epoch + 1)) is None
 
     def commit(
-        self, lease: Lease, *, file: str, rows: int, quarantined: int = 0, quarantine_file: str | None = None
+        self,
+        lease: Lease,
+        *,
+        file: str,
+        rows: int,
+        sha256: str | None = None,
+        quarantined: int = 0,
+        quarantine_file: str | None = None,
     ) -> bool:
-        """Mark the shard done; call only once its output is durable. False if already committed."""
-        record = {"shard": lease.shard_id, "epoch": lease.epoch, "token": lease.token, "file": file, "rows": rows}
+        """Mark the shard done with this try's file; call only once it is durable. False if already committed."""
+        record: dict[str, Any] = {
+            "shard": lease.shard_id,
+            "epoch": lease.epoch,
+            "token": lease.token,
+            "file": file,
+            "rows": rows,
+            "sha256": sha256,
+        }
         if quarantined:
             record.update(quarantined=quarantined, quarantine_file=quarantine_file)
-        return self.store.create(f"commits/{lease.shard_id}.json", _encode("commit", record))
+        return self.store.create(layout.commit_key(lease.shard_id), _encode("commit", record))
 
     def release(self, lease: Lease, *, reason: str, failed: bool, error: str | None = None) -> None:
         """Give the try back so another worker can start the next one without waiting a TTL."""
         record = {"shard": lease.shard_id, "epoch": lease.epoch, "token": lease.token, "reason": reason}
         record.update(failed=failed, error=error)
-        self.store.create(self._release_rel(lease.shard_id, lease.epoch), _encode("release", record))
+        self.store.create(layout.release_key(lease.shard_id, lease.epoch), _encode("release", record))
         if failed:
             self._failures.setdefault(lease.shard_id, set()).add(lease.epoch)
+            self.recent_failures.append((lease.shard_id, lease.epoch, str(error)))
 
     # -- records ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _claim_rel(shard_id: str, epoch: int) -> str:
-        return f"claims/{shard_id}/{epoch:04d}.json"
-
-    @staticmethod
-    def _release_rel(shard_id: str, epoch: int) -> str:
-        return f"releases/{shard_id}/{epoch:04d}.json"
 
     def _read_claim(self, shard_id: str, epoch: int) -> dict[str, Any]:
         key = (shard_id, epoch)
         if key not in self._claims:
-            rel = self._claim_rel(shard_id, epoch)
+            rel = layout.claim_key(shard_id, epoch)
             data = self.store.read(rel)
             if data is None:
                 raise LedgerCorruptError(f"claim {self.store.uri(rel)} vanished: something deletes ledger files")
             self._claims[key] = _decode("claim", data, self.store.uri(rel), ("token", "worker_id"))
         return self._claims[key]
 
-    def _read_release(self, shard_id: str, epoch: int) -> dict[str, Any] | None:
-        rel = self._release_rel(shard_id, epoch)
+    def _read_release(self, key: tuple[str, int | None]) -> dict[str, Any] | None:
+        shard_id, epoch = key
+        rel = layout.release_key(shard_id, epoch or 0)
         data = self.store.read(rel)
         return None if data is None else _decode("release", data, self.store.uri(rel), ("reason", "failed"))
 
     def _read_commit(self, shard_id: str) -> CommitRecord | None:
-        rel = f"commits/{shard_id}.json"
+        rel = layout.commit_key(shard_id)
         data = self.store.read(rel)
         if data is None:
             return None
@@ -334,56 +453,77 @@ class Ledger:
             int(doc["rows"]),
             int(doc.get("quarantined", 0)),
             doc.get("quarantine_file"),
+            doc.get("sha256"),
+        )
+
+    def committed_shards(self) -> set[str]:
+        """Shards whose commit record exists: one listing of commits/ (a page per 1,000)."""
+        return set(self._listed_commits())
+
+    def _listed_commits(self) -> list[str]:
+        return sorted(
+            layout.shard_of_listed(name)[0] for name in self.store.list(layout.COMMITS_DIR) if name.endswith(".json")
         )
 
     def commit_records(self) -> list[CommitRecord]:
-        """Every commit, read back in full (finalize): one listing plus one GET per shard."""
-        records = [self._read_commit(shard_id) for shard_id in sorted(self.committed_shards())]
+        """Every commit, read back in full (finalize): one listing plus one GET per shard, side by side."""
+        records = self._read_all(self._read_commit, self._listed_commits())
         return [r for r in records if r is not None]
+
+    def _read_all(self, read: Callable[[Any], Any], keys: list[Any]) -> list[Any]:
+        if len(keys) <= 1:
+            return [read(k) for k in keys]
+        with ThreadPoolExecutor(min(_READ_THREADS, len(keys))) as pool:
+            return list(pool.map(read, keys))
 
     # -- status ----------------------------------------------------------------------------
 
     def status(self) -> JobStatus:
-        """Shards by state, rows and throughput, from a handful of listings."""
-        committed = self.committed_shards()
-        latest_claim = {shard: max(epochs) for shard, epochs in self._epochs_listed("claims").items()}
-        released = {s: e for s, e in self._epochs_listed("releases").items() if s not in committed}
-        workers = self._worker_statuses()
-        fresh = {w.token for w in workers if w.state == "running" and w.last_beat_age_s < self._ttl}
-        failures: list[tuple[str, str]] = []
+        """Shards by state, rows and throughput: from the heartbeats, never a per-shard read.
+
+        One listing of ``workers/`` plus a GET of each heartbeat that changed since this Ledger
+        last looked, and one GET of ``done.json``. Only when no worker is running and no worker
+        has recorded the end does it list the commits (a page per 1,000) to settle the count.
+        """
+        done = self.read_done()
+        beats = self._heartbeats()
+        workers = [_worker_status(doc) for doc in beats]
+        live = [w for w in workers if w.state == "running" and w.last_beat_age_s < self.ttl_s]
+        failures = _failures_from(beats)
         counts = dict.fromkeys(ShardState, 0)
-        for shard_id in self.plan.shard_ids:
-            n_failed = 0
-            for epoch in released.get(shard_id, []):
-                release = self._read_release(shard_id, epoch)
-                if release is not None and release.get("failed"):
-                    n_failed += 1
-                    failures.append((shard_id, str(release.get("error"))))
-            latest = latest_claim.get(shard_id)
-            live = (
-                latest is not None
-                and shard_id not in committed
-                and latest not in released.get(shard_id, [])
-                and self._read_claim(shard_id, latest)["token"] in fresh
+        if done is not None:
+            counts[ShardState.COMMITTED] = int(done["committed"])
+            counts[ShardState.FAILED] = len(done["failed"])
+            failures = [(s, str(e)) for s, e in sorted(done.get("errors", {}).items())] or failures
+        elif live:
+            committed = min(len(self.plan.shards), sum(w.shards_committed for w in workers))
+            failed = {s for s, n in _failure_counts(failures).items() if n >= self.plan.spec.max_shard_attempts}
+            counts[ShardState.COMMITTED] = committed
+            counts[ShardState.FAILED] = min(len(self.plan.shards) - committed, len(failed))
+            counts[ShardState.LEASED] = min(
+                len(self.plan.shards) - committed - counts[ShardState.FAILED], sum(len(w.leases) for w in live)
             )
-            state = shard_state(
-                committed=shard_id in committed,
-                failures=n_failed,
-                max_attempts=self.plan.spec.max_shard_attempts,
-                leased_by_live_owner=live,
-            )
-            counts[state] += 1
+        else:
+            sweep = self.sweep()
+            counts[ShardState.COMMITTED] = len(sweep.committed)
+            counts[ShardState.FAILED] = len(sweep.failed)
+            failures = [(s, e) for s in sorted(sweep.failures) for e in sweep.failures[s]]
         return self._summarise(counts, workers, failures)
 
-    def _epochs_listed(self, directory: str) -> dict[str, list[int]]:
-        """``claims/`` or ``releases/`` as {shard: [epochs]}, for planned shards only."""
-        planned = set(self.plan.shard_ids)
-        out: dict[str, list[int]] = {}
-        for name in self.store.list(directory):
-            shard_id, _, epoch = name.removesuffix(".json").partition("/")
-            if shard_id in planned and epoch.isdigit():
-                out.setdefault(shard_id, []).append(int(epoch))
-        return out
+    def _heartbeats(self) -> list[dict[str, Any]]:
+        """Every heartbeat, re-read only where its version moved since the last status."""
+        versions = self.worker_versions()
+        stale = [t for t, v in versions.items() if self._status_beats.get(t, ("", {}))[0] != v]
+        for token, doc in zip(stale, self._read_all(self._status_heartbeat, stale), strict=True):
+            if doc is not None:
+                self._status_beats[token] = (versions[token], doc)
+        return [self._status_beats[t][1] for t in sorted(versions) if t in self._status_beats]
+
+    def _status_heartbeat(self, token: str) -> dict[str, Any] | None:
+        rel = layout.heartbeat_key(token)
+        data = self.store.read(rel)
+        required = ("token", "worker_id", "beat", "state", "time")
+        return None if data is None else _decode("heartbeat", data, self.store.uri(rel), required)
 
     def _summarise(
         self, counts: dict[ShardState, int], workers: list[WorkerStatus], failures: list[tuple[str, str]]
@@ -411,25 +551,34 @@ class Ledger:
             failures=tuple(failures),
         )
 
-    def _worker_statuses(self) -> list[WorkerStatus]:
-        now = time.time()
-        out = []
-        for name in self.store.list("workers"):
-            rel = f"workers/{name}"
-            data = self.store.read(rel)
-            if data is None:
-                continue
-            doc = _decode("heartbeat", data, self.store.uri(rel), ("token", "worker_id", "beat", "state", "time"))
-            out.append(
-                WorkerStatus(
-                    token=doc["token"],
-                    worker_id=doc["worker_id"],
-                    state=doc["state"],
-                    shards_committed=int(doc.get("shards_committed", 0)),
-                    rows_committed=int(doc.get("rows_committed", 0)),
-                    rows_per_s=float(doc.get("rows_per_s", 0.0)),
-                    last_beat_age_s=max(0.0, now - float(doc["time"])),
-                    current_shard=doc.get("current_shard"),
-                )
-            )
-        return out
+
+def _worker_status(doc: dict[str, Any]) -> WorkerStatus:
+    return WorkerStatus(
+        token=doc["token"],
+        worker_id=doc["worker_id"],
+        state=doc["state"],
+        shards_committed=int(doc.get("shards_committed", 0)),
+        rows_committed=int(doc.get("rows_committed", 0)),
+        rows_per_s=float(doc.get("rows_per_s", 0.0)),
+        last_beat_age_s=max(0.0, time.time() - float(doc["time"])),
+        current_shard=doc.get("current_shard"),
+        leases=tuple(doc.get("leases", ())),
+        rows_quarantined=int(doc.get("rows_quarantined", 0)),
+        timeline=tuple((float(t), int(n)) for t, n in doc.get("timeline", ())),
+    )
+
+
+def _failures_from(beats: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Failed tries the heartbeats report, each (shard, epoch) once, in shard order."""
+    seen: dict[tuple[str, int], str] = {}
+    for doc in beats:
+        for shard, epoch, error in doc.get("failures", ()):
+            seen[(str(shard), int(epoch))] = str(error)
+    return [(shard, seen[(shard, epoch)]) for shard, epoch in sorted(seen)]
+
+
+def _failure_counts(failures: list[tuple[str, str]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for shard, _ in failures:
+        counts[shard] = counts.get(shard, 0) + 1
+    return counts

@@ -1,34 +1,34 @@
-"""A read-only view of one job for people: the ledger's status plus what the commit records add.
+"""A read-only view of one job for people: the ledger's status plus the quarantine and a timeline.
 
-``Ledger.status()`` answers from a few listings and the workers' heartbeats; the status CLI and
-the UI also want the quarantined records, the throughput over time and where the output and
-manifest are. Those come from the commit records (one GET per shard) and the commit markers'
-modification times. Commit records are written once and never change, so :class:`JobProgress`
-reads each one once and keeps it: a ``--watch`` loop or a polling page costs one listing plus
-the new commits per refresh. Nothing here writes.
+``Ledger.status()`` answers from the workers' heartbeats; the status CLI and the UI also want
+the quarantined records, the throughput over time and where the output and manifest are. The
+heartbeats carry quarantined row counts and each worker's rows committed per 10 s, and the
+quarantine files are one listing of ``_quarantine/`` (their footers read once each, for at most
+``limit`` files), so a refresh never reads a record per shard: at a million shards that would
+be a million GETs. Nothing here writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
+import re
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
 
+from airflow_antbatch import layout
 from airflow_antbatch.finalize import MANIFEST_NAME
 from airflow_antbatch.ledger import Ledger
 from airflow_antbatch.store import AtomicStore
 
 if TYPE_CHECKING:
-    from airflow_antbatch.ledger import CommitRecord, JobStatus, WorkerStatus
+    from airflow_antbatch.ledger import JobStatus, WorkerStatus
 
 REASON_COLUMN = "_antbatch_reason"  # written beside each quarantined record by the worker
 TIMELINE_BUCKETS = 30
-_READ_THREADS = 16  # new commit records are read side by side: one GET each on an object store
+MAX_QUARANTINE_FILES = 200  # listed in a snapshot; their row counts come from their footers
 
 
 def is_stale(worker: WorkerStatus, lease_ttl_s: float) -> bool:
@@ -86,7 +86,7 @@ class JobProgress:
         self.ledger = Ledger.open(plan_uri, storage_options)
         spec = self.ledger.plan.spec
         self.output = AtomicStore(spec.output_uri, dict(spec.storage_options))
-        self._commits: dict[str, CommitRecord] = {}
+        self._quarantine_rows: dict[str, int] = {}  # file name -> rows (files never change)
         self._reasons: dict[str, dict[str, int]] = {}
 
     @property
@@ -95,27 +95,38 @@ class JobProgress:
 
     def snapshot(self, *, buckets: int = TIMELINE_BUCKETS) -> Snapshot:
         status = self.ledger.status()
-        times = self._commit_times()
-        self._read_new_commits(sorted(set(times) - set(self._commits)))
-        records = [self._commits[s] for s in sorted(self._commits)]
+        points = [point for worker in status.workers for point in worker.timeline]
         return Snapshot(
             plan_uri=self.plan_uri,
             output_uri=self.output.url,
             manifest_uri=self.output.uri(MANIFEST_NAME),
             lease_ttl_s=float(self.ledger.plan.spec.lease_ttl_s),
             status=status,
-            quarantined_rows=sum(r.quarantined for r in records),
-            quarantine_files=tuple(
-                QuarantineFile(r.shard_id, self.output.uri(r.quarantine_file), r.quarantined)
-                for r in records
-                if r.quarantine_file
-            ),
+            quarantined_rows=sum(w.rows_quarantined for w in status.workers),
+            quarantine_files=self._quarantine_files(),
             timeline=throughput_timeline(
-                [(times[r.shard_id], r.rows) for r in records if r.shard_id in times],
+                points,
                 buckets=buckets,
                 until=None if status.finished else time.time(),  # a stall shows as a drop to zero
             ),
         )
+
+    def _quarantine_files(self) -> tuple[QuarantineFile, ...]:
+        """This attempt's quarantine files: one listing, and each new file's footer read once."""
+        pattern = re.compile(
+            re.escape(layout.attempt_output_prefix(self.ledger.plan.attempt)) + r"(?P<shard>.+)-e[0-9]+\.parquet"
+        )
+        files = []
+        for name in self.output.list(layout.QUARANTINE_DIR)[:MAX_QUARANTINE_FILES]:
+            match = pattern.fullmatch(name)
+            if match is None:
+                continue
+            uri = self.output.uri(f"{layout.QUARANTINE_DIR}/{name}")
+            if name not in self._quarantine_rows:
+                with self.output.fs.open(self.output.path(f"{layout.QUARANTINE_DIR}/{name}"), "rb") as handle:
+                    self._quarantine_rows[name] = pq.read_metadata(handle).num_rows
+            files.append(QuarantineFile(match.group("shard"), uri, self._quarantine_rows[name]))
+        return tuple(files)
 
     def quarantine_reasons(self, files: tuple[QuarantineFile, ...], *, limit: int = 50) -> dict[str, dict[str, int]]:
         """{shard: {reason: records}} for up to ``limit`` quarantine files, each read once."""
@@ -124,29 +135,6 @@ class JobProgress:
                 table = pq.read_table(q.uri, columns=[REASON_COLUMN], filesystem=self.output.fs)
                 self._reasons[q.shard_id] = dict(Counter(table.column(REASON_COLUMN).to_pylist()))
         return {q.shard_id: self._reasons[q.shard_id] for q in files[:limit]}
-
-    def _commit_times(self) -> dict[str, float]:
-        """{shard: when its commit marker was written}, from one detailed listing."""
-        store = self.ledger.store
-        base = store.path("commits")
-        store.fs.invalidate_cache(base)
-        try:
-            found = store.fs.find(base, detail=True)
-        except FileNotFoundError:
-            return {}
-        planned = set(self.ledger.plan.shard_ids)
-        out = {}
-        for path, info in found.items():
-            shard_id = path.rsplit("/", 1)[-1].removesuffix(".json")
-            if shard_id in planned and path.endswith(".json"):
-                out[shard_id] = _modified(info)
-        return out
-
-    def _read_new_commits(self, shard_ids: list[str]) -> None:
-        with ThreadPoolExecutor(min(_READ_THREADS, max(1, len(shard_ids)))) as pool:
-            for record in pool.map(self.ledger._read_commit, shard_ids):
-                if record is not None:
-                    self._commits[record.shard_id] = record
 
 
 def throughput_timeline(
@@ -163,14 +151,3 @@ def throughput_timeline(
     for t, count in commits:
         rows[min(n - 1, int((t - start) // width))] += count
     return tuple((start + i * width, rows[i] / width) for i in range(n))
-
-
-def _modified(info: dict[str, Any]) -> float:
-    """A listing entry's modification time in epoch seconds (local, memory and S3 name it differently)."""
-    for key in ("mtime", "LastModified", "last_modified", "created"):
-        value = info.get(key)
-        if isinstance(value, dt.datetime):
-            return value.timestamp()
-        if isinstance(value, int | float):
-            return float(value)
-    return time.time()

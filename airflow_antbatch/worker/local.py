@@ -33,6 +33,7 @@ def worker_arguments(
     preprocess_workers: int | None = None,
     torch_threads: int | None = None,
     summary_file: str | None = None,
+    slot: tuple[int, int] | None = None,
 ) -> list[str]:
     """The ``antbatch`` arguments that run one worker, for subprocesses and pods alike.
 
@@ -51,6 +52,8 @@ def worker_arguments(
             args += [flag, str(value)]
     if summary_file:
         args += ["--summary-file", summary_file]
+    if slot is not None:
+        args += ["--slot", f"{slot[0]}/{slot[1]}"]
     return args
 
 
@@ -74,7 +77,7 @@ def run_local_workers(
     """
     with tempfile.TemporaryDirectory(prefix="antbatch-") as tmp:
         procs = []
-        for worker_id in worker_ids:
+        for index, worker_id in enumerate(worker_ids):
             summary_file = os.path.join(tmp, f"{worker_id}.json")
             cmd = worker_command(
                 plan_uri,
@@ -84,6 +87,7 @@ def run_local_workers(
                 preprocess_workers=preprocess_workers,
                 torch_threads=torch_threads,
                 summary_file=summary_file,
+                slot=(index, len(worker_ids)),
             )
             procs.append((worker_id, summary_file, subprocess.Popen(cmd)))
 

@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
+import hashlib
 import io
 import logging
 import threading
 import time
-import zlib
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from airflow_antbatch import layout
 from airflow_antbatch.errors import ShardError, StoreError
-from airflow_antbatch.ledger import Lease, Ledger, WorkerIdentity
-from airflow_antbatch.states import ShardState
 from airflow_antbatch.store import AtomicStore
 from airflow_antbatch.worker.backoff import retry_store
+from airflow_antbatch.worker.claims import Claimer
 from airflow_antbatch.worker.heartbeat import Heartbeat
 from airflow_antbatch.worker.local import available_cpus
 from airflow_antbatch.worker.near_cache import CacheOptions, NearCache
@@ -35,6 +34,7 @@ from airflow_antbatch.worker.reader import iter_batches
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from airflow_antbatch.ledger import Lease, Ledger, WorkerIdentity
     from airflow_antbatch.shards import Shard
     from airflow_antbatch.worker.job_code import JobCode
     from airflow_antbatch.worker.pipeline import ShardWork
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_LEASES = 2  # the shard in the model stages and the next, being read
+TIMELINE_BUCKET_S = 10  # rows committed per 10 s, carried in the heartbeat for the status timeline
+TIMELINE_BUCKETS = 360  # an hour of them; older buckets drop off
 
 
 @dataclasses.dataclass
@@ -54,7 +56,7 @@ class WorkerSummary:
     outcome: str = "running"  # finished | preempted | failed
     shards_committed: int = 0
     rows_committed: int = 0
-    shards_skipped: int = 0  # already committed when this worker started
+    shards_skipped: int = 0  # found already committed (a rerun, or another worker was first)
     shards_failed: int = 0  # tries of this worker that failed
     shards_lost: int = 0  # processed, but another try committed first
     rows_quarantined: int = 0
@@ -68,6 +70,7 @@ class WorkerSummary:
     stages: dict[str, dict[str, float | int]] = dataclasses.field(default_factory=dict)
     scaling: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     cache: dict[str, int] = dataclasses.field(default_factory=dict)  # near cache: hits, misses, bytes
+    claiming: dict[str, int] = dataclasses.field(default_factory=dict)  # claims, collisions, steals, ...
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,6 +90,7 @@ class Worker:
         poll_interval_s: float | None = None,
         cache: CacheOptions | None = None,
         progress_interval_s: float = 30.0,
+        slot: tuple[int, int] | None = None,
     ) -> None:
         self.ledger = ledger
         self.plan = ledger.plan
@@ -111,9 +115,10 @@ class Worker:
         self._started = time.monotonic()
         self._changed = threading.Condition()
         self._in_flight: set[str] = set()
-        self._retry: list[str] = []
+        self._timeline: dict[int, int] = {}  # bucket start (epoch s) -> rows committed
+        self.claimer = Claimer(ledger, identity, slot=slot, poll_interval_s=self.poll_interval_s, stop=self.stop)
         self._heartbeat = Heartbeat(ledger, identity, max(0.05, ttl / 4), self._stats)
-        self._progress = ProgressLog(ledger, self.summary, progress_interval_s)
+        self._progress = ProgressLog(self.summary, self.claimer.run_left, progress_interval_s)
 
     def _stats(self) -> dict[str, Any]:
         elapsed = max(1e-9, time.monotonic() - self._started)
@@ -122,7 +127,10 @@ class Worker:
             "rows_committed": self.summary.rows_committed,
             "rows_per_s": self.summary.rows_committed / elapsed,
             "current_shard": min(list(self._in_flight), default=None),
+            "rows_quarantined": self.summary.rows_quarantined,
+            "timeline": sorted(self._timeline.items()),
             "preprocess_processes": self.pipeline.scaler.processes,
+            **self.claimer.heartbeat_fields(),
         }
 
     def run(self) -> WorkerSummary:
@@ -151,55 +159,35 @@ class Worker:
         summary.stages = {name: clock.to_dict() for name, clock in self.pipeline.clocks.items()}
         summary.scaling = [d.to_dict() for d in self.pipeline.scaler.decisions]
         summary.cache = self.cache.stats.to_dict()
+        summary.claiming = self.claimer.stats.to_dict()
+        summary.shards_skipped = self.claimer.stats.skipped
+        summary.failed_for_good = list(self.claimer.failed_for_good)
 
     # -- claiming ------------------------------------------------------------------------------
 
     def _claims(self) -> Iterator[tuple[Lease, Shard]]:
         """Claimed shards for the pipeline's reader, while it holds fewer than MAX_LEASES."""
-        shards = {s.shard_id: s for s in self.plan.shards}
-        committed = self._patiently(self.ledger.committed_shards, "listing the committed shards")
-        self._progress.start(len(committed))
-        self.summary.shards_skipped = len(committed & shards.keys())
-        if self.summary.shards_skipped:
-            log.info("%s: skipping %d shards already committed", self.identity.worker_id, self.summary.shards_skipped)
-        pending = self._start_order([s for s in shards if s not in committed])
+        self._progress.start()
         while not self.stop.is_set():
             with self._changed:
-                pending += self._retry
-                self._retry.clear()
-                if not pending and not self._in_flight:
-                    return
-                if len(self._in_flight) >= MAX_LEASES or not pending:
+                if len(self._in_flight) >= MAX_LEASES:
                     self._changed.wait(self.poll_interval_s)
                     continue
-            progressed = False
-            for shard_id in list(pending):
-                if self.stop.is_set() or len(self._in_flight) >= MAX_LEASES:
-                    break
-                outcome = self._patiently(functools.partial(self.ledger.try_claim, shard_id, self.identity), "claiming")
-                if isinstance(outcome, Lease):
-                    progressed = True
-                    pending.remove(shard_id)
-                    with self._changed:
-                        self._in_flight.add(shard_id)
-                    yield outcome, shards[shard_id]
-                elif outcome is ShardState.LEASED:
-                    continue
-                else:
-                    if outcome is ShardState.FAILED:
-                        self.summary.failed_for_good.append(shard_id)
-                    pending.remove(shard_id)
-            if pending and not progressed:
-                # Everything left is leased by live workers: wait, then look for expired leases.
+            lease = self._patiently(lambda: self.claimer.next_lease(self._wait), "claiming")
+            if lease is None:
                 with self._changed:
-                    self._changed.wait(self.poll_interval_s)
+                    if not self._in_flight or self.stop.is_set():
+                        return
+                    self._changed.wait(self.poll_interval_s)  # a try in flight may still fail
+                continue
+            with self._changed:
+                self._in_flight.add(lease.shard_id)
+            yield lease, self.plan.shard(self.plan.index_of(lease.shard_id))
 
-    def _start_order(self, shard_ids: list[str]) -> list[str]:
-        """Start at a point that depends on the worker id, so workers rarely collide."""
-        if not shard_ids:
-            return []
-        offset = zlib.crc32(self.identity.worker_id.encode()) % len(shard_ids)
-        return shard_ids[offset:] + shard_ids[:offset]
+    def _wait(self, seconds: float) -> None:
+        """How the claimer waits: woken early when a shard in flight settles or the worker stops."""
+        with self._changed:
+            self._changed.wait(seconds)
 
     def _read(self, shard: Shard) -> Iterator[pa.RecordBatch]:
         """The shard's batches; its small files are fetched many at a time ahead of the reader."""
@@ -229,10 +217,10 @@ class Worker:
         try:
             done = self._settle(work)
         finally:
+            if done or not self.stop.is_set():  # else the final heartbeat lists it as still held
+                self.claimer.settle(work.lease, done=done)  # not done: another try, or failed for good
             with self._changed:
                 self._in_flight.discard(shard_id)
-                if not done and not self.stop.is_set():
-                    self._retry.append(shard_id)  # ask the ledger again: another try, or failed for good
                 self._changed.notify_all()
 
     def _settle(self, work: ShardWork) -> bool:
@@ -271,10 +259,10 @@ class Worker:
     def _write_and_commit(self, work: ShardWork) -> bool:
         lease, shard_id = work.lease, work.shard.shard_id
         table = pa.concat_tables(work.tables, promote_options="default") if work.tables else pa.table({})
-        name = self.plan.output_name(shard_id)
+        name = layout.output_name(self.plan.attempt, shard_id, lease.epoch)
         quarantine = self._write_quarantine(work) if work.quarantined else None
-        # Durable output first, commit second: a crash in between leaves an uncommitted file
-        # at a fixed name that the next try overwrites with the same rows.
+        # Durable output first, commit second: a crash in between leaves an uncommitted file of
+        # this try's own, which no commit names and finalize removes.
         data = _parquet_bytes(table)
         self._patiently(lambda: self.output.put(name, data, kind="data"), f"writing {name}")
         if not self._patiently(lambda: self.ledger.holds(lease), "checking the lease"):
@@ -284,7 +272,12 @@ class Worker:
         quarantined = sum(q.batch.num_rows for q in work.quarantined)
         committed = self._patiently(
             lambda: self.ledger.commit(
-                lease, file=name, rows=table.num_rows, quarantined=quarantined, quarantine_file=quarantine
+                lease,
+                file=name,
+                rows=table.num_rows,
+                sha256=hashlib.sha256(data).hexdigest(),
+                quarantined=quarantined,
+                quarantine_file=quarantine,
             ),
             f"committing {shard_id}",
         )
@@ -295,6 +288,10 @@ class Worker:
         self.summary.shards_committed += 1
         self.summary.rows_committed += table.num_rows
         self.summary.rows_quarantined += quarantined
+        bucket = int(time.time()) // TIMELINE_BUCKET_S * TIMELINE_BUCKET_S
+        self._timeline[bucket] = self._timeline.get(bucket, 0) + table.num_rows
+        while len(self._timeline) > TIMELINE_BUCKETS:
+            del self._timeline[min(self._timeline)]
         with contextlib.suppress(StoreError):  # fresh counts for status; the heartbeat thread retries
             self._heartbeat.beat()
         log.info(
@@ -315,7 +312,7 @@ class Worker:
             pa.Table.from_batches([q.batch]).append_column("_antbatch_reason", pa.array([q.reason] * q.batch.num_rows))
             for q in work.quarantined
         ]
-        name = self.plan.quarantine_name(work.shard.shard_id)
+        name = layout.quarantine_name(self.plan.attempt, work.shard.shard_id, work.lease.epoch)
         data = _parquet_bytes(pa.concat_tables(tables, promote_options="default"))
         self._patiently(lambda: self.output.put(name, data, kind="data"), f"writing {name}")
         return name

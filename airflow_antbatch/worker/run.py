@@ -30,6 +30,7 @@ def run_worker(
     torch_threads: int | None = None,
     cache: CacheOptions | None = None,
     progress_interval_s: float = 30.0,
+    slot: tuple[int, int] | None = None,
 ) -> WorkerSummary:
     """Load the plan and the user code, then process shards until none is left.
 
@@ -37,11 +38,12 @@ def run_worker(
     holds no lease. ``cpu_budget`` (default: the CPUs this process may use) is shared between
     preprocess processes and the model stages' torch threads; several workers on one machine
     must each pass their share, since OpenMP threads that spin against each other make
-    inference many times slower (../shared/PERF_NOTES.md). ``preprocess_workers`` fixes the
+    inference many times slower (docs/operations.md). ``preprocess_workers`` fixes the
     preprocess pool size (0: preprocess in a thread) instead of scaling it; ``torch_threads``
     fixes the model stages' intra-op threads. ``cache`` sizes the near cache that fetches a
     shard's small input files many at a time (default: 256 MiB in memory). A progress line is
-    logged every ``progress_interval_s`` (0: never).
+    logged every ``progress_interval_s`` (0: never). ``slot`` (I, N) is the share of the plan
+    this worker claims first (see NOTE [claiming] in worker/claims.py).
     """
     ledger = Ledger.open(plan_uri, storage_options)
     spec = ledger.plan.spec
@@ -61,7 +63,14 @@ def run_worker(
         options.cpu_budget,
     )
     worker = Worker(
-        ledger, identity, code, options=options, stop=stop, cache=cache, progress_interval_s=progress_interval_s
+        ledger,
+        identity,
+        code,
+        options=options,
+        stop=stop,
+        cache=cache,
+        progress_interval_s=progress_interval_s,
+        slot=slot,
     )
     summary = worker.run()
     log.info(

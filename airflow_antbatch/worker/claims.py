@@ -1,0 +1,297 @@
+"""Which shard a worker tries next, at a cost per shard that does not grow with the worker count.
+
+NOTE [claiming]: each worker owns a run of consecutive plan positions ``[cursor, end)`` on the
+ring of the plan's n shards: its slot's share (slot r of W: ``r*n/W`` to ``(r+1)*n/W``), or,
+without a slot, the whole ring from a point hashed from its id. It claims its run front to back
+without investigating: a claim another worker already holds ends the run, since that worker got
+there first (from its own start, or by stealing). Then it steals: it reads the heartbeat of a
+random busy worker, where each worker publishes its run, and takes the back half of what is
+left; the victim learns of it when its own claim at the split point fails. A worker whose steals
+find nothing, and which holds no lease, marks itself idle and watches: ``done.json``, one
+listing of heartbeats (liveness from versions, no reads) and one of idle markers. It takes over
+the leases and run of a worker that exited or whose heartbeat stopped moving for a TTL of its
+own clock. Once every worker is idle or taken over, the lowest idle one sweeps (a listing of
+commits and one of releases): it claims what is left under the full takeover rules, or writes
+``done.json``, which lets every worker exit.
+
+Requests, with S shards and W workers (docs/adr/0002-ledger-protocol.md has the formula):
+a claim is one create; a collision adds a commit read and a claim read; a steal one heartbeat
+read plus the roster listings (cached for a poll interval); an idle poll one GET and two
+listings of ceil(W/1000) pages; the sweep ceil(S/1000) pages plus a GET per release, about once
+per job. None of these is paid per shard per worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+import zlib
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from airflow_antbatch.ledger import EXITED_STATES, Lease
+from airflow_antbatch.states import ShardState
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from airflow_antbatch.ledger import Ledger, WorkerIdentity
+
+STEAL_TRIES = 4  # victims read per steal before the worker goes idle for a poll
+MIN_STEAL = 2  # a run with fewer positions left is not worth splitting
+
+
+@dataclasses.dataclass
+class ClaimStats:
+    """How a worker found its work: what the summary and the scale benchmark report."""
+
+    claims: int = 0
+    collisions: int = 0  # claims that found another worker's try: the end of a run
+    steals: int = 0
+    takeovers: int = 0  # workers whose leases and run this one took over
+    sweeps: int = 0
+    skipped: int = 0  # shards found committed (a rerun, or a lost race)
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def first_run(n: int, worker_id: str, slot: tuple[int, int] | None) -> tuple[int, int]:
+    """A worker's own run: its slot's share of the plan, or the whole ring from a hashed point."""
+    if n == 0:
+        return 0, 0
+    if slot is not None:
+        index, count = slot
+        return index * n // count, (index + 1) * n // count
+    offset = zlib.crc32(worker_id.encode()) % n
+    return offset, offset + n
+
+
+class Claimer:
+    """Hands the worker one lease at a time; see NOTE [claiming] for the order it tries things in."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        identity: WorkerIdentity,
+        *,
+        slot: tuple[int, int] | None = None,
+        poll_interval_s: float = 5.0,
+        rng: random.Random | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.identity = identity
+        self._n = len(ledger.plan.shards)
+        self._cursor, self._end = first_run(self._n, identity.worker_id, slot)
+        self._poll = poll_interval_s
+        self._rng = rng or random.Random(identity.token)
+        self._stop = stop or threading.Event()
+        self._retry: deque[str] = deque()
+        self._held: set[str] = set()
+        self._handled: set[str] = set()  # tokens whose run and leases were taken over (or hold none)
+        self._stolen_from: dict[str, int] = {}  # token -> the beat whose run this worker split
+        self._idle = False
+        # (read at, heartbeat versions by token, idle tokens)
+        self._roster: tuple[float, dict[str, str], set[str]] | None = None
+        self._last_sweep: float | None = None
+        self._looked_for_done = False
+        self._lock = threading.Lock()
+        self.stats = ClaimStats()
+        self.failed_for_good: list[str] = []
+        self.finished = False
+
+    # -- what the worker calls ------------------------------------------------------------------
+
+    def next_lease(self, wait: Callable[[float], object]) -> Lease | None:
+        """Blocks (only through ``wait(seconds)``) until a lease is won; None once the job is
+        finished or the worker is stopping."""
+        if not self._looked_for_done:  # a rerun of a finished job costs one GET
+            self._looked_for_done = True
+            done = self.ledger.read_done()
+            if done is not None:
+                self.stats.skipped = int(done["committed"])
+                self.finished = True
+        delay = self._poll / 8
+        while not self.finished and not self._stop.is_set():
+            lease = self._claim_without_waiting()
+            if lease is not None:
+                return lease
+            if self._watch() or self._has_work():
+                continue
+            wait(delay)
+            delay = min(self._poll, delay * 2)
+        return None
+
+    def settle(self, lease: Lease, *, done: bool) -> None:
+        """The worker is finished with ``lease``: done once the shard is committed (by anyone),
+        else the shard is tried again (its next epoch, or failed for good)."""
+        with self._lock:
+            self._held.discard(lease.shard_id)
+            if not done:
+                self._retry.append(lease.shard_id)
+
+    def run_left(self) -> int:
+        """Positions left in this worker's run (others may still steal part of it)."""
+        with self._lock:
+            return max(0, self._end - self._cursor)
+
+    def heartbeat_fields(self) -> dict[str, Any]:
+        """What other workers read to steal from this one or take its leases over."""
+        with self._lock:
+            return {"run": [self._cursor, self._end], "leases": sorted(self._held), "idle": self._idle}
+
+    # -- claiming -------------------------------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        with self._lock:
+            return bool(self._retry) or self._cursor < self._end
+
+    def _claim_without_waiting(self) -> Lease | None:
+        lease = self._from_retries() or self._from_run()
+        tries = 0
+        while lease is None and tries < STEAL_TRIES and self._steal():
+            lease = self._from_run()
+            tries += 1
+        if lease is not None:
+            self._busy()
+        return lease
+
+    def _won(self, lease: Lease) -> Lease:
+        with self._lock:
+            self._held.add(lease.shard_id)
+        self.stats.claims += 1
+        return lease
+
+    def _from_retries(self) -> Lease | None:
+        """Shards to try again under the full takeover rules: own failed tries, taken-over leases,
+        and what a sweep found."""
+        while True:
+            with self._lock:
+                if not self._retry:
+                    return None
+                shard_id = self._retry.popleft()
+            outcome = self.ledger.try_claim(shard_id, self.identity)
+            if isinstance(outcome, Lease):
+                return self._won(outcome)
+            if outcome is ShardState.FAILED:
+                self.failed_for_good.append(shard_id)
+
+    def _from_run(self) -> Lease | None:
+        while True:
+            with self._lock:
+                if self._cursor >= self._end:
+                    return None
+                position = self._cursor
+            shard_id = self.ledger.plan.shard_id(position % self._n)
+            outcome = self.ledger.try_claim(shard_id, self.identity, investigate=False)
+            with self._lock:
+                if outcome is ShardState.LEASED:
+                    self.stats.collisions += 1
+                    self._end = position  # another worker's from here on
+                    return None
+                self._cursor = position + 1
+            if isinstance(outcome, Lease):
+                return self._won(outcome)
+            if outcome is ShardState.FAILED:
+                self.failed_for_good.append(shard_id)
+            else:
+                self.stats.skipped += 1
+
+    def _steal(self) -> bool:
+        """Take the back half of a random busy worker's run, or all of an exited worker's."""
+        versions, idle = self._current_roster()
+        victims = [t for t in versions if t != self.identity.token and t not in idle and t not in self._handled]
+        for token in self._rng.sample(victims, min(STEAL_TRIES, len(victims))):
+            heartbeat = self.ledger.read_heartbeat(token)
+            if heartbeat is None:
+                continue
+            if heartbeat.get("state") in EXITED_STATES:
+                if self._take_over(token, heartbeat):
+                    return True
+                continue
+            if self._stolen_from.get(token) == heartbeat["beat"]:
+                continue  # the run it shows is the one already split: wait for a newer beat
+            self._stolen_from[token] = heartbeat["beat"]
+            start, end = heartbeat.get("run") or (0, 0)
+            if end - start >= MIN_STEAL:
+                with self._lock:
+                    self._cursor, self._end = (start + end + 1) // 2, end
+                self.stats.steals += 1
+                return True
+        return False
+
+    def _take_over(self, token: str, heartbeat: dict[str, Any]) -> bool:
+        """Queue a gone worker's leases for the full takeover rules and adopt its run; True if
+        that gave this worker anything to do. Call only while this worker's own run is empty."""
+        self._handled.add(token)
+        start, end = heartbeat.get("run") or (0, 0)
+        leases = list(heartbeat.get("leases", ()))
+        if not leases and end <= start:
+            return False
+        with self._lock:
+            self._retry.extend(leases)
+            self._cursor, self._end = start, end
+        self.stats.takeovers += 1
+        return True
+
+    # -- watching -------------------------------------------------------------------------------
+
+    def _current_roster(self, *, fresh: bool = False) -> tuple[dict[str, str], set[str]]:
+        """Heartbeat versions and idle markers: two listings, re-read at most once a poll interval."""
+        now = self.ledger.clock()
+        if fresh or self._roster is None or now - self._roster[0] >= self._poll:
+            self._roster = (now, self.ledger.worker_versions(), self.ledger.idle_tokens())
+        return self._roster[1], self._roster[2]
+
+    def _busy(self) -> None:
+        if self._idle:
+            self.ledger.clear_idle(self.identity)
+            with self._lock:
+                self._idle = False
+
+    def _watch(self) -> bool:
+        """One look at the job while there is nothing to claim; True once it is finished."""
+        with self._lock:
+            if self._held:  # its own shards in flight settle first: done.json cannot come before
+                return False
+        if not self._idle:
+            self.ledger.mark_idle(self.identity)
+            with self._lock:
+                self._idle = True
+        if self.ledger.read_done() is not None:
+            self.finished = True
+            return True
+        versions, idle = self._current_roster(fresh=True)
+        others = [t for t in sorted(versions) if t != self.identity.token and t not in self._handled]
+        for token in others:
+            if self.ledger.unchanged_for_ttl(token, versions[token]) and not self._has_work():
+                heartbeat = self.ledger.read_heartbeat(token)
+                if heartbeat is not None and self._take_over(token, heartbeat):
+                    return False
+        busy = [t for t in others if t not in idle and t not in self._handled]
+        sweepers = sorted(t for t in idle if t in versions and t not in self._handled)
+        if busy or (sweepers and sweepers[0] != self.identity.token):
+            return False
+        return self._sweep()
+
+    def _sweep(self) -> bool:
+        """Settle the job from listings: write done.json, or queue what nobody holds."""
+        now = self.ledger.clock()
+        if self._last_sweep is not None and now - self._last_sweep < self.ledger.ttl_s / 2:
+            return False
+        self._last_sweep = now
+        self.stats.sweeps += 1
+        sweep = self.ledger.sweep()
+        settled = sweep.committed | sweep.failed
+        plan = self.ledger.plan
+        left = [shard_id for shard_id in map(plan.shard_id, range(self._n)) if shard_id not in settled]
+        if not left:
+            self.ledger.write_done(sweep)
+            self.finished = True
+            return True
+        self._rng.shuffle(left)
+        with self._lock:
+            self._retry.extend(left)
+        return False

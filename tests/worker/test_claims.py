@@ -1,0 +1,217 @@
+"""Claiming: runs, steals, takeovers and the sweep, on the memory store with a fake clock.
+
+Workers are stepped cooperatively in one thread: a claimer that has to wait raises
+``Blocked`` from its ``wait``, control returns to the scheduler, and the scheduler moves the
+shared fake clock. So every interleaving is reproducible, and a property test drives random
+schedules of claims, commits, heartbeats and deaths to show that every shard ends up committed
+exactly once and that the job is declared done only then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import uuid
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from airflow_antbatch import layout
+from airflow_antbatch.ledger import Lease, Ledger, WorkerIdentity
+from airflow_antbatch.shards import JobPlan
+from airflow_antbatch.store import AtomicStore
+from airflow_antbatch.worker.claims import Claimer, first_run
+from tests.test_ledger import TTL, FakeClock, make_plan
+
+POLL = TTL / 4
+
+
+class Blocked(Exception):
+    """The claimer asked to wait: hand control back to the scheduler."""
+
+
+def block(_seconds: float) -> None:
+    raise Blocked
+
+
+@dataclasses.dataclass
+class Sim:
+    """One job on a fresh memory root, with workers that share a fake clock."""
+
+    root: str
+    plan: JobPlan
+    clock: FakeClock
+    stores: list[AtomicStore] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def create(cls, shards: int) -> Sim:
+        root = f"memory://claims-{uuid.uuid4().hex}"
+        return cls(root, make_plan(root, {}, shards=shards, max_attempts=3), FakeClock())
+
+    def worker(self, name: str, slot: tuple[int, int] | None = None) -> SimWorker:
+        store = AtomicStore(f"{self.root}/state/attempt-000")
+        self.stores.append(store)
+        ledger = Ledger(store, self.plan, clock=self.clock)
+        identity = WorkerIdentity(name)
+        claimer = Claimer(ledger, identity, slot=slot, poll_interval_s=POLL, rng=random.Random(name))
+        worker = SimWorker(ledger, identity, claimer)
+        worker.beat()
+        return worker
+
+    def committed(self) -> dict[str, int]:
+        ledger = Ledger(AtomicStore(f"{self.root}/state/attempt-000"), self.plan, clock=self.clock)
+        return {r.shard_id: r.epoch for r in ledger.commit_records()}
+
+    def requests(self, *, heartbeats: bool = False) -> int:
+        return sum(n for s in self.stores for kind, n in s.counts.items() if heartbeats or kind != "heartbeat")
+
+
+@dataclasses.dataclass
+class SimWorker:
+    ledger: Ledger
+    identity: WorkerIdentity
+    claimer: Claimer
+    beats: int = 0
+    committed: int = 0
+    lease: Lease | None = None
+    finished: bool = False
+
+    def beat(self, state: str = "running") -> None:
+        self.beats += 1
+        stats = {"shards_committed": self.committed, **self.claimer.heartbeat_fields()}
+        self.ledger.heartbeat(self.identity, self.beats, state=state, stats=stats)
+
+    def step(self) -> None:
+        """Claim if idle, else finish the shard in hand (fencing read, commit, beat)."""
+        if self.lease is None:
+            try:
+                self.lease = self.claimer.next_lease(block)
+            except Blocked:
+                return
+            self.finished = self.lease is None
+            return
+        lease, self.lease = self.lease, None
+        file = layout.output_name(0, lease.shard_id, lease.epoch)
+        if self.ledger.holds(lease) and self.ledger.commit(lease, file=file, rows=1):
+            self.committed += 1
+        self.claimer.settle(lease, done=True)
+        self.beat()
+
+
+def run_to_end(sim: Sim, workers: list[SimWorker], *, max_rounds: int = 10_000) -> None:
+    for round_ in range(max_rounds):
+        live = [w for w in workers if not w.finished]
+        if not live:
+            return
+        for worker in live:
+            worker.step()
+        sim.clock.advance(POLL / 8)
+        if round_ % 8 == 7:  # a beat every POLL = TTL/4, as real workers beat
+            for worker in live:
+                worker.beat()
+    raise AssertionError("workers did not finish")
+
+
+@pytest.mark.parametrize("workers", [1, 3, 8])
+def test_every_shard_is_committed_once_at_a_cost_that_does_not_grow_with_workers(workers: int) -> None:
+    sim = Sim.create(shards=240)
+    crew = [sim.worker(f"w{i}", slot=(i, workers)) for i in range(workers)]
+    run_to_end(sim, crew)
+    assert len(sim.committed()) == 240
+    assert sum(w.committed for w in crew) == 240
+    assert Ledger(crew[0].ledger.store, sim.plan).read_done() is not None
+    per_shard = sim.requests() / 240
+    # claim + fencing read + commit, plus steals, idle polls and one sweep spread over the job
+    assert per_shard <= 4.0, (per_shard, [dict(s.counts) for s in sim.stores])
+
+
+def test_workers_without_slots_start_apart_and_cover_the_ring() -> None:
+    assert first_run(100, "w", None)[1] - first_run(100, "w", None)[0] == 100
+    assert first_run(100, "w", (2, 4)) == (50, 75)
+    assert first_run(0, "w", (0, 1)) == (0, 0)
+    sim = Sim.create(shards=60)
+    crew = [sim.worker(f"w{i}") for i in range(4)]
+    run_to_end(sim, crew)
+    assert len(sim.committed()) == 60
+
+
+def test_a_thief_takes_the_back_half_of_the_busiest_run() -> None:
+    sim = Sim.create(shards=40)
+    victim = sim.worker("victim", slot=(0, 1))  # owns every shard
+    victim.step()  # claims position 0
+    victim.beat()  # publishes run [1, 40)
+    thief = sim.worker("thief", slot=(0, 1))  # same slot: its first claim collides at once
+    thief.step()
+    assert thief.lease is not None
+    assert sim.plan.shard_ids.index(thief.lease.shard_id) == 21  # the back half of [1, 40)
+    assert thief.claimer.stats.steals == 1 and thief.claimer.stats.collisions == 1
+
+
+def test_a_dead_workers_leases_and_run_are_taken_over_after_a_ttl() -> None:
+    sim = Sim.create(shards=10)
+    dead = sim.worker("dead", slot=(0, 2))
+    dead.step()  # holds shard 0 and never commits it
+    dead.beat()
+    survivor = sim.worker("survivor", slot=(1, 2))
+    run_to_end(sim, [survivor], max_rounds=400)
+    assert len(sim.committed()) == 10
+    assert survivor.claimer.stats.takeovers >= 1 or survivor.claimer.stats.steals >= 1
+    epochs = sim.committed()
+    assert epochs[sim.plan.shard_ids[0]] == 1  # the dead worker's try 0 was taken over as try 1
+
+
+def test_a_rerun_of_a_finished_job_costs_one_read() -> None:
+    sim = Sim.create(shards=12)
+    run_to_end(sim, [sim.worker("a", slot=(0, 1))])
+    again = sim.worker("a", slot=(0, 1))
+    before = dict(again.ledger.store.counts)
+    again.step()
+    assert again.finished and again.claimer.stats.skipped == 12
+    after = dict(again.ledger.store.counts)
+    assert {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)} == {"read": 1}
+
+
+def test_done_is_written_only_when_every_shard_is_settled() -> None:
+    sim = Sim.create(shards=6)
+    slow = sim.worker("slow", slot=(0, 2))
+    fast = sim.worker("fast", slot=(1, 2))
+    slow.step()  # holds a shard, keeps beating
+    for _ in range(200):
+        fast.step()
+        slow.beat()
+        sim.clock.advance(POLL / 8)
+    assert not fast.finished and fast.ledger.read_done() is None
+    run_to_end(sim, [slow, fast])
+    assert len(sim.committed()) == 6 and fast.ledger.read_done() is not None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    workers=st.integers(1, 4),
+    shards=st.integers(1, 25),
+    schedule=st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["step", "step", "step", "die", "tick"]))),
+    slots=st.booleans(),
+)
+def test_random_schedules_commit_every_shard_exactly_once(
+    workers: int, shards: int, schedule: list[tuple[int, str]], slots: bool
+) -> None:
+    sim = Sim.create(shards=shards)
+    crew = [sim.worker(f"w{i}", slot=(i, workers) if slots else None) for i in range(workers)]
+    alive = list(crew)
+    for index, action in schedule:
+        if not alive:
+            break
+        worker = alive[index % len(alive)]
+        if action == "die":
+            alive.remove(worker)  # stops beating and stepping, whatever it holds
+        elif action == "tick":
+            sim.clock.advance(TTL / 2)
+        else:
+            worker.step()
+        for other in alive:
+            other.beat()
+    survivors = [w for w in alive if not w.finished] or [sim.worker("rescuer")]
+    run_to_end(sim, survivors)
+    assert sorted(sim.committed()) == sorted(sim.plan.shard_ids)  # each once: commits are create-if-absent
+    assert survivors[0].ledger.read_done() is not None
