@@ -260,10 +260,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _slot(text: str) -> tuple[int, int]:
-    index, _, count = text.partition("/")
-    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
-        raise argparse.ArgumentTypeError(f"--slot must be I/N with 0 <= I < N, got {text!r}")
-    return int(index), int(count)
+    from airflow_antbatch.worker.claims import parse_slot
+
+    try:
+        return parse_slot(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--{exc}") from exc
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:

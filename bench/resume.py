@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -28,6 +29,8 @@ import numpy as np
 import psutil
 import pyarrow.parquet as pq
 
+from airflow_antbatch import layout
+from airflow_antbatch.shards import JobPlan
 from bench.config import PROFILES, RAY_BEST
 from bench.data import TextData, write_text
 from bench.latencyfs import READ_LOG_ENV, latency_env
@@ -225,33 +228,32 @@ class AntbatchJob:
         return seconds, str(json.loads(out)["plan_uri"])
 
     def commits(self) -> dict[str, int]:
-        """Committed shard -> rows, from the ledger's commit markers."""
-        directory = os.path.join(self.state, "commits")
+        """Committed shard -> rows, from the ledger's commit records (``commits/<hh>/<shard>.json``)."""
         out = {}
-        for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        for path in glob.glob(os.path.join(self.state, layout.COMMITS_DIR, "*", "*.json")):
             try:
-                with open(os.path.join(directory, name)) as handle:
-                    out[name.removesuffix(".json")] = int(json.load(handle)["rows"])
+                with open(path) as handle:
+                    out[os.path.basename(path).removesuffix(".json")] = int(json.load(handle)["rows"])
             except (OSError, ValueError, KeyError):
                 continue  # being created: counted at the next poll
         return out
 
     def claimed(self) -> set[str]:
-        directory = os.path.join(self.state, "claims")
-        return set(os.listdir(directory)) if os.path.isdir(directory) else set()
+        """Shards with a claim (``claims/<hh>/<shard>/``)."""
+        return {os.path.basename(p) for p in glob.glob(os.path.join(self.state, layout.CLAIMS_DIR, "*", "*"))}
 
     def shard_ranges(self) -> dict[str, tuple[int, Ranges]]:
-        """Shard id -> (planned rows, its row groups' byte ranges by local path), from plan.json."""
-        with open(os.path.join(self.state, "plan.json")) as handle:
-            plan = json.load(handle)
+        """Shard id -> (planned rows, its row groups' byte ranges by local path), from the plan."""
+        with open(os.path.join(self.state, layout.PLAN_FILE), "rb") as handle:
+            plan = JobPlan.from_bytes(handle.read(), source=handle.name)
         out: dict[str, tuple[int, Ranges]] = {}
-        for shard in plan["shards"]:
+        for shard in plan.shards:
             ranges: Ranges = {}
-            for piece in shard["pieces"]:
-                path = piece["path"].removeprefix("latency://")
+            for piece in shard.pieces:
+                path = piece.path.removeprefix("latency://")
                 groups = row_group_ranges(path)
-                ranges.setdefault(path, []).extend(groups[g] for g in piece["row_groups"])
-            out[shard["id"]] = (sum(int(p["rows"]) for p in shard["pieces"]), ranges)
+                ranges.setdefault(path, []).extend(groups[g] for g in piece.row_groups or ())
+            out[shard.shard_id] = (sum(p.rows or 0 for p in shard.pieces), ranges)
         return out
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import fsspec
+import pyarrow as pa
 import pytest
 
 from airflow_antbatch.errors import LedgerCorruptError
@@ -21,13 +22,18 @@ from tests.s3_servers import SECRET_KEY, StoreLocation
 
 
 def test_a_plan_naming_a_shard_outside_the_output_is_refused(tmp_path: pathlib.Path) -> None:
+    """Shard ids name output files; a plan whose ids are strings of any kind is not a planner's."""
     write_transactions(tmp_path / "in", files=1, rows_per_file=10, row_group_size=10)
     spec = JobSpec(input_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "out"), model=f"{TABULAR}:build_model")
     plan_uri = plan_job(spec).plan_uri
-    doc = json.loads(pathlib.Path(plan_uri).read_text())
-    doc["shards"][0]["id"] = "../../../escaped"
-    pathlib.Path(plan_uri).write_text(json.dumps(doc))
-    with pytest.raises(LedgerCorruptError, match=r"shard id '\.\./\.\./\.\./escaped' is not one the planner makes"):
+    table = pa.ipc.open_file(pa.BufferReader(pathlib.Path(plan_uri).read_bytes())).read_all()
+    index = table.schema.get_field_index("shard")
+    tampered = table.set_column(index, "shard", pa.array(["../../../escaped"] * table.num_rows))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, tampered.schema) as writer:
+        writer.write_table(tampered)
+    pathlib.Path(plan_uri).write_bytes(sink.getvalue().to_pybytes())
+    with pytest.raises(LedgerCorruptError, match="plan columns"):
         Ledger.open(plan_uri)
 
 

@@ -62,6 +62,8 @@ class ElasticBatchInferenceOperator(KubernetesPodOperator):
 
     :param plan_uri: the plan written by the plan task (mapped from its output).
     :param worker_id: stable id of this worker slot, e.g. ``worker-0`` (mapped likewise).
+    :param slot: ``"I/N"``, the share of the plan this worker claims first (mapped likewise);
+        None starts from a point hashed from the worker id.
     :param storage_options: fsspec options for the ledger's store, passed as
         ``--storage-options`` (no credentials: they come from ``env_from`` secrets or workload
         identity).
@@ -80,7 +82,7 @@ class ElasticBatchInferenceOperator(KubernetesPodOperator):
     ``log_events_on_failure=True``.
     """
 
-    template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "plan_uri", "worker_id")
+    template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "plan_uri", "worker_id", "slot")
     ui_color = "#e8f4fe"
     operator_extra_links = (AntBatchJobLink(),)  # the job's progress page in the Airflow UI
 
@@ -89,6 +91,7 @@ class ElasticBatchInferenceOperator(KubernetesPodOperator):
         *,
         plan_uri: str,
         worker_id: str,
+        slot: str | None = None,
         storage_options: dict[str, Any] | None = None,
         cpu_budget: int | None = None,
         preprocess_workers: int | None = None,
@@ -112,6 +115,7 @@ class ElasticBatchInferenceOperator(KubernetesPodOperator):
         )
         self.plan_uri = plan_uri
         self.worker_id = worker_id
+        self.slot = slot
         self.storage_options = storage_options
         self.cpu_budget = cpu_budget
         self.preprocess_workers = preprocess_workers
@@ -142,6 +146,7 @@ class ElasticBatchInferenceOperator(KubernetesPodOperator):
         return worker_arguments(
             self.plan_uri,
             self.worker_id,
+            slot=self.slot,
             storage_options=self.storage_options,
             cpu_budget=self.cpu_budget or cpu_budget_of(self.container_resources),
             preprocess_workers=self.preprocess_workers,

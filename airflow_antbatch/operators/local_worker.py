@@ -40,6 +40,8 @@ class LocalBatchWorkerOperator(BaseOperator):
 
     :param plan_uri: the plan written by the plan task (mapped from its output).
     :param worker_id: stable id of this worker slot, e.g. ``worker-0`` (mapped likewise).
+    :param slot: ``"I/N"``, the share of the plan this worker claims first (mapped likewise);
+        None starts from a point hashed from the worker id.
     :param storage_options: fsspec options for the ledger's store (no credentials).
     :param cpu_budget: cores this worker may use for preprocess processes and model threads;
         default ``max(1, CPUs // workers_on_host)``, counted on the machine that runs the task.
@@ -49,7 +51,7 @@ class LocalBatchWorkerOperator(BaseOperator):
     :param kill_grace_s: how long a stopped worker gets to release its shard before SIGKILL.
     """
 
-    template_fields: Sequence[str] = ("plan_uri", "worker_id")
+    template_fields: Sequence[str] = ("plan_uri", "worker_id", "slot")
     ui_color = "#fef3e8"
     operator_extra_links = (AntBatchJobLink(),)  # the job's progress page in the Airflow UI
 
@@ -58,6 +60,7 @@ class LocalBatchWorkerOperator(BaseOperator):
         *,
         plan_uri: str,
         worker_id: str,
+        slot: str | None = None,
         storage_options: dict[str, Any] | None = None,
         cpu_budget: int | None = None,
         preprocess_workers: int | None = None,
@@ -69,6 +72,7 @@ class LocalBatchWorkerOperator(BaseOperator):
         super().__init__(**kwargs)
         self.plan_uri = plan_uri
         self.worker_id = worker_id
+        self.slot = slot
         self.storage_options = storage_options
         self.cpu_budget = cpu_budget
         self.preprocess_workers = preprocess_workers
@@ -90,6 +94,7 @@ class LocalBatchWorkerOperator(BaseOperator):
             cmd = worker_command(
                 self.plan_uri,
                 self.worker_id,
+                slot=self.slot,
                 storage_options=self.storage_options,
                 cpu_budget=self.cpu_budget or self.default_cpu_budget(),
                 preprocess_workers=self.preprocess_workers,

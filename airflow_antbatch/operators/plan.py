@@ -135,7 +135,9 @@ class PlanBatchInferenceOperator(BaseOperator):
         context["ti"].xcom_push(key=PLAN_URI_KEY, value=result.plan_uri)
         workers = worker_count(shards, self.max_workers, self.min_shards_per_worker)
         self.log.info("Fanning out to %d workers (max_workers %d)", workers, self.max_workers)
-        return [{"plan_uri": result.plan_uri, "worker_id": f"worker-{i}"} for i in range(workers)]
+        return [
+            {"plan_uri": result.plan_uri, "worker_id": f"worker-{i}", "slot": f"{i}/{workers}"} for i in range(workers)
+        ]
 
 
 def worker_count(shards: int, max_workers: int, min_shards_per_worker: int = 1) -> int:

@@ -57,6 +57,14 @@ class ClaimStats:
         return dataclasses.asdict(self)
 
 
+def parse_slot(text: str) -> tuple[int, int]:
+    """``"I/N"``, as launchers pass it (``--slot``), to (I, N); a clear error otherwise."""
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise ValueError(f"slot must be I/N with 0 <= I < N, got {text!r}")
+    return int(index), int(count)
+
+
 def first_run(n: int, worker_id: str, slot: tuple[int, int] | None) -> tuple[int, int]:
     """A worker's own run: its slot's share of the plan, or the whole ring from a hashed point."""
     if n == 0:

@@ -33,7 +33,7 @@ def worker_arguments(
     preprocess_workers: int | None = None,
     torch_threads: int | None = None,
     summary_file: str | None = None,
-    slot: tuple[int, int] | None = None,
+    slot: str | None = None,
 ) -> list[str]:
     """The ``antbatch`` arguments that run one worker, for subprocesses and pods alike.
 
@@ -52,8 +52,8 @@ def worker_arguments(
             args += [flag, str(value)]
     if summary_file:
         args += ["--summary-file", summary_file]
-    if slot is not None:
-        args += ["--slot", f"{slot[0]}/{slot[1]}"]
+    if slot:  # "I/N": the share of the plan this worker claims first
+        args += ["--slot", slot]
     return args
 
 
@@ -87,7 +87,7 @@ def run_local_workers(
                 preprocess_workers=preprocess_workers,
                 torch_threads=torch_threads,
                 summary_file=summary_file,
-                slot=(index, len(worker_ids)),
+                slot=f"{index}/{len(worker_ids)}",
             )
             procs.append((worker_id, summary_file, subprocess.Popen(cmd)))
 
