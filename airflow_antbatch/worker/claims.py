@@ -126,7 +126,7 @@ class Claimer:
             lease = self._claim_without_waiting()
             if lease is not None:
                 return lease
-            if self._watch() or self._has_work():
+            if self._has_work() or self._watch():
                 continue
             wait(delay)
             delay = min(self._poll, delay * 2)
@@ -180,6 +180,8 @@ class Claimer:
                 if not self._retry:
                     return None
                 shard_id = self._retry.popleft()
+                if shard_id in self._held:  # queued twice (a takeover and a sweep): already in hand
+                    continue
             outcome = self.ledger.try_claim(shard_id, self.identity)
             if isinstance(outcome, Lease):
                 return self._won(outcome)
@@ -294,6 +296,8 @@ class Claimer:
         sweep = self.ledger.sweep()
         settled = sweep.committed | sweep.failed
         plan = self.ledger.plan
+        with self._lock:
+            queued = set(self._retry) | self._held
         left = [shard_id for shard_id in map(plan.shard_id, range(self._n)) if shard_id not in settled]
         if not left:
             self.ledger.write_done(sweep)
@@ -301,5 +305,5 @@ class Claimer:
             return True
         self._rng.shuffle(left)
         with self._lock:
-            self._retry.extend(left)
+            self._retry.extend(shard_id for shard_id in left if shard_id not in queued)
         return False
