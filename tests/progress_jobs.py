@@ -10,15 +10,18 @@ from __future__ import annotations
 import dataclasses
 import io
 import pathlib
+import time
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from airflow_antbatch import layout
 from airflow_antbatch.ledger import Lease, Ledger, WorkerIdentity
 from airflow_antbatch.planning import plan_job
 from airflow_antbatch.spec import JobSpec
 from airflow_antbatch.store import AtomicStore
+from airflow_antbatch.worker.loop import TIMELINE_BUCKET_S
 from tests.conftest import TABULAR, write_transactions
 
 SHARDS = 8
@@ -42,7 +45,9 @@ class RunningJob:
     beat: int = 0
     shards_committed: int = 0
     rows_committed: int = 0
+    rows_quarantined: int = 0
     held: dict[int, Lease] = dataclasses.field(default_factory=dict)
+    timeline: dict[int, int] = dataclasses.field(default_factory=dict)  # bucket start (epoch s) -> rows
 
     @classmethod
     def plan(
@@ -75,13 +80,17 @@ class RunningJob:
         return job
 
     def heartbeat(self, state: str = "running") -> None:
-        """Beat as the worker does; a test calls it again to keep its leases live."""
+        """Beat as the worker does, with what status reads from heartbeats (counts, leases held,
+        rows committed over time); a test calls it again to keep its leases live."""
         self.beat += 1
         stats = {
             "shards_committed": self.shards_committed,
             "rows_committed": self.rows_committed,
             "rows_per_s": 125.0,
             "current_shard": min((lease.shard_id for lease in self.held.values()), default=None),
+            "leases": sorted(lease.shard_id for lease in self.held.values()),
+            "rows_quarantined": self.rows_quarantined,
+            "timeline": sorted(self.timeline.items()),
         }
         self.ledger.heartbeat(self.identity, self.beat, state=state, stats=stats)
 
@@ -90,16 +99,19 @@ class RunningJob:
         shard = self.ledger.plan.shards[shard_index]
         lease = self.held.pop(shard_index, None) or self._claim(shard_index)
         rows = ROWS_PER_SHARD - quarantined
-        name = self.ledger.plan.output_name(shard.shard_id)
+        name = layout.output_name(self.ledger.plan.attempt, shard.shard_id, lease.epoch)
         self.output.put(name, _parquet(pa.table({"txn_id": list(range(rows))})))
         quarantine = None
         if quarantined:
-            quarantine = self.ledger.plan.quarantine_name(shard.shard_id)
+            quarantine = layout.quarantine_name(self.ledger.plan.attempt, shard.shard_id, lease.epoch)
             bad = pa.table({"txn_id": list(range(quarantined)), "_antbatch_reason": [QUARANTINE_REASON] * quarantined})
             self.output.put(quarantine, _parquet(bad))
         assert self.ledger.commit(lease, file=name, rows=rows, quarantined=quarantined, quarantine_file=quarantine)
         self.shards_committed += 1
         self.rows_committed += rows
+        self.rows_quarantined += quarantined
+        bucket = int(time.time()) // TIMELINE_BUCKET_S * TIMELINE_BUCKET_S
+        self.timeline[bucket] = self.timeline.get(bucket, 0) + rows
         self.heartbeat()
 
     def hold(self, shard_index: int) -> None:

@@ -11,7 +11,7 @@ import time
 import pytest
 from rich.console import Console
 
-from airflow_antbatch import cli
+from airflow_antbatch import cli, layout
 from airflow_antbatch.progress import JobProgress, throughput_timeline
 from airflow_antbatch.status_view import duration, show, watch
 from tests.progress_jobs import QUARANTINE_REASON, ROWS_PER_SHARD, SHARDS, RunningJob, mid_run
@@ -51,7 +51,7 @@ def test_json_mid_run_then_after_finish(tmp_path: pathlib.Path, capsys: pytest.C
     assert doc["quarantined_rows"] == 2
     [quarantine] = doc["quarantine_files"]
     assert quarantine["rows"] == 2
-    assert quarantine["uri"].endswith(job.ledger.plan.quarantine_name(quarantine["shard_id"]))
+    assert quarantine["uri"].endswith(layout.quarantine_name(job.ledger.plan.attempt, quarantine["shard_id"], 0))
     [worker] = doc["workers"]
     assert worker["worker_id"] == "worker-0" and worker["stale"] is False and worker["rows_per_s"] == 125.0
     assert doc["manifest_uri"] == str(tmp_path / "out" / "_SUCCESS")

@@ -1,9 +1,10 @@
 """``antbatch worker`` that kills its whole process group between writing a shard and committing it.
 
 Usage: ``python -m tests.chaos.die_before_commit NTH MARKER -- <antbatch arguments>``. The worker
-runs unchanged until the NTH shard it finishes: its output file has been put, then, where the
-loop would run the fencing read before the commit, the wrapper records what it saw in MARKER and
-sends SIGKILL to its process group (a pod dying there). The fault lives here, not in the product.
+runs unchanged until the NTH shard it finishes: its try's own output file has been put, then,
+where the loop would run the fencing read before the commit, the wrapper records whether that
+file is durable in MARKER and sends SIGKILL to its process group (a pod dying there). The fault
+lives here, not in the product.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import runpy
 import signal
 import sys
 
+from airflow_antbatch import layout
 from airflow_antbatch.ledger import Lease, Ledger
 from airflow_antbatch.store import AtomicStore
 
@@ -29,8 +31,15 @@ def arm(nth: int, marker: pathlib.Path) -> None:
         if next(calls) == nth:
             spec = self.plan.spec
             output = AtomicStore(spec.output_uri, dict(spec.storage_options))
-            durable = output.read(self.plan.output_name(lease.shard_id)) is not None
-            record = {"shard": lease.shard_id, "epoch": lease.epoch, "output_durable": durable, "pid": os.getpid()}
+            file = layout.output_name(self.plan.attempt, lease.shard_id, lease.epoch)
+            durable = output.read(file) is not None
+            record = {
+                "shard": lease.shard_id,
+                "epoch": lease.epoch,
+                "file": file,
+                "output_durable": durable,
+                "pid": os.getpid(),
+            }
             marker.write_text(json.dumps(record))
             os.killpg(os.getpgid(0), signal.SIGKILL)
         return holds(self, lease)

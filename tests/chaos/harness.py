@@ -4,6 +4,11 @@ Each worker slot is one ``antbatch worker`` process at a time, in its own proces
 A slot whose worker exits with an error or is killed gets a replacement with the same worker id
 after a retry delay, as an Airflow task retry would; a slot is done when its worker exits 0.
 Faults are timed from the job's first scored batch (the slow model drops a marker per batch).
+
+After the run, before the checker finalizes (which removes the files of tries that did not
+commit), the harness looks at what each SIGSTOPped worker did once it woke: every try of it that
+another try overtook wrote its own file, never the committed one; and the try killed between its
+output and its commit left its own durable file, which no commit names.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]  # an Airflow-extra dependency; no stubs installed
 
+from airflow_antbatch import layout
+from airflow_antbatch.ledger import Ledger
 from airflow_antbatch.planning import plan_job
 from airflow_antbatch.spec import JobSpec
 from airflow_antbatch.store import AtomicStore
 from airflow_antbatch.worker.local import worker_command
 from airflow_antbatch.worker.loop import MAX_LEASES
-from tests.chaos.check import Verdict, check_job
+from tests.chaos.check import Verdict, check_job, output_files
 from tests.chaos.schedule import (
     DIE_BEFORE_COMMIT,
     LEASE_LOSING,
@@ -62,6 +69,23 @@ class Injected:
     slot: int
     pid: int
     detail: str = ""
+    shard: str | None = None  # DIE_BEFORE_COMMIT: the try that died
+    epoch: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ZombieTry:
+    """One try of a SIGSTOPped worker that did not commit (its lease was taken over, or it gave
+    the try back), and what became of the shard."""
+
+    slot: int
+    token: str
+    shard: str
+    epoch: int
+    file: str  # the try's own output file
+    written: bool  # the file existed at the end of the run (before finalize removed it)
+    committed_file: str | None  # the file of the try that committed the shard
+    released: bool
 
 
 @dataclasses.dataclass
@@ -73,6 +97,7 @@ class RunResult:
     worker_starts: int
     exit_codes: list[int]
     seconds: float
+    zombie_tries: list[ZombieTry] = dataclasses.field(default_factory=list)
 
     @property
     def wasted_bound_tries(self) -> int:
@@ -99,6 +124,7 @@ class RunResult:
             "worker_starts": self.worker_starts,
             "exit_codes": self.exit_codes,
             "seconds": round(self.seconds, 1),
+            "zombie_tries": [dataclasses.asdict(z) for z in self.zombie_tries],
         }
 
 
@@ -119,7 +145,13 @@ def run_schedule(
     plan_uri, expected = prepare_job(schedule, location, workdir)
     run = _Run(schedule, plan_uri, location, workdir, worker_env(env), seaweedfs)
     run.supervise()
+    ledger = Ledger.open(plan_uri, location.storage_options)
+    present = output_files(plan_uri, location.storage_options)  # before finalize prunes the losers
+    zombies = [z for i in run.injected if i.kind == SIGSTOP for z in _zombie_tries(ledger, i, present)]
+    problems = [*_zombie_problems(zombies), *_dead_try_problems(ledger, run.injected, present)]
     verdict = check_job(plan_uri, location.storage_options, expected)
+    verdict.problems += problems
+    _describe_zombies(run.injected, zombies, verdict)
     if run.timed_out:
         verdict.problems.append(f"workers still running after {TIMEOUT_S:.0f} s")
     return RunResult(
@@ -130,7 +162,75 @@ def run_schedule(
         worker_starts=sum(s.starts for s in run.slots),
         exit_codes=[code for s in run.slots for code in s.exit_codes],
         seconds=time.monotonic() - started,
+        zombie_tries=zombies,
     )
+
+
+def _zombie_tries(ledger: Ledger, stop: Injected, present: set[str]) -> list[ZombieTry]:
+    """The tries of the process ``stop`` froze that did not commit, from its heartbeat (which
+    names its pid) and the claims and commits of the ledger."""
+    tokens = [t for t in ledger.worker_versions() if t.startswith(f"worker-{stop.slot}--")]
+    beats = {t: ledger.read_heartbeat(t) for t in tokens}
+    token = next((t for t, beat in beats.items() if beat is not None and beat.get("pid") == stop.pid), None)
+    if token is None:
+        return []
+    commits = {r.shard_id: r for r in ledger.commit_records()}
+    attempt = ledger.plan.attempt
+    tries = []
+    for name in ledger.store.list(layout.CLAIMS_DIR):
+        shard, epoch = layout.shard_of_listed(name)
+        if epoch is None:
+            continue
+        claim = json.loads(ledger.store.read(layout.claim_key(shard, epoch)) or b"{}")
+        commit = commits.get(shard)
+        if claim.get("token") != token or (commit is not None and commit.epoch == epoch):
+            continue
+        file = layout.output_name(attempt, shard, epoch)
+        released = ledger.store.read(layout.release_key(shard, epoch)) is not None
+        committed_file = commit.file if commit is not None else None
+        tries.append(ZombieTry(stop.slot, token, shard, epoch, file, file in present, committed_file, released))
+    return tries
+
+
+def _zombie_problems(zombies: list[ZombieTry]) -> list[str]:
+    """A zombie's try that names the committed file would have written over it."""
+    return [
+        f"zombie {z.token}'s try {z.epoch} of {z.shard} shares the committed file {z.file}"
+        for z in zombies
+        if z.file == z.committed_file
+    ]
+
+
+def _describe_zombies(injected: list[Injected], zombies: list[ZombieTry], verdict: Verdict) -> None:
+    """What each woken zombie did, in its fault's detail: the tries overtaken while it was
+    stopped, the files they wrote, and whether the committed files kept their bytes."""
+    for stop in (i for i in injected if i.kind == SIGSTOP):
+        mine = [z for z in zombies if z.slot == stop.slot]
+        overtaken = [z for z in mine if z.committed_file is not None and not z.released]
+        written = [z.file for z in overtaken if z.written]
+        touched = [z for z in overtaken if any(str(z.committed_file) in p for p in verdict.problems)]
+        stop.detail += (
+            f"; woken zombie: {len(overtaken)} tries overtaken, {len(written)} wrote their own file"
+            + (f" ({', '.join(written[:2])})" if written else "")
+            + f", {sum(z.released for z in mine)} given back"
+            + (f"; committed files changed: {len(touched)}" if touched else "; committed files untouched")
+        )
+
+
+def _dead_try_problems(ledger: Ledger, injected: list[Injected], present: set[str]) -> list[str]:
+    """The try killed between its durable output and its commit: its own file is still there
+    (until finalize removes it), and no commit names it."""
+    problems = []
+    commits = {r.shard_id: r for r in ledger.commit_records()}
+    for died in (i for i in injected if i.kind == DIE_BEFORE_COMMIT and i.shard is not None):
+        assert died.shard is not None and died.epoch is not None
+        file = layout.output_name(ledger.plan.attempt, died.shard, died.epoch)
+        commit = commits.get(died.shard)
+        if commit is not None and commit.epoch == died.epoch:
+            problems.append(f"the try killed before its commit ({died.shard} try {died.epoch}) is committed")
+        elif file not in present:
+            problems.append(f"the try killed before its commit ({died.shard} try {died.epoch}) left no file {file}")
+    return problems
 
 
 def worker_env(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -261,6 +361,7 @@ class _Run:
             cpu_budget=1,
             preprocess_workers=1,
             torch_threads=1,
+            slot=f"{slot.index}/{len(self.slots)}" if self.schedule.slotted else None,
         )
         if self.dying is not None and self.dying.slot == slot.index and slot.starts == 1:
             wrapper = [sys.executable, "-m", "tests.chaos.die_before_commit", str(self.dying.nth), str(self.die_marker)]
@@ -304,8 +405,15 @@ class _Run:
                 slot.stopped = False
         if self.dying is not None and self.die_marker.exists() and not self._has(DIE_BEFORE_COMMIT):
             record = json.loads(self.die_marker.read_text())
-            detail = f"shard {record['shard']} try {record['epoch']}, output durable: {record['output_durable']}"
-            self.injected.append(Injected(DIE_BEFORE_COMMIT, elapsed, self.dying.slot, record["pid"], detail))
+            detail = (
+                f"shard {record['shard']} try {record['epoch']}, output durable: {record['output_durable']} "
+                f"({record['file']})"
+            )
+            self.injected.append(
+                Injected(
+                    DIE_BEFORE_COMMIT, elapsed, self.dying.slot, record["pid"], detail, record["shard"], record["epoch"]
+                )
+            )
         for fault in list(self.pending):
             if elapsed >= fault.at_s and self._fire(fault, elapsed):
                 self.pending.remove(fault)

@@ -5,8 +5,12 @@
 Each schedule prints one line as it ends. The last line reads
 ``chaos: S schedules, L lost, D duplicated, W wasted rows``; the exit status is 1 if any row
 was lost or duplicated, the manifest disagreed with the ledger, wasted work exceeded its bound,
-or the soak failed. A failing schedule keeps its folder (worker logs, ledger, output); rerun it
-alone with ``--stores STORE --first-seed SEED --schedules 1``.
+or the soak failed (a row lost or duplicated, a worker that did not exit 0, or more than
+MAX_REQUESTS_PER_SHARD ledger requests per shard). A failing schedule keeps its folder (worker
+logs, ledger, output); rerun it alone with ``--stores STORE --first-seed SEED --schedules 1``.
+The soak alone, at issue 13's scale of 24 real workers:
+
+    python -m tests.chaos.run --schedules 0 --soak --soak-workers 24 --soak-shards 1200
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from collections.abc import Callable, Iterator
 from tests.chaos.harness import RunResult, run_schedule
 from tests.chaos.schedule import STORE_KINDS, make_schedule
 from tests.chaos.seaweed import RestartableSeaweedFS, restartable_seaweedfs
-from tests.chaos.soak import SoakResult, run_soak
+from tests.chaos.soak import MAX_REQUESTS_PER_SHARD, SoakResult, run_soak
 from tests.s3_servers import _AWS_VARS_TO_CLEAR, StoreLocation
 
 # A fresh root for one schedule, given its seed and its work folder.
@@ -40,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--stores", default="local,seaweedfs", help="comma-separated: local, seaweedfs")
     parser.add_argument("--soak", action="store_true", help="also run the soak (16 workers x 2,000 shards)")
-    parser.add_argument("--soak-workers", type=int, default=16)
-    parser.add_argument("--soak-shards", type=int, default=2000)
+    parser.add_argument("--soak-workers", type=int, default=16, help="worker processes in the soak (default 16)")
+    parser.add_argument("--soak-shards", type=int, default=2000, help="shards in the soak, a multiple of 4")
     parser.add_argument("--json", help="write every schedule's record and the soak's here")
     parser.add_argument("--keep", action="store_true", help="keep every schedule's folder, not only failed ones")
     args = parser.parse_args(argv)
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown store(s) {unknown}; known: {sorted(STORE_KINDS)}")
     seeds = range(args.first_seed, args.first_seed + args.schedules)
     results: list[RunResult] = []
-    for store in stores:
+    for store in stores if seeds else ():
         with _store(store) as (locations, seaweedfs):
             results += [_run_one(store, seed, locations, seaweedfs, keep=args.keep) for seed in seeds]
     soak = _soak(args.soak_workers, args.soak_shards) if args.soak else None
@@ -123,7 +127,9 @@ def _soak(workers: int, shards: int) -> SoakResult:
     print(
         f"soak: {workers} workers x {shards} shards ({v.rows} rows) in {result.seconds:.0f}s: lost {v.lost}, "
         f"duplicated {v.duplicated}, exit codes {sorted(set(result.exit_codes))}; ledger requests "
-        f"{result.requests} = {result.ledger_requests_per_shard:.1f} per shard (heartbeats aside)",
+        f"{result.requests} = {result.ledger_requests_per_shard:.2f} per shard (heartbeats aside; bar "
+        f"{MAX_REQUESTS_PER_SHARD:.0f}); claiming {result.claiming}; done.json {result.done_s:.1f}s and all workers "
+        f"out {result.tail_s:.1f}s after the last commit (lease TTL {result.lease_ttl_s:.0f}s)",
         flush=True,
     )
     if result.ok:

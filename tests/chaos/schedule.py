@@ -2,7 +2,9 @@
 
 A schedule is a pure function of its seed and store, so a failing run is reproduced by its seed.
 Each schedule has one main fault, taken in turn by seed so that every kind recurs across a run,
-plus up to two more drawn at random.
+plus up to two more drawn at random. Even seeds start each worker with its slot (``--slot I/N``,
+as the operators and the local launcher do), odd seeds without one (each worker walks the whole
+ring of the plan from a point hashed from its id), so that both ways of claiming meet the faults.
 """
 
 from __future__ import annotations
@@ -46,9 +48,14 @@ class Schedule:
     batch_delay_s: float  # the slow tabular model's sleep per batch: faults land mid-shard
     lease_ttl_s: float
     faults: tuple[Fault, ...]
+    slotted: bool = True  # workers get ``--slot I/N``; else each starts at a point hashed from its id
 
     def describe(self) -> str:
-        return f"seed {self.seed} on {self.store}: {self.workers} workers, {self.shards} shards x {self.rows_per_shard}"
+        slots = "" if self.slotted else ", no slots"
+        return (
+            f"seed {self.seed} on {self.store}: {self.workers} workers{slots}, {self.shards} shards x "
+            f"{self.rows_per_shard}"
+        )
 
 
 def make_schedule(seed: int, store: str, *, small: bool = False) -> Schedule:
@@ -80,4 +87,22 @@ def make_schedule(seed: int, store: str, *, small: bool = False) -> Schedule:
         batch_delay_s=0.1 if small else 0.15,
         lease_ttl_s=ttl,
         faults=tuple(sorted(faults, key=lambda f: f.at_s)),
+        slotted=seed % 2 == 0,
+    )
+
+
+def zombie_schedule(store: str = "local") -> Schedule:
+    """A schedule made to leave a zombie: one of two workers is stopped early for long enough
+    that the other finishes its own run, steals the rest of the stopped one's, goes idle and
+    takes its leases over; the stopped one then wakes holding tries that others committed."""
+    ttl = LEASE_TTL_S
+    return Schedule(
+        seed=-1,
+        store=store,
+        workers=2,
+        shards=16,
+        rows_per_shard=20,
+        batch_delay_s=0.1,
+        lease_ttl_s=ttl,
+        faults=(Fault(SIGSTOP, 0.5, 0, duration_s=round(7 * ttl, 2)),),
     )
