@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from airflow_antbatch import layout
 from airflow_antbatch.finalize import read_manifest
 from airflow_antbatch.ledger import Ledger
 from airflow_antbatch.planning import resolve_plan_uri
@@ -55,7 +56,8 @@ def _worker_summaries(dag_run: Any) -> dict[str, dict[str, Any]]:
 
 def _ledger_files(ledger: Ledger) -> dict[str, bytes | None]:
     """Every claim, release and commit record, with its bytes."""
-    names = [f"{d}/{n}" for d in ("claims", "releases", "commits") for n in ledger.store.list(d)]
+    kinds = (layout.CLAIMS_DIR, layout.RELEASES_DIR, layout.COMMITS_DIR)
+    names = [f"{d}/{n}" for d in kinds for n in ledger.store.list(d)]
     return {name: ledger.store.read(name) for name in names}
 
 
@@ -82,7 +84,7 @@ def test_example_dag_scores_every_row_once_and_a_rerun_redoes_nothing(
 
     ledger = Ledger.open(resolve_plan_uri(output))
     before = _ledger_files(ledger)
-    assert len(ledger.plan.shards) == 3 and sum(n.startswith("commits/") for n in before) == 3
+    assert len(ledger.plan.shards) == 3 and sum(n.startswith(f"{layout.COMMITS_DIR}/") for n in before) == 3
 
     second = dag.test(logical_date=LOGICAL_DATE)
     assert second.state == "success", _states(second)

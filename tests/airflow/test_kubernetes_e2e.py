@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from airflow_antbatch import layout
 from airflow_antbatch.finalize import read_manifest
 from airflow_antbatch.ledger import Ledger
 from airflow_antbatch.planning import resolve_plan_uri
@@ -95,7 +96,8 @@ def _states(dag_run: Any) -> dict[tuple[str, int], str | None]:
 
 
 def _ledger_files(ledger: Ledger) -> dict[str, bytes | None]:
-    names = [f"{d}/{n}" for d in ("claims", "releases", "commits") for n in ledger.store.list(d)]
+    kinds = (layout.CLAIMS_DIR, layout.RELEASES_DIR, layout.COMMITS_DIR)
+    names = [f"{d}/{n}" for d in kinds for n in ledger.store.list(d)]
     return {name: ledger.store.read(name) for name in names}
 
 
@@ -259,7 +261,7 @@ def test_evicted_preempted_and_deleted_pods_are_retried_and_every_row_is_committ
     ledger = Ledger.open(resolve_plan_uri(str(root / "data" / "out")))
     status = ledger.status()
     assert status.committed == status.planned == 6
-    assert sum(n.startswith("releases/") for n in _ledger_files(ledger)) >= 2
+    assert sum(n.startswith(f"{layout.RELEASES_DIR}/") for n in _ledger_files(ledger)) >= 2
 
 
 def _run(disruption: Disruption) -> PodRun:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from airflow_antbatch import layout
 from airflow_antbatch.finalize import read_manifest
 from airflow_antbatch.ledger import Ledger
 from airflow_antbatch.planning import resolve_plan_uri
@@ -107,12 +108,13 @@ def _clear_and_resume(dag: Any, run_id: str, task_id: str | None = None) -> Any:
 
 
 def _ledger_bytes(plan_uri: str) -> dict[str, bytes | None]:
-    """The plan, every claim, release and commit of the attempt, with their bytes.
+    """The plan, every claim, release and commit of the attempt and ``done.json``, with their bytes.
 
-    Heartbeats (``workers/``) are left out: every worker process that starts writes its own.
+    Heartbeats and idle markers are left out: every worker process that starts writes its own.
     """
     store = Ledger.open(plan_uri).store
-    return {name: store.read(name) for name in store.list("") if not name.startswith("workers/")}
+    per_process = (f"{layout.WORKERS_DIR}/", f"{layout.IDLE_DIR}/")
+    return {name: store.read(name) for name in store.list("") if not name.startswith(per_process)}
 
 
 def _skipped_everything(run: Any, shards: int) -> bool:
@@ -138,7 +140,7 @@ def test_clearing_the_plan_task_reuses_the_same_plan_when_the_input_is_unchanged
     plan_ti = run.get_task_instance(f"{GROUP}.plan")
     assert plan_ti.try_number == 2  # it did run again
     assert plan_ti.xcom_pull(task_ids=f"{GROUP}.plan", key="plan_uri") == night.plan_uri
-    assert _ledger_bytes(night.plan_uri) == before  # plan.json byte-identical, nothing claimed again
+    assert _ledger_bytes(night.plan_uri) == before  # the plan byte-identical, nothing claimed again
     assert resolve_plan_uri(night.output) == night.plan_uri  # no new attempt
     assert _skipped_everything(run, shards=2)
 
@@ -154,7 +156,7 @@ def test_clearing_the_whole_run_of_a_finished_night_is_a_fast_no_op(night: Night
     assert _skipped_everything(run, shards=2)
     sensor = run.get_task_instance(f"{GROUP}.wait_for_shards")
     assert sensor.next_method is None  # its first check settled it: no deferral
-    # Generous: two worker processes start, list the commits and exit (about 5 s each here).
+    # Generous: two worker processes start, read done.json and exit (about 5 s each here).
     assert elapsed < 120, elapsed
 
 
