@@ -336,12 +336,16 @@ class Ledger:
 
     # -- claiming --------------------------------------------------------------------------
 
-    def try_claim(self, shard_id: str, identity: WorkerIdentity, *, investigate: bool = True) -> Lease | ShardState:
+    def try_claim(
+        self, shard_id: str, identity: WorkerIdentity, *, investigate: bool = True, own_slot: bool = True
+    ) -> Lease | ShardState:
         """Take the shard's next free try, or say why not (committed, failed, or leased).
 
         Without ``investigate`` a try held by another worker is reported as leased at once,
-        without reading its release or its owner's heartbeat: what a worker walking its own run
-        wants, since another claim there means another worker got there first.
+        without reading its release or its owner's heartbeat: what a worker walking a run
+        wants, since another claim there means another worker got there first. Only in its
+        own slot's run (``own_slot``) does it read the claim, to take an earlier incarnation's
+        tries over at once.
         """
         epoch = self._next_epoch.get(shard_id, 0)
         checked_commit = False
@@ -358,7 +362,7 @@ class Ledger:
                 if self._read_commit(shard_id) is not None:
                     return ShardState.COMMITTED
                 checked_commit = True
-            if not investigate and not self._my_earlier_incarnation(shard_id, epoch, identity):
+            if not investigate and not (own_slot and self._my_earlier_incarnation(shard_id, epoch, identity)):
                 return ShardState.LEASED
             if not self._try_is_over(shard_id, epoch, identity):
                 self._next_epoch[shard_id] = epoch

@@ -4,10 +4,11 @@
 
 Workers are launched by a *launcher*: ``local`` runs each as a subprocess on the Airflow
 worker. A launcher is an operator class that takes the mapped kwargs ``plan_uri``,
-``worker_id`` and ``slot`` (``"I/N"``, its share of the plan) plus ``storage_options``, runs the same ``antbatch worker`` command, and may
-offer ``launcher_defaults(max_workers=...)`` for its own defaults; a pod launcher registers
-beside ``local`` without changing the builder. The registry holds import paths, so that parsing
-a DAG imports only the launcher it uses (a pod launcher pulls in the kubernetes client).
+``worker_id`` and ``slot`` (``"I/N"``, its share of the plan) plus ``storage_options``, runs
+the same ``antbatch worker`` command, and may offer ``launcher_defaults(max_workers=...)`` for
+its own defaults; a pod launcher registers beside ``local`` without changing the builder. The
+registry holds import paths, so that parsing a DAG imports only the launcher it uses (a pod
+launcher pulls in the kubernetes client).
 """
 
 from __future__ import annotations

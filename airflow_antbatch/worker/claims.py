@@ -30,16 +30,22 @@ import zlib
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from airflow_antbatch.ledger import EXITED_STATES, Lease
 from airflow_antbatch.states import ShardState
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    import numpy.typing as npt
+
     from airflow_antbatch.ledger import Ledger, WorkerIdentity
 
-STEAL_TRIES = 4  # victims read per steal before the worker goes idle for a poll
+STEAL_TRIES = 4  # steals in a row whose first claim collides before the worker waits a poll
+VICTIMS_READ = 2  # heartbeats read per steal: at the tail most runs are too short to split
 MIN_STEAL = 2  # a run with fewer positions left is not worth splitting
+MAX_SLOT_PROBES = 8  # other slots' first runs a worker tries, for workers that started late or never
 
 
 @dataclasses.dataclass
@@ -93,7 +99,12 @@ class Claimer:
         self.identity = identity
         self._n = len(ledger.plan.shards)
         self._cursor, self._end = first_run(self._n, identity.worker_id, slot)
+        self._slot = slot
+        self._probes_left = MAX_SLOT_PROBES
+        self._stolen = False  # the run is the back half of another's: others may be in it too
+        self._committed: npt.NDArray[np.bool_] | None = None  # by position, once listed
         self._poll = poll_interval_s
+        self._delay = poll_interval_s / 8  # the next idle wait: doubles up to the poll interval
         self._rng = rng or random.Random(identity.token)
         self._stop = stop or threading.Event()
         self._retry: deque[str] = deque()
@@ -104,6 +115,8 @@ class Claimer:
         # (read at, heartbeat versions by token, idle tokens)
         self._roster: tuple[float, dict[str, str], set[str]] | None = None
         self._last_sweep: float | None = None
+        self._runs: deque[tuple[int, int]] = deque()  # runs a sweep found nobody working on
+        self._left_before: set[int] = set()  # positions the last sweep found left
         self._looked_for_done = False
         self._lock = threading.Lock()
         self.stats = ClaimStats()
@@ -121,15 +134,15 @@ class Claimer:
             if done is not None:
                 self.stats.skipped = int(done["committed"])
                 self.finished = True
-        delay = self._poll / 8
         while not self.finished and not self._stop.is_set():
             lease = self._claim_without_waiting()
             if lease is not None:
+                self._delay = self._poll / 8
                 return lease
             if self._has_work() or self._watch():
                 continue
+            delay, self._delay = self._delay, min(self._poll, self._delay * 2)
             wait(delay)
-            delay = min(self._poll, delay * 2)
         return None
 
     def settle(self, lease: Lease, *, done: bool) -> None:
@@ -154,12 +167,12 @@ class Claimer:
 
     def _has_work(self) -> bool:
         with self._lock:
-            return bool(self._retry) or self._cursor < self._end
+            return bool(self._retry) or bool(self._runs) or self._cursor < self._end
 
     def _claim_without_waiting(self) -> Lease | None:
         lease = self._from_retries() or self._from_run()
         tries = 0
-        while lease is None and tries < STEAL_TRIES and self._steal():
+        while lease is None and tries < STEAL_TRIES and (self._steal() or self._probe_slot()):
             lease = self._from_run()
             tries += 1
         if lease is not None:
@@ -191,13 +204,28 @@ class Claimer:
     def _from_run(self) -> Lease | None:
         while True:
             with self._lock:
+                if self._cursor >= self._end and self._runs:  # the next run a sweep left
+                    (self._cursor, self._end), self._stolen = self._runs.popleft(), True
                 if self._cursor >= self._end:
                     return None
                 position = self._cursor
-            shard_id = self.ledger.plan.shard_id(position % self._n)
-            outcome = self.ledger.try_claim(shard_id, self.identity, investigate=False)
+                index = position % self._n
+                if self._committed is not None and self._committed[index]:
+                    self._cursor += 1
+                    self.stats.skipped += 1
+                    continue
+            shard_id = self.ledger.plan.shard_id(index)
             with self._lock:
-                if outcome is ShardState.LEASED:
+                mine = shard_id in self._held  # a stolen run reached this worker's own region
+            # Only its own slot's run can hold an earlier incarnation's tries (a retried task).
+            outcome = (
+                ShardState.LEASED
+                if mine
+                else self.ledger.try_claim(shard_id, self.identity, investigate=False, own_slot=not self._stolen)
+            )
+            with self._lock:
+                # In a stolen run, a committed shard means another thief got there first too.
+                if outcome is ShardState.LEASED or (outcome is ShardState.COMMITTED and self._stolen):
                     self.stats.collisions += 1
                     self._end = position  # another worker's from here on
                     return None
@@ -208,12 +236,24 @@ class Claimer:
                 self.failed_for_good.append(shard_id)
             else:
                 self.stats.skipped += 1
+                if self._committed is None:
+                    self._learn_committed()
+
+    def _learn_committed(self) -> None:
+        """Its own run holds committed shards (a rerun, or a worker that found this slot before
+        it started): one listing of commits lets it skip them all instead of paying two
+        requests for each."""
+        committed = np.zeros(self._n, dtype=bool)
+        for shard_id in self.ledger.committed_shards():
+            committed[self.ledger.plan.index_of(shard_id)] = True
+        with self._lock:
+            self._committed = committed
 
     def _steal(self) -> bool:
         """Take the back half of a random busy worker's run, or all of an exited worker's."""
         versions, idle = self._current_roster()
         victims = [t for t in versions if t != self.identity.token and t not in idle and t not in self._handled]
-        for token in self._rng.sample(victims, min(STEAL_TRIES, len(victims))):
+        for token in self._rng.sample(victims, min(VICTIMS_READ, len(victims))):
             heartbeat = self.ledger.read_heartbeat(token)
             if heartbeat is None:
                 continue
@@ -226,11 +266,32 @@ class Claimer:
             self._stolen_from[token] = heartbeat["beat"]
             start, end = heartbeat.get("run") or (0, 0)
             if end - start >= MIN_STEAL:
+                # Split near the middle, at random, so that thieves reading the same beat take
+                # different parts and one's collision comes after work rather than at once.
+                split = start + max(1, round((end - start) * self._rng.uniform(0.35, 0.65)))
                 with self._lock:
-                    self._cursor, self._end = (start + end + 1) // 2, end
+                    self._cursor, self._end, self._stolen = split, end, True
                 self.stats.steals += 1
                 return True
         return False
+
+    def _probe_slot(self) -> bool:
+        """Adopt the first run of a random other slot: a worker that has not started yet (or
+        never will) leaves its run to whoever finds it free; one that starts late collides at
+        once and steals instead. A few probes per worker, so the cost stays O(1) per worker."""
+        if self._slot is None or self._probes_left <= 0:
+            return False
+        index, count = self._slot
+        versions, _ = self._current_roster()
+        if len({token.rsplit("--", 1)[0] for token in versions}) >= count:
+            return False  # every slot has a worker: their runs are stolen, not probed
+        self._probes_left -= 1
+        start, end = first_run(self._n, "", (self._rng.randrange(count), count))
+        if end <= start or index * self._n // count == start:
+            return False
+        with self._lock:
+            self._cursor, self._end, self._stolen = start, end, True
+        return True
 
     def _take_over(self, token: str, heartbeat: dict[str, Any]) -> bool:
         """Queue a gone worker's leases for the full takeover rules and adopt its run; True if
@@ -243,15 +304,17 @@ class Claimer:
         with self._lock:
             self._retry.extend(leases)
             self._cursor, self._end = start, end
+            self._stolen = False  # nobody works a gone worker's run: walk past what it committed
         self.stats.takeovers += 1
         return True
 
     # -- watching -------------------------------------------------------------------------------
 
-    def _current_roster(self, *, fresh: bool = False) -> tuple[dict[str, str], set[str]]:
-        """Heartbeat versions and idle markers: two listings, re-read at most once a poll interval."""
+    def _current_roster(self) -> tuple[dict[str, str], set[str]]:
+        """Heartbeat versions and idle markers: two listings, re-read at most once a poll interval
+        (an idle poll in between costs only the read of done.json)."""
         now = self.ledger.clock()
-        if fresh or self._roster is None or now - self._roster[0] >= self._poll:
+        if self._roster is None or now - self._roster[0] >= self._poll:
             self._roster = (now, self.ledger.worker_versions(), self.ledger.idle_tokens())
         return self._roster[1], self._roster[2]
 
@@ -273,7 +336,7 @@ class Claimer:
         if self.ledger.read_done() is not None:
             self.finished = True
             return True
-        versions, idle = self._current_roster(fresh=True)
+        versions, idle = self._current_roster()
         others = [t for t in sorted(versions) if t != self.identity.token and t not in self._handled]
         for token in others:
             if self.ledger.unchanged_for_ttl(token, versions[token]) and not self._has_work():
@@ -287,7 +350,12 @@ class Claimer:
         return self._sweep()
 
     def _sweep(self) -> bool:
-        """Settle the job from listings: write done.json, or queue what nobody holds."""
+        """Settle the job from listings: write done.json, or take up what nobody holds.
+
+        What is left the first time is walked as runs with bare claims, so that a worker that
+        started late and is working its own run there ends the walk with one collision. What is
+        still left at the next sweep is nobody's: it goes through the full takeover rules.
+        """
         now = self.ledger.clock()
         if self._last_sweep is not None and now - self._last_sweep < self.ledger.ttl_s / 2:
             return False
@@ -295,15 +363,28 @@ class Claimer:
         self.stats.sweeps += 1
         sweep = self.ledger.sweep()
         settled = sweep.committed | sweep.failed
-        plan = self.ledger.plan
-        with self._lock:
-            queued = set(self._retry) | self._held
-        left = [shard_id for shard_id in map(plan.shard_id, range(self._n)) if shard_id not in settled]
+        shard_id = self.ledger.plan.shard_id
+        left = [i for i in range(self._n) if shard_id(i) not in settled]
         if not left:
             self.ledger.write_done(sweep)
             self.finished = True
             return True
-        self._rng.shuffle(left)
         with self._lock:
-            self._retry.extend(shard_id for shard_id in left if shard_id not in queued)
+            queued = set(self._retry) | self._held
+            if set(left) != self._left_before:
+                self._left_before = set(left)
+                self._runs.extend(_segments(left))
+            else:
+                self._retry.extend(shard_id(i) for i in left if shard_id(i) not in queued)
         return False
+
+
+def _segments(positions: list[int]) -> list[tuple[int, int]]:
+    """Sorted positions as maximal runs ``[start, end)``."""
+    runs: list[tuple[int, int]] = []
+    for position in positions:
+        if runs and runs[-1][1] == position:
+            runs[-1] = (runs[-1][0], position + 1)
+        else:
+            runs.append((position, position + 1))
+    return runs
