@@ -63,6 +63,16 @@ class ClaimStats:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Roster:
+    """The workers as two listings showed them: heartbeat versions by token, idle markers."""
+
+    read_at: float  # by the ledger's clock
+    versions: dict[str, str]
+    idle: set[str]
+    busy: list[str]  # other tokens without an idle marker: the ones worth stealing from
+
+
 def parse_slot(text: str) -> tuple[int, int]:
     """``"I/N"``, as launchers pass it (``--slot``), to (I, N); a clear error otherwise."""
     index, _, count = text.partition("/")
@@ -112,8 +122,9 @@ class Claimer:
         self._handled: set[str] = set()  # tokens whose run and leases were taken over (or hold none)
         self._stolen_from: dict[str, int] = {}  # token -> the beat whose run this worker split
         self._idle = False
-        # (read at, heartbeat versions by token, idle tokens)
-        self._roster: tuple[float, dict[str, str], set[str]] | None = None
+        self._token = identity.token
+        self._roster: _Roster | None = None
+        self._scanned_at: float | None = None  # the roster whose heartbeats _watch last judged
         self._last_sweep: float | None = None
         self._runs: deque[tuple[int, int]] = deque()  # runs a sweep found nobody working on
         self._left_before: set[int] = set()  # positions the last sweep found left
@@ -251,9 +262,10 @@ class Claimer:
 
     def _steal(self) -> bool:
         """Take the back half of a random busy worker's run, or all of an exited worker's."""
-        versions, idle = self._current_roster()
-        victims = [t for t in versions if t != self.identity.token and t not in idle and t not in self._handled]
-        for token in self._rng.sample(victims, min(VICTIMS_READ, len(victims))):
+        roster = self._current_roster()
+        for token in self._rng.sample(roster.busy, min(VICTIMS_READ, len(roster.busy))):
+            if token in self._handled:
+                continue
             heartbeat = self.ledger.read_heartbeat(token)
             if heartbeat is None:
                 continue
@@ -282,8 +294,7 @@ class Claimer:
         if self._slot is None or self._probes_left <= 0:
             return False
         index, count = self._slot
-        versions, _ = self._current_roster()
-        if len({token.rsplit("--", 1)[0] for token in versions}) >= count:
+        if len({token.rsplit("--", 1)[0] for token in self._current_roster().versions}) >= count:
             return False  # every slot has a worker: their runs are stolen, not probed
         self._probes_left -= 1
         start, end = first_run(self._n, "", (self._rng.randrange(count), count))
@@ -310,13 +321,15 @@ class Claimer:
 
     # -- watching -------------------------------------------------------------------------------
 
-    def _current_roster(self) -> tuple[dict[str, str], set[str]]:
+    def _current_roster(self) -> _Roster:
         """Heartbeat versions and idle markers: two listings, re-read at most once a poll interval
         (an idle poll in between costs only the read of done.json)."""
         now = self.ledger.clock()
-        if self._roster is None or now - self._roster[0] >= self._poll:
-            self._roster = (now, self.ledger.worker_versions(), self.ledger.idle_tokens())
-        return self._roster[1], self._roster[2]
+        if self._roster is None or now - self._roster.read_at >= self._poll:
+            versions, idle = self.ledger.worker_versions(), self.ledger.idle_tokens()
+            busy = [t for t in versions if t != self._token and t not in idle]
+            self._roster = _Roster(now, versions, idle, busy)
+        return self._roster
 
     def _busy(self) -> None:
         if self._idle:
@@ -336,16 +349,20 @@ class Claimer:
         if self.ledger.read_done() is not None:
             self.finished = True
             return True
-        versions, idle = self._current_roster()
-        others = [t for t in sorted(versions) if t != self.identity.token and t not in self._handled]
+        roster = self._current_roster()
+        if roster.read_at == self._scanned_at:
+            return False  # nothing new to judge until the next listing
+        self._scanned_at = roster.read_at
+        others = [t for t in roster.versions if t != self._token and t not in self._handled]
         for token in others:
-            if self.ledger.unchanged_for_ttl(token, versions[token]) and not self._has_work():
+            if self.ledger.unchanged_for_ttl(token, roster.versions[token]) and not self._has_work():
                 heartbeat = self.ledger.read_heartbeat(token)
                 if heartbeat is not None and self._take_over(token, heartbeat):
                     return False
-        busy = [t for t in others if t not in idle and t not in self._handled]
-        sweepers = sorted(t for t in idle if t in versions and t not in self._handled)
-        if busy or (sweepers and sweepers[0] != self.identity.token):
+        if any(t not in self._handled for t in roster.busy):
+            return False
+        sweepers = [t for t in roster.idle if t in roster.versions and t not in self._handled]
+        if sweepers and min(sweepers) != self._token:
             return False
         return self._sweep()
 
