@@ -15,12 +15,12 @@ from typing import Any
 
 from airflow_antbatch import layout
 from airflow_antbatch.errors import JobIncompleteError, StoreError
+from airflow_antbatch.layout import MANIFEST_NAME
 from airflow_antbatch.ledger import CommitRecord, Ledger
 from airflow_antbatch.store import AtomicStore
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "_SUCCESS"
 MANIFEST_FORMAT = "airflow-antbatch/manifest"
 
 

@@ -25,6 +25,8 @@ import hashlib
 import re
 
 STATE_DIR = "_antbatch"
+MANIFEST_NAME = "_SUCCESS"  # under the output root: the committed files, written by finalize
+PLAN_URI_KEY = "plan_uri"  # the XCom key under which the plan task publishes the plan's URI
 PLAN_FILE = "plan.arrow"
 DONE_FILE = "done.json"
 WORKERS_DIR = "workers"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.parquet as pq
 
 from airflow_antbatch import layout
-from airflow_antbatch.finalize import MANIFEST_NAME
+from airflow_antbatch.layout import MANIFEST_NAME
 from airflow_antbatch.ledger import Ledger
 from airflow_antbatch.store import AtomicStore
 

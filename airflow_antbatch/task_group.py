@@ -17,9 +17,10 @@ import datetime as dt
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from airflow_antbatch.layout import PLAN_URI_KEY
 from airflow_antbatch.operators.finalize import FinalizeBatchInferenceOperator, output_root_asset
 from airflow_antbatch.operators.merge import INPUT_URI_KEY, SmallFileMergeOperator
-from airflow_antbatch.operators.plan import PLAN_URI_KEY, PlanBatchInferenceOperator
+from airflow_antbatch.operators.plan import PlanBatchInferenceOperator
 from airflow_antbatch.sensors.ledger import ShardLedgerSensor
 from airflow_antbatch.version_compat import TaskGroup, TriggerRule
 

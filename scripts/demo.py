@@ -606,7 +606,8 @@ def print_failure(layout: Layout, run_id: str, tis: list[dict[str, Any]], logs_s
 
 def print_summary(layout: Layout, workers: Sequence[WorkerTask], rerun: bool) -> None:
     """Rows in vs rows out, files, who committed what, and whether the workers overlapped."""
-    from airflow_antbatch.finalize import MANIFEST_NAME, read_manifest
+    from airflow_antbatch.finalize import read_manifest
+    from airflow_antbatch.layout import MANIFEST_NAME
 
     in_files = sorted(layout.input_dir.glob("*.parquet"))
     in_rows, row_groups = parquet_stats(in_files)

@@ -62,7 +62,8 @@ class FinalizeBatchInferenceOperator(BaseOperator):
         self.storage_options = storage_options
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from airflow_antbatch.finalize import MANIFEST_NAME, finalize_job
+        from airflow_antbatch.finalize import finalize_job
+        from airflow_antbatch.layout import MANIFEST_NAME
 
         manifest = finalize_job(self.plan_uri, self.storage_options)
         output_uri = manifest["output"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from airflow_antbatch.errors import PlanConflictError, SpecError
+from airflow_antbatch.layout import PLAN_URI_KEY
 from airflow_antbatch.spec import JobSpec, ModelStage
 from airflow_antbatch.version_compat import AirflowFailException, BaseOperator
 
@@ -13,7 +14,6 @@ if TYPE_CHECKING:
 
     from airflow_antbatch.version_compat import Context
 
-PLAN_URI_KEY = "plan_uri"
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off", "", "none"})
 

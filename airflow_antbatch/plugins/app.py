@@ -36,7 +36,7 @@ from sqlalchemy import select
 
 from airflow_antbatch.errors import AntBatchError
 from airflow_antbatch.finalize import read_manifest
-from airflow_antbatch.operators.plan import PLAN_URI_KEY
+from airflow_antbatch.layout import PLAN_URI_KEY
 from airflow_antbatch.planning import resolve_plan_uri
 from airflow_antbatch.plugins.links import PAGE_ROUTE
 from airflow_antbatch.progress import JobProgress

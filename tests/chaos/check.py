@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 from airflow_antbatch import layout
 from airflow_antbatch.errors import AntBatchError
-from airflow_antbatch.finalize import MANIFEST_NAME, finalize_job
+from airflow_antbatch.finalize import finalize_job
+from airflow_antbatch.layout import MANIFEST_NAME
 from airflow_antbatch.ledger import CommitRecord, Ledger
 from airflow_antbatch.store import AtomicStore
 

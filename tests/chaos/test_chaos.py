@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from airflow_antbatch import layout
-from airflow_antbatch.finalize import MANIFEST_NAME
+from airflow_antbatch.layout import MANIFEST_NAME
 from airflow_antbatch.ledger import CommitRecord, Ledger
 from airflow_antbatch.planning import plan_job
 from airflow_antbatch.spec import JobSpec
