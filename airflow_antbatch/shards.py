@@ -292,14 +292,6 @@ class JobPlan:
     def planned_rows(self) -> int | None:
         return self.shards.total_rows()
 
-    def output_name(self, shard_id: str) -> str:
-        """The shard's output file, relative to the output root: the same for every try."""
-        return f"part-{self.attempt:03d}-{shard_id}.parquet"
-
-    def quarantine_name(self, shard_id: str) -> str:
-        """Where the shard's bad records go; ``_``-prefixed so dataset readers skip it."""
-        return f"_quarantine/{self.output_name(shard_id)}"
-
     def to_bytes(self) -> bytes:
         header = {
             "format": PLAN_FORMAT,
