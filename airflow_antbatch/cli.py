@@ -113,6 +113,12 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quarantine-limit", type=_count(0), default=10, help="bad records per shard set aside before the shard fails"
     )
+    p.add_argument(
+        "--same-error-limit",
+        type=_count(1),
+        default=5,
+        help="stop the job once a worker sees one error on this many shards in a row (default 5)",
+    )
     p.add_argument("--state", help="ledger root (default: OUTPUT/_antbatch)")
     p.add_argument("--force", action="store_true", help="start a fresh attempt even if a plan exists")
 
@@ -137,6 +143,7 @@ def _spec_from_args(args: argparse.Namespace) -> JobSpec:
         autocast_dtype=args.autocast_dtype,
         compile=args.compile,
         quarantine_limit=args.quarantine_limit,
+        same_error_limit=args.same_error_limit,
         state_uri=args.state,
         storage_options=args.storage_options,
     )
@@ -300,7 +307,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         print(json.dumps(doc))
     if summary.outcome == "preempted":
         return exit_codes.PREEMPTED
-    return exit_codes.SHARDS_FAILED if summary.failed_for_good else exit_codes.OK
+    return exit_codes.SHARDS_FAILED if summary.failed_for_good or summary.stopped_job else exit_codes.OK
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -113,15 +113,17 @@ class JobStatus:
     eta_s: float | None
     workers: tuple[WorkerStatus, ...]
     failures: tuple[tuple[str, str], ...]
+    stopped: str | None = None  # the error that stopped the whole job (``same_error_limit``)
 
     @property
     def pending(self) -> int:
-        return self.planned - self.committed - self.leased - self.failed
+        return max(0, self.planned - self.committed - self.leased - self.failed)
 
     @property
     def finished(self) -> bool:
-        """Every shard is committed or failed for good: no worker has anything left to do."""
-        return self.committed + self.failed == self.planned
+        """Every shard is committed or failed for good, or the job was stopped: no worker has
+        anything left to do."""
+        return self.stopped is not None or self.committed + self.failed == self.planned
 
     @property
     def succeeded(self) -> bool:
@@ -324,6 +326,11 @@ class Ledger:
                 failures.setdefault(shard, []).append(str(record.get("error")))
         return Sweep(committed, failures, self.plan.spec.max_shard_attempts)
 
+    def write_stop(self, error: str, shards: list[str]) -> bool:
+        """Stop the whole job: every worker that reads this stops claiming. True if this call wrote it."""
+        record = {"committed": None, "failed": shards, "errors": dict.fromkeys(shards, error), "stopped": error}
+        return self.store.create(layout.DONE_FILE, _encode("done", record))
+
     def write_done(self, sweep: Sweep) -> bool:
         """Record that the job is over; True if this call wrote it (create-if-absent)."""
         failed = sorted(sweep.failed)
@@ -495,7 +502,12 @@ class Ledger:
         live = [w for w in workers if w.state == "running" and w.last_beat_age_s < self.ttl_s]
         failures = _failures_from(beats)
         counts = dict.fromkeys(ShardState, 0)
-        if done is not None:
+        stopped = None if done is None else done.get("stopped")
+        if done is not None and stopped is not None:
+            counts[ShardState.COMMITTED] = min(len(self.plan.shards), sum(w.shards_committed for w in workers))
+            counts[ShardState.FAILED] = len(done["failed"])
+            failures = [(s, str(e)) for s, e in sorted(done.get("errors", {}).items())]
+        elif done is not None:
             counts[ShardState.COMMITTED] = int(done["committed"])
             counts[ShardState.FAILED] = len(done["failed"])
             failures = [(s, str(e)) for s, e in sorted(done.get("errors", {}).items())] or failures
@@ -512,7 +524,7 @@ class Ledger:
             counts[ShardState.COMMITTED] = len(sweep.committed)
             counts[ShardState.FAILED] = len(sweep.failed)
             failures = [(s, e) for s in sorted(sweep.failures) for e in sweep.failures[s]]
-        return self._summarise(counts, workers, failures)
+        return self._summarise(counts, workers, failures, stopped)
 
     def _heartbeats(self) -> list[dict[str, Any]]:
         """Every heartbeat, re-read only where its version moved since the last status."""
@@ -530,7 +542,11 @@ class Ledger:
         return None if data is None else _decode("heartbeat", data, self.store.uri(rel), required)
 
     def _summarise(
-        self, counts: dict[ShardState, int], workers: list[WorkerStatus], failures: list[tuple[str, str]]
+        self,
+        counts: dict[ShardState, int],
+        workers: list[WorkerStatus],
+        failures: list[tuple[str, str]],
+        stopped: str | None = None,
     ) -> JobStatus:
         rows = sum(w.rows_committed for w in workers)
         rate = sum(w.rows_per_s for w in workers if w.state == "running")
@@ -553,6 +569,7 @@ class Ledger:
             eta_s=eta,
             workers=tuple(workers),
             failures=tuple(failures),
+            stopped=stopped,
         )
 
 

@@ -94,6 +94,9 @@ class JobSpec:
     autocast_dtype: str | None = None
     compile: str | None = None
     quarantine_limit: int = 10
+    # The job stops once one worker sees the same error (type and message) on this many shards
+    # in a row with no commit between: a broken hook or model fails every shard alike.
+    same_error_limit: int = 5
     storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     spec_version: int = SPEC_VERSION
 
@@ -212,7 +215,7 @@ def _validate(spec: JobSpec) -> None:
         raise SpecError(
             f"job spec field 'input_format' must be one of {list(INPUT_FORMATS)}, got {spec.input_format!r}"
         )
-    for name in ("batch_size", "max_shard_rows", "target_shard_bytes", "max_shard_attempts"):
+    for name in ("batch_size", "max_shard_rows", "target_shard_bytes", "max_shard_attempts", "same_error_limit"):
         _check_type(name, getattr(spec, name), int)
         _check_positive(name, getattr(spec, name))
     _check_type("quarantine_limit", spec.quarantine_limit, int)

@@ -193,3 +193,34 @@ def test_an_output_that_cannot_be_written_is_named_and_earlier_output_is_kept(tm
         plan_job(_spec(tmp_path, output_uri=str(tmp_path / "blocker" / "out")))
     assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
     assert collections.Counter(_committed_ids(ledger)) == collections.Counter(range(20))
+
+
+# -- a hook that fails on every batch stops the job after same_error_limit shards ---------------
+
+
+def test_a_preprocess_that_fails_every_shard_stops_the_job_after_the_limit(tmp_path: pathlib.Path) -> None:
+    """Not 3 tries on every one of 12 shards: the same error on 3 shards in a row stops it all,
+    the status names the error once, and a second worker stops at its first failure."""
+    (tmp_path / "in").mkdir()
+    for first in range(0, 240, 20):
+        pq.write_table(pa.Table.from_pylist(_rows(first, 20)), tmp_path / "in" / f"p{first:03d}.parquet")
+    spec = _spec(
+        tmp_path,
+        preprocess="tests.user_code:preprocess_to_string",
+        max_shard_attempts=3,
+        same_error_limit=3,
+        target_shard_bytes=2**20,
+        max_shard_rows=20,
+    )
+    summary, ledger = _run(spec)
+    assert len(ledger.plan.shards) == 12
+    # the limit, plus at most the one shard read ahead while the third failed
+    assert 3 <= summary.shards_failed <= 4 and summary.shards_committed == 0, summary
+    assert summary.stopped_job is not None and "'str' object has no attribute" in summary.stopped_job
+    status = Ledger.open(ledger.plan_uri).status()
+    assert status.stopped == summary.stopped_job and status.finished and not status.succeeded
+    assert {error for _, error in status.failures} == {summary.stopped_job}
+
+    options = PipelineOptions(cpu_budget=1, preprocess_workers=0)
+    late = Worker(Ledger.open(ledger.plan_uri), WorkerIdentity("w1"), JobCode.load(spec), options=options).run()
+    assert (late.shards_failed, late.stopped_job) == (0, summary.stopped_job)  # done.json said so at its start

@@ -72,3 +72,8 @@ def build_row_sum_model() -> torch.nn.Module:
 def amount_only(batch: pa.RecordBatch) -> torch.Tensor:
     """Features from the ``amount`` column alone, whatever else the rows carry."""
     return torch.tensor(batch.column("amount").to_pylist(), dtype=torch.float32).unsqueeze(1)
+
+
+def preprocess_to_string(batch: pa.RecordBatch) -> str:
+    """A hook with a bug every batch hits: it returns text, not tensors."""
+    return f"{batch.num_rows} rows"

@@ -63,6 +63,7 @@ class PlanBatchInferenceOperator(BaseOperator):
         autocast_dtype: str | None = None,
         compile: str | None = None,
         quarantine_limit: int = 10,
+        same_error_limit: int = 5,
         storage_options: Mapping[str, Any] | None = None,
         state_uri: str | None = None,
         max_workers: int = 4,
@@ -98,6 +99,7 @@ class PlanBatchInferenceOperator(BaseOperator):
             "autocast_dtype": autocast_dtype,
             "compile": compile,
             "quarantine_limit": quarantine_limit,
+            "same_error_limit": same_error_limit,
             "storage_options": dict(storage_options or {}),
         }
         self.max_workers = max_workers

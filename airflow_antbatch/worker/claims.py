@@ -117,7 +117,8 @@ class Claimer:
         self._delay = poll_interval_s / 8  # the next idle wait: doubles up to the poll interval
         self._rng = rng or random.Random(identity.token)
         self._stop = stop or threading.Event()
-        self._retry: deque[str] = deque()
+        self._retry: deque[str] = deque()  # taken-over leases and sweep leftovers: tried first
+        self._later: deque[str] = deque()  # this worker's own failed tries: tried once its run is out
         self._held: set[str] = set()
         self._handled: set[str] = set()  # tokens whose run and leases were taken over (or hold none)
         self._stolen_from: dict[str, int] = {}  # token -> the beat whose run this worker split
@@ -133,6 +134,7 @@ class Claimer:
         self.stats = ClaimStats()
         self.failed_for_good: list[str] = []
         self.finished = False
+        self.stopped_by: str | None = None  # the error that stopped the job, if done.json says so
 
     # -- what the worker calls ------------------------------------------------------------------
 
@@ -143,7 +145,8 @@ class Claimer:
             self._looked_for_done = True
             done = self.ledger.read_done()
             if done is not None:
-                self.stats.skipped = int(done["committed"])
+                self.stats.skipped = int(done["committed"] or 0)
+                self.stopped_by = done.get("stopped")
                 self.finished = True
         while not self.finished and not self._stop.is_set():
             lease = self._claim_without_waiting()
@@ -161,8 +164,8 @@ class Claimer:
         else the shard is tried again (its next epoch, or failed for good)."""
         with self._lock:
             self._held.discard(lease.shard_id)
-            if not done:
-                self._retry.append(lease.shard_id)
+            if not done:  # after the run: a broken hook then shows on fresh shards first
+                self._later.append(lease.shard_id)
 
     def run_left(self) -> int:
         """Positions left in this worker's run (others may still steal part of it)."""
@@ -178,10 +181,10 @@ class Claimer:
 
     def _has_work(self) -> bool:
         with self._lock:
-            return bool(self._retry) or bool(self._runs) or self._cursor < self._end
+            return bool(self._retry or self._later or self._runs) or self._cursor < self._end
 
     def _claim_without_waiting(self) -> Lease | None:
-        lease = self._from_retries() or self._from_run()
+        lease = self._from_retries(self._retry) or self._from_run() or self._from_retries(self._later)
         tries = 0
         while lease is None and tries < STEAL_TRIES and (self._steal() or self._probe_slot()):
             lease = self._from_run()
@@ -196,14 +199,14 @@ class Claimer:
         self.stats.claims += 1
         return lease
 
-    def _from_retries(self) -> Lease | None:
-        """Shards to try again under the full takeover rules: own failed tries, taken-over leases,
-        and what a sweep found."""
+    def _from_retries(self, queue: deque[str]) -> Lease | None:
+        """Shards to try again under the full takeover rules: taken-over leases and what a sweep
+        found, or this worker's own failed tries."""
         while True:
             with self._lock:
-                if not self._retry:
+                if not queue:
                     return None
-                shard_id = self._retry.popleft()
+                shard_id = queue.popleft()
                 if shard_id in self._held:  # queued twice (a takeover and a sweep): already in hand
                     continue
             outcome = self.ledger.try_claim(shard_id, self.identity)
@@ -346,7 +349,9 @@ class Claimer:
             self.ledger.mark_idle(self.identity)
             with self._lock:
                 self._idle = True
-        if self.ledger.read_done() is not None:
+        done = self.ledger.read_done()
+        if done is not None:
+            self.stopped_by = done.get("stopped")
             self.finished = True
             return True
         roster = self._current_roster()
@@ -387,7 +392,7 @@ class Claimer:
             self.finished = True
             return True
         with self._lock:
-            queued = set(self._retry) | self._held
+            queued = set(self._retry) | set(self._later) | self._held
             if set(left) != self._left_before:
                 self._left_before = set(left)
                 self._runs.extend(_segments(left))

@@ -61,6 +61,7 @@ class WorkerSummary:
     shards_lost: int = 0  # processed, but another try committed first
     rows_quarantined: int = 0
     failed_for_good: list[str] = dataclasses.field(default_factory=list)
+    stopped_job: str | None = None  # the error that stopped the whole job (same_error_limit)
     seconds: float = 0.0
     rows_per_s: float = 0.0
     requests: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -116,6 +117,7 @@ class Worker:
         self._changed = threading.Condition()
         self._in_flight: set[str] = set()
         self._timeline: dict[int, int] = {}  # bucket start (epoch s) -> rows committed
+        self._streak: tuple[str, list[str]] = ("", [])  # an error, and the shards it failed in a row
         self.claimer = Claimer(ledger, identity, slot=slot, poll_interval_s=self.poll_interval_s, stop=self.stop)
         self._heartbeat = Heartbeat(ledger, identity, max(0.05, ttl / 4), self._stats)
         self._progress = ProgressLog(self.summary, self.claimer.run_left, progress_interval_s)
@@ -162,6 +164,7 @@ class Worker:
         summary.claiming = self.claimer.stats.to_dict()
         summary.shards_skipped = self.claimer.stats.skipped
         summary.failed_for_good = list(self.claimer.failed_for_good)
+        summary.stopped_job = summary.stopped_job or self.claimer.stopped_by
 
     # -- claiming ------------------------------------------------------------------------------
 
@@ -248,6 +251,7 @@ class Worker:
             error = f"{type(work.error).__name__}: {work.error}"
             log.error("%s: shard %s failed (try %d): %s", self.identity.worker_id, lease.shard_id, lease.epoch, error)
             self.ledger.release(lease, reason="failed", failed=True, error=error)
+            self._count_failure(lease.shard_id, error)
             return False
         try:
             return self._write_and_commit(work)
@@ -285,6 +289,7 @@ class Worker:
             self.summary.shards_lost += 1
             log.warning("%s: shard %s was committed by another try", self.identity.worker_id, shard_id)
             return True
+        self._streak = ("", [])
         self.summary.shards_committed += 1
         self.summary.rows_committed += table.num_rows
         self.summary.rows_quarantined += quarantined
@@ -305,6 +310,28 @@ class Worker:
             self.summary.rows_committed,
         )
         return True
+
+    def _count_failure(self, shard_id: str, error: str) -> None:
+        """Stop the job when one error fails ``same_error_limit`` shards in a row, or when another
+        worker already stopped it: a broken hook or model would otherwise be tried on every
+        shard ``max_shard_attempts`` times (3 x 10^6 tries at a million shards)."""
+        previous, shards = self._streak
+        shards = [*shards, shard_id] if error == previous else [shard_id]
+        self._streak = (error, list(dict.fromkeys(shards)))
+        done = self._patiently(self.ledger.read_done, "reading done.json")
+        stopped = done.get("stopped") if done is not None else None
+        if stopped is None and len(self._streak[1]) >= self.plan.spec.same_error_limit:
+            self._patiently(lambda: self.ledger.write_stop(error, self._streak[1]), "stopping the job")
+            stopped = error
+            log.error(
+                "%s: stopping the job: %d shards in a row failed with %s",
+                self.identity.worker_id,
+                len(self._streak[1]),
+                error,
+            )
+        if stopped is not None:
+            self.summary.stopped_job = str(stopped)
+            self.claimer.finished = True
 
     def _write_quarantine(self, work: ShardWork) -> str:
         """The shard's bad records as they were read, each with the reason it was set aside."""

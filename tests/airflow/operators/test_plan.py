@@ -52,7 +52,7 @@ def test_returns_one_kwargs_dict_per_worker_and_pushes_the_plan_uri(
     result = _plan(directory, max_workers=5, min_shards_per_worker=3).execute(fake_ti.context())
     plan_uri = fake_ti.xcom["plan_uri"]
     assert str(plan_uri).endswith("/out/_antbatch/attempt-000/plan.arrow")
-    assert result == [{"plan_uri": plan_uri, "worker_id": f"worker-{i}"} for i in range(4)]
+    assert result == [{"plan_uri": plan_uri, "worker_id": f"worker-{i}", "slot": f"{i}/4"} for i in range(4)]
 
 
 def test_a_rerun_reuses_the_plan_and_force_rerun_starts_a_fresh_attempt(
