@@ -15,6 +15,7 @@ from typing import Any
 
 from airflow_antbatch import layout
 from airflow_antbatch.errors import JobIncompleteError, StoreError
+from airflow_antbatch.failure_report import failure_sample, shard_failures
 from airflow_antbatch.layout import MANIFEST_NAME
 from airflow_antbatch.ledger import CommitRecord, Ledger
 from airflow_antbatch.store import AtomicStore
@@ -32,7 +33,7 @@ def finalize_job(plan_uri: str, storage_options: dict[str, Any] | None = None) -
     missing = [s for s in plan.shard_ids if s not in records]
     if missing:
         status = ledger.status()
-        sample = "; ".join(f"{s}: {e}" for s, e in status.failures[:3])
+        sample = failure_sample(shard_failures(status, max_attempts=plan.spec.max_shard_attempts))
         raise JobIncompleteError(
             f"cannot finalize {plan_uri}: {len(missing)} of {len(plan.shards)} shards are not committed "
             f"({status.failed} failed for good, {status.leased} leased, {status.pending} pending)"

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from airflow_antbatch import layout
-from airflow_antbatch.errors import InputError, InputNotFoundError, PlanConflictError
+from airflow_antbatch.errors import InputError, InputNotFoundError, PlanConflictError, SpecError
 from airflow_antbatch.shards import JobPlan, Piece, Shard, ShardTable
 from airflow_antbatch.store import AtomicStore
 
@@ -69,6 +69,8 @@ def plan_job(spec: JobSpec, *, force: bool = False) -> PlanResult:
     ``force`` starts a fresh attempt (new shard ids and output names) even if a plan exists.
     """
     fmt, files = list_input(spec)
+    columns = input_columns(fmt, files, dict(spec.storage_options))
+    check_passthrough_columns(spec, columns, files[0].path)
     fingerprint = plan_fingerprint(spec, fmt, files)
     store = AtomicStore(spec.state_root, dict(spec.storage_options))
     attempt, existing = _latest_plan(store)
@@ -86,7 +88,7 @@ def plan_job(spec: JobSpec, *, force: bool = False) -> PlanResult:
         input_format=fmt,
         shards=cut_shards(files, spec.max_shard_rows, spec.target_shard_bytes, split_lines=fmt == "jsonl"),
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        input_columns=input_columns(fmt, files, dict(spec.storage_options)),
+        input_columns=columns,
         columns_from=files[0].path,
     )
     rel = layout.plan_rel(attempt)
@@ -210,6 +212,25 @@ def input_columns(fmt: str, files: list[InputFile], storage_options: dict[str, A
     if not isinstance(record, dict):
         raise InputError(f"the first line of input file {first.path} is not a JSON object")
     return tuple(record)
+
+
+def check_passthrough_columns(spec: JobSpec, columns: tuple[str, ...], source: str) -> None:
+    """A missing id or keep column fails the plan, once, instead of every shard on every worker."""
+    missing = [
+        (field, name)
+        for field, names in (
+            ("id_column", (spec.id_column,) if spec.id_column else ()),
+            ("keep_columns", spec.keep_columns),
+        )
+        for name in names
+        if name not in columns
+    ]
+    if missing:
+        what = ", ".join(f"{field} {name!r}" for field, name in missing)
+        raise SpecError(
+            f"job spec {what}: no such column in input file {source}, which the job is planned from; "
+            f"its columns are {list(columns)}"
+        )
 
 
 def _check_same_schema(first: str, expected: pa.Schema, url: str, schema: pa.Schema) -> None:

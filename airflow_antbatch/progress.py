@@ -59,6 +59,7 @@ class Snapshot:
     quarantine_files: tuple[QuarantineFile, ...]
     # (epoch seconds at the bucket's start, rows/s committed in the bucket), oldest first
     timeline: tuple[tuple[float, float], ...]
+    max_shard_attempts: int | None = None  # the plan's: a finished job's failures count their tries by it
 
     def stale_workers(self) -> list[str]:
         return [w.token for w in self.status.workers if is_stale(w, self.lease_ttl_s)]
@@ -109,6 +110,7 @@ class JobProgress:
                 buckets=buckets,
                 until=None if status.finished else time.time(),  # a stall shows as a drop to zero
             ),
+            max_shard_attempts=self.ledger.plan.spec.max_shard_attempts,
         )
 
     def _quarantine_files(self) -> tuple[QuarantineFile, ...]:

@@ -17,6 +17,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from airflow_antbatch.failure_report import shard_failures
 from airflow_antbatch.progress import JobProgress, is_stale
 
 if TYPE_CHECKING:
@@ -74,11 +75,12 @@ def render(snap: Snapshot) -> RenderableType:
     )
     parts: list[RenderableType] = [head, bar, summary, _workers_table(snap)]
     if status.failures:
-        failures = Table(title="Failed tries", title_justify="left", show_edge=False)
+        failures = Table(title="Failed shards", title_justify="left", show_edge=False)
         failures.add_column("shard")
-        failures.add_column("error", style="red")
-        for shard, error in status.failures:
-            failures.add_row(shard, error)
+        failures.add_column("tries", justify="right")
+        failures.add_column("last error", style="red")
+        for failure in shard_failures(status, max_attempts=snap.max_shard_attempts):
+            failures.add_row(failure.shard, str(failure.tries), failure.last_error)
         parts.append(failures)
     parts.append(Text(f"output {snap.output_uri}  manifest {snap.manifest_uri}", style="dim"))
     return Group(*parts)

@@ -8,12 +8,13 @@ import pathlib
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from airflow_antbatch import layout
-from airflow_antbatch.errors import InputError, InputNotFoundError, PlanConflictError
+from airflow_antbatch.errors import InputError, InputNotFoundError, PlanConflictError, SpecError
 from airflow_antbatch.planning import InputFile, cut_shards, list_input, plan_job, resolve_plan_uri
 from airflow_antbatch.shards import JobPlan
 from airflow_antbatch.spec import JobSpec, ModelStage
@@ -198,6 +199,32 @@ def test_corrupt_parquet_names_the_file(tmp_path: pathlib.Path) -> None:
     bad.write_bytes(b"not parquet at all")
     with pytest.raises(InputError, match=r"input file .*bad.parquet is not a readable Parquet file"):
         plan_job(_spec(str(bad), tmp_path / "out"))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_a_missing_id_or_keep_column_fails_the_plan_naming_it_the_file_and_the_columns(
+    tmp_path: pathlib.Path, fmt: str
+) -> None:
+    directory = tmp_path / "in"
+    directory.mkdir()
+    table = pa.table({"id": [1, 2], "x": [0.1, 0.2]})
+    path = directory / f"a.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(table, path)
+    elif fmt == "csv":
+        pacsv.write_csv(table, path)
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in table.to_pylist()))
+    with pytest.raises(SpecError) as info:
+        plan_job(_spec(str(directory), tmp_path / "out", id_column="txn_id", keep_columns=("x", "region")))
+    message = str(info.value)
+    assert message.startswith("job spec id_column 'txn_id', keep_columns 'region': no such column")
+    assert f"input file {path.as_uri()}" in message and message.endswith("its columns are ['id', 'x']")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob(layout.PLAN_FILE))  # nothing planned
+    assert plan_job(_spec(str(directory), tmp_path / "ok", id_column="id", keep_columns=("x",))).plan.input_columns == (
+        "id",
+        "x",
+    )
 
 
 _units = st.lists(

@@ -12,6 +12,7 @@ import pytest
 from rich.console import Console
 
 from airflow_antbatch import cli, layout
+from airflow_antbatch.ledger import Lease
 from airflow_antbatch.progress import JobProgress, throughput_timeline
 from airflow_antbatch.status_view import duration, show, watch
 from tests.progress_jobs import QUARANTINE_REASON, ROWS_PER_SHARD, SHARDS, RunningJob, mid_run
@@ -154,3 +155,20 @@ def test_json_on_an_s3_ledger(
     assert progress.quarantine_reasons(snap.quarantine_files) == {
         snap.quarantine_files[0].shard_id: {QUARANTINE_REASON: 3}
     }
+
+
+def test_failed_shards_are_listed_once_with_their_tries_and_last_error(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    job = RunningJob.plan(tmp_path)
+    shard_id = job.ledger.plan.shards[0].shard_id
+    for attempt in range(2):
+        lease = job.ledger.try_claim(shard_id, job.identity)
+        assert isinstance(lease, Lease)
+        job.ledger.release(lease, reason="error", failed=True, error=f"ValueError: bad row (try {attempt})")
+    job.heartbeat()
+    out = _status(capsys, job.plan_uri)
+    assert "Failed shards" in out
+    [line] = [line for line in out.splitlines() if shard_id in line]
+    assert line.split() == [shard_id, "│", "2", "│", "ValueError:", "bad", "row", "(try", "1)"]

@@ -12,6 +12,7 @@ import datetime as dt
 import time
 from typing import TYPE_CHECKING, Any
 
+from airflow_antbatch.failure_report import failure_sample, shard_failures
 from airflow_antbatch.plugins.links import AntBatchJobLink
 from airflow_antbatch.version_compat import AirflowFailException, BaseSensorOperator, PokeReturnValue
 
@@ -108,10 +109,16 @@ class ShardLedgerSensor(BaseSensorOperator):
 
         if not self.plan_uri or self.plan_uri == "None":
             raise AirflowFailException("no plan URI: the plan task did not push one (did it succeed?)")
-        status = Ledger.open(self.plan_uri, self.storage_options).status()
+        ledger = Ledger.open(self.plan_uri, self.storage_options)
+        status = ledger.status()
         self.log.info("%s", progress_line(status))
         try:
-            done = judge(status, self.plan_uri, stall_timeout=self.stall_timeout)
+            done = judge(
+                status,
+                self.plan_uri,
+                stall_timeout=self.stall_timeout,
+                max_attempts=ledger.plan.spec.max_shard_attempts,
+            )
         except JobFailed as exc:
             raise AirflowFailException(str(exc)) from exc
         return PokeReturnValue(is_done=done, xcom_value=compact(status, self.plan_uri) if done else None)
@@ -127,16 +134,21 @@ def progress_line(status: JobStatus) -> str:
     )
 
 
-def judge(status: JobStatus, plan_uri: str, *, stall_timeout: float | None = None) -> bool:
-    """True when every shard is committed, False to keep waiting; raises JobFailed when it cannot be."""
+def judge(
+    status: JobStatus, plan_uri: str, *, stall_timeout: float | None = None, max_attempts: int | None = None
+) -> bool:
+    """True when every shard is committed, False to keep waiting; raises JobFailed when it cannot be.
+
+    ``max_attempts`` (the plan's ``max_shard_attempts``) lets the message count a finished job's
+    tries right (see :func:`~airflow_antbatch.failure_report.shard_failures`).
+    """
     if status.succeeded:
         return True
     if status.failed and status.finished:
-        last_error = dict(status.failures)  # one line per shard: its last try's error
-        sample = "; ".join(f"{shard}: {error}" for shard, error in list(last_error.items())[:FAILURE_SAMPLE])
+        sample = failure_sample(shard_failures(status, max_attempts=max_attempts), FAILURE_SAMPLE)
         raise JobFailed(
             f"{status.failed} of {status.planned} shards failed for good ({status.committed} committed) in "
-            f"{plan_uri}; e.g. {sample}. Fix the cause, then rerun with force_rerun to start a fresh attempt"
+            f"{plan_uri}; {sample}. Fix the cause, then rerun with force_rerun to start a fresh attempt"
         )
     if stall_timeout is not None and not any(
         w.state == "running" and w.last_beat_age_s < stall_timeout for w in status.workers

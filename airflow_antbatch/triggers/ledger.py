@@ -71,8 +71,9 @@ class ShardLedgerTrigger(BaseTrigger):
         while True:
             status = await asyncio.to_thread(self._read_status)
             self.log.info("%s", progress_line(status))
+            max_attempts = None if self._ledger is None else self._ledger.plan.spec.max_shard_attempts
             try:
-                done = judge(status, self.plan_uri, stall_timeout=self.stall_timeout)
+                done = judge(status, self.plan_uri, stall_timeout=self.stall_timeout, max_attempts=max_attempts)
             except JobFailed as exc:
                 yield _event(FAILED, str(exc))
                 return

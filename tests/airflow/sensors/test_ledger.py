@@ -69,8 +69,10 @@ def test_succeeds_when_every_shard_is_committed_although_a_worker_died_holding_a
     ledger.heartbeat(dead, 1, state="running", stats={})
     for shard_id in rest:
         _commit(ledger, shard_id, alive)
+    ledger.heartbeat(alive, 1, state="running", stats={"shards_committed": len(rest)})  # status reads heartbeats
     assert not _sensor(ledger.plan_uri).poke(CTX).is_done
     _commit(ledger, first, alive)  # the other worker took the shard over
+    ledger.heartbeat(alive, 2, state="running", stats={"shards_committed": len(rest) + 1})
     assert _sensor(ledger.plan_uri).poke(CTX).is_done
 
 
@@ -87,7 +89,8 @@ def test_fails_fast_with_the_count_and_a_sample_when_shards_failed_for_good(ledg
         ledger.release(lease, reason="error", failed=True, error=f"ValueError: corrupt row (try {attempt})")
     with pytest.raises(AirflowFailException, match=r"1 of 3 shards failed for good \(2 committed\)") as info:
         sensor.poke(CTX)
-    assert f"{first}: ValueError: corrupt row (try 1)" in str(info.value)
+    assert f"shard {first} failed 2 tries: ValueError: corrupt row (try 1)" in str(info.value)
+    assert str(info.value).count(first) == 1  # each shard named once
 
 
 def test_with_a_stall_timeout_fails_when_work_is_left_and_no_worker_runs(ledger: Ledger) -> None:

@@ -80,7 +80,7 @@ def test_fails_fast_with_the_reason_when_shards_failed_for_good(ledger: Ledger) 
     assert time.monotonic() - started < 5  # the first read settles it; the deadline plays no part
     assert event.payload["status"] == "failed"
     assert "1 of 3 shards failed for good (2 committed)" in event.payload["message"]
-    assert f"{first}: ValueError: corrupt row (try 1)" in event.payload["message"]
+    assert f"shard {first} failed 2 tries: ValueError: corrupt row (try 1)" in event.payload["message"]
 
 
 def test_fails_fast_when_work_is_left_and_no_worker_runs(ledger: Ledger) -> None:
