@@ -96,3 +96,14 @@ bench-smallfiles-quick: $(STAMP) $(BENCH_STAMP)
 
 bench-smallfiles: $(STAMP) $(BENCH_STAMP)
 	$(PY) -m bench.smallfiles
+
+# Claiming at scale (issue 13, docs/scale.md): the real Claimer and Ledger for W = 1, 10, 100 and
+# 1,000 simulated workers on a virtual clock against an S3-like in-memory store. Only the project
+# venv is needed; docs/scale.png is drawn in bench/.venv-ray when that exists.
+.PHONY: bench-scale-quick bench-scale
+
+bench-scale-quick: $(STAMP)
+	$(PY) -m bench.scale --quick
+
+bench-scale: $(STAMP)
+	$(PY) -m bench.scale
