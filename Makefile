@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+AZURITE := tests/azurite/node_modules/.bin/azurite-blob
 
 .PHONY: venv demo test lint typecheck clean
 
@@ -20,8 +21,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m scripts.demo
 
-test: $(STAMP) lint typecheck
+test: $(STAMP) $(AZURITE) lint typecheck
 	$(PY) -m pytest
+
+# Azurite, the Azure Blob emulator the store tests start (tests/cloud_servers.py): npm, pinned by
+# tests/azurite/package-lock.json, into tests/azurite/node_modules (git-ignored). No install scripts.
+.PHONY: azurite
+
+azurite: $(AZURITE)
+
+$(AZURITE): tests/azurite/package.json tests/azurite/package-lock.json
+	npm ci --prefix tests/azurite --no-audit --no-fund --ignore-scripts --loglevel=error
+	touch $(AZURITE)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

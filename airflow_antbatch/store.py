@@ -6,18 +6,19 @@ uses its own truly atomic path (see docs/adr/0001-atomic-create.md):
 - local files: write a temp file, then ``os.link`` it to the final name (fails if the name
   exists, and readers never see a half-written file);
 - S3 (s3fs): ``PutObject`` with ``If-None-Match: *``;
+- GCS (gcsfs): an upload with ``ifGenerationMatch=0``;
+- Azure Blob (adlfs): ``Put Blob`` with ``If-None-Match: *``;
 - memory: a process-wide lock (the memory filesystem is process-local anyway).
 
-Any other protocol is refused with ``UnsupportedStoreError``.
+The cloud stores' code lives in ``store_backends``. Any other protocol is refused with
+``UnsupportedStoreError``, as is a cloud URL whose client (an extra) is not installed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import threading
-import time
 import uuid
 from collections import Counter
 from typing import Any
@@ -27,12 +28,18 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from airflow_antbatch.errors import StoreError, UnsupportedStoreError
+from airflow_antbatch.store_backends import (
+    S3_PROTOCOLS,
+    cloud_create,
+    cloud_kind,
+    cloud_read,
+    is_client_error,
+    missing_client_message,
+    version_of,
+)
 
 _MEMORY_LOCK = threading.Lock()
-_S3_PROTOCOLS = frozenset({"s3", "s3a"})
 LIST_PAGE = 1000  # names per listing page (S3 ListObjectsV2, GCS, Azure)
-# AWS answers 409 ConditionalRequestConflict while a competing conditional write is in flight.
-_CONFLICT_RETRIES = 5
 
 
 class AtomicStore:
@@ -43,7 +50,13 @@ class AtomicStore:
     """
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        try:
+            fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except ImportError:
+            message = missing_client_message(url)
+            if message is None:
+                raise
+            raise UnsupportedStoreError(message) from None
         self.fs: fsspec.AbstractFileSystem = fs
         self.url = url.rstrip("/")
         self.root = root.rstrip("/")
@@ -71,7 +84,7 @@ class AtomicStore:
                 return _local_create(path, data)
             if self.kind == "memory":
                 return _memory_create(self.fs, path, data)
-            return _s3_create(self.fs, path, data)
+            return cloud_create(self.kind, self.fs, path, data)
         except (StoreError, FileNotFoundError):
             raise
         except Exception as exc:
@@ -83,12 +96,9 @@ class AtomicStore:
         """The bytes at ``rel``, or None if nothing is there (one GET, never a listing)."""
         self._count("read")
         try:
-            if self.kind == "s3":
-                # One GET and nothing else: s3fs would first ask for the size (a HEAD), and
-                # fsspec answers that from its listing cache, as "not found" for a file written
-                # by another process since this one listed the folder (a commit, a claim).
-                return bytes(self.fs.cat_file(self.path(rel), max_concurrency=1))
-            return bytes(self.fs.cat_file(self.path(rel)))
+            if self.kind in ("local", "memory"):
+                return bytes(self.fs.cat_file(self.path(rel)))
+            return cloud_read(self.kind, self.fs, self.path(rel))
         except FileNotFoundError:
             return None
         except Exception as exc:
@@ -134,7 +144,7 @@ class AtomicStore:
         self._count("list", max(1, -(-len(infos) // LIST_PAGE)))
         prefix = base.rstrip("/") + "/"
         return {
-            name[len(prefix) :]: _version(info)
+            name[len(prefix) :]: version_of(info)
             for name, info in infos.items()
             if name.startswith(prefix)
             and info.get("type", "file") == "file"
@@ -148,34 +158,19 @@ class AtomicStore:
 
 
 def is_transport_error(exc: BaseException) -> bool:
-    """The store could not be reached or answered with an error: OSError, or one of the S3
-    client's own exceptions (botocore's and aiohttp's are not OSErrors). Only modules already
-    loaded are consulted: an error cannot come from a client that was never imported."""
-    if isinstance(exc, OSError):
-        return True
-    for module, name in (("botocore.exceptions", "BotoCoreError"), ("aiohttp", "ClientError")):
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and isinstance(exc, cls):
-            return True
-    return False
+    """The store could not be reached or answered with an error: OSError, or one of a cloud
+    client's own exceptions (botocore's, aiohttp's, gcsfs's, Azure's are not OSErrors). Only
+    modules already loaded are consulted: an error cannot come from a client never imported."""
+    return isinstance(exc, OSError) or is_client_error(exc)
 
 
 def with_connection_pool(url: str, options: dict[str, Any], concurrency: int) -> dict[str, Any]:
     """s3fs opens at most 10 connections unless told otherwise, which caps any concurrency at 10."""
-    if url.split("://", 1)[0] not in _S3_PROTOCOLS:
+    if url.split("://", 1)[0] not in S3_PROTOCOLS:
         return options
     config = dict(options.get("config_kwargs") or {})
     config.setdefault("max_pool_connections", concurrency)
     return {**options, "config_kwargs": config}
-
-
-def _version(info: dict[str, Any]) -> str:
-    """What changes when an object is rewritten: its ETag where the store has one, else mtime and size."""
-    tag = info.get("ETag") or info.get("etag")
-    if tag:
-        return str(tag)
-    when = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
-    return f"{when}:{info.get('size')}"
 
 
 def _backend_kind(fs: fsspec.AbstractFileSystem, url: str) -> str:
@@ -184,11 +179,12 @@ def _backend_kind(fs: fsspec.AbstractFileSystem, url: str) -> str:
     if isinstance(fs, MemoryFileSystem):
         return "memory"
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if protocols & _S3_PROTOCOLS:
-        return "s3"
+    kind = cloud_kind(protocols)
+    if kind is not None:
+        return kind
     raise UnsupportedStoreError(
         f"{url!r}: the {sorted(protocols)} filesystem has no atomic create-if-absent that "
-        "airflow-antbatch can rely on (supported: local files, s3://, memory://); "
+        "airflow-antbatch can rely on (supported: local files, s3://, gs://, az:// (abfs://), memory://); "
         "exactly-once output cannot be promised there"
     )
 
@@ -234,36 +230,3 @@ def _memory_create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> boo
             return False
         fs.pipe_file(path, data)
         return True
-
-
-def _s3_create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
-    for attempt in range(_CONFLICT_RETRIES):
-        try:
-            fs.pipe_file(path, data, mode="create")
-            return True
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            status, code = _s3_error_status(exc)
-            # Servers word a lost race differently (moto: FileExistsError; SeaweedFS:
-            # EINVAL carrying a 412): every 412 PreconditionFailed means "already exists".
-            if status == 412 or code == "PreconditionFailed":
-                return False
-            if status == 409 and attempt + 1 < _CONFLICT_RETRIES:
-                time.sleep(0.05 * (attempt + 1))
-                continue
-            raise
-    raise StoreError(f"create of {path} kept conflicting with concurrent writers")
-
-
-def _s3_error_status(exc: BaseException) -> tuple[int | None, str | None]:
-    """HTTP status and error code of the botocore error behind an s3fs exception, if any."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        response = getattr(cause, "response", None)
-        if isinstance(response, dict):
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            code = response.get("Error", {}).get("Code")
-            return status, code
-        cause = cause.__cause__
-    return None, None

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-pytest_plugins = ["tests.s3_servers"]
+pytest_plugins = ["tests.s3_servers", "tests.cloud_servers"]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 TABULAR = "airflow_antbatch.examples.tabular"

@@ -10,7 +10,8 @@ Use from a conftest with ``pytest_plugins = ["tests.s3_servers"]``. Fixtures:
 - ``seaweedfs_s3`` / ``moto_s3`` (session): the running server, an :class:`S3Server`;
 - ``seaweedfs_location`` / ``moto_location``: a fresh ``s3://bucket/<uuid>`` per test, with the
   AWS variables set through monkeypatch, as a :class:`StoreLocation`;
-- ``store_location``: parametrized over memory, local files, moto and SeaweedFS, for suites
+- ``store_location``: parametrized over memory, local files, moto, SeaweedFS, and the GCS and
+  Azure emulators of tests/cloud_servers.py, for suites
   that are written once and must hold on every backend.
 """
 
@@ -321,6 +322,9 @@ BACKENDS = [
     pytest.param("local", id="local"),
     pytest.param("moto", id="moto", marks=pytest.mark.slow),
     pytest.param("seaweedfs", id="seaweedfs", marks=pytest.mark.slow),
+    # Emulators of GCS (fake-gcs-server) and Azure Blob (Azurite): tests/cloud_servers.py.
+    pytest.param("gcs", id="gcs", marks=pytest.mark.slow),
+    pytest.param("azure", id="azure", marks=pytest.mark.slow),
 ]
 
 

@@ -75,8 +75,9 @@ class TestCreateIfAbsent:
         store.put("commits/.00002-c.json.tmp-1234", b"half")
         store.put("commits/.hidden/z.json", b"{}")
         assert store.list("commits") == ["00000-b.json", "00001-a.json", "sub/x.json"]
-        # One level only: sub-directories (or S3 common prefixes) appear by name, as finalize expects.
-        assert store.list("commits", recursive=False) == ["00000-b.json", "00001-a.json", "sub"]
+        # One level only: the files there (finalize's listing of output files); sub-directories
+        # (S3 common prefixes) have no version and are left out by list_versions.
+        assert store.list("commits", recursive=False) == ["00000-b.json", "00001-a.json"]
         assert store.list("nowhere") == []
 
     def test_list_sees_files_created_after_an_earlier_listing(self, store: AtomicStore) -> None:
