@@ -27,10 +27,8 @@ from airflow_antbatch.version_compat import TaskGroup, TriggerRule
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from airflow.sdk import Asset
-
     from airflow_antbatch.spec import ModelStage
-    from airflow_antbatch.version_compat import BaseOperator
+    from airflow_antbatch.version_compat import Asset, BaseOperator
 
 # "auto" merges when the median object is smaller than this: below it, first-byte latency
 # rather than bandwidth sets the read time on object stores.
@@ -83,7 +81,7 @@ def elastic_batch_inference(
     worker_retry_delay: dt.timedelta = dt.timedelta(seconds=10),
     poke_interval: float = 10.0,
     sensor_timeout: float = 24 * 3600.0,
-    deferrable_sensor: bool = True,
+    deferrable_sensor: bool | None = None,
     output_asset: Asset | bool = True,
     force_rerun: bool | str = False,
     worker_kwargs: Mapping[str, Any] | None = None,
@@ -101,11 +99,17 @@ def elastic_batch_inference(
 
     The sensor runs once every worker task has ended, whatever its state, and succeeds when
     every shard is committed: a failed worker task does not fail the job if others finished
-    its shards. The DAG run's state follows the sensor and finalize. With
-    ``deferrable_sensor`` (the default) it waits in the triggerer, not in a worker slot;
-    ``False`` pokes. Finalize emits ``output_asset``: by default the Asset of the output's static
-    root (see :func:`output_root_asset`), with the run's output URI and manifest in the event's
-    ``extra``; pass an ``Asset`` to name it yourself, or ``False`` for none.
+    its shards. The DAG run's state follows the sensor and finalize. ``deferrable_sensor=True``
+    waits in the triggerer, not in a worker slot; ``False`` pokes; the default, None, follows
+    the deployment's ``[operators] default_deferrable`` (False unless set), as the provider's
+    operators do. It used to default to True: pass ``deferrable_sensor=True`` to keep that.
+    Why the change: the sensor starts only once every worker task has ended, so its first
+    check nearly always settles the job and deferring buys little, while on a deployment with
+    no triggerer a deferred sensor would never resume.
+
+    Finalize emits ``output_asset``: by default the Asset of the output's static root (see
+    :func:`output_root_asset`), with the run's output URI and manifest in the event's ``extra``;
+    pass an ``Asset`` to name it yourself, or ``False`` for none.
 
     ``merge_small_files=True`` puts a :class:`SmallFileMergeOperator` first: the objects under
     ``input_uri`` are packed into Parquet packs at ``merge_output_uri`` (default

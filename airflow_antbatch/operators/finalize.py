@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import Asset
-
-from airflow_antbatch.version_compat import BaseOperator
+from airflow_antbatch.version_compat import Asset, BaseOperator
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

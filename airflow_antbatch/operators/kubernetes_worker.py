@@ -21,14 +21,17 @@ import hashlib
 import math
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.cncf.kubernetes.kubernetes_helper_functions import generic_api_retry
-from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-from airflow.providers.cncf.kubernetes.pod_generator import make_safe_label_value
-from airflow.providers.cncf.kubernetes.utils.pod_manager import PodNotFoundException
 from kubernetes.client import models as k8s  # type: ignore[import-untyped]
 from kubernetes.client.exceptions import ApiException  # type: ignore[import-untyped]
 from kubernetes.utils import parse_quantity  # type: ignore[import-untyped]
 
+from airflow_antbatch.operators.kpo_adapter import (
+    KubernetesPodOperator,
+    PodNotFoundException,
+    PodOperatorAdapter,
+    generic_api_retry,
+    make_safe_label_value,
+)
 from airflow_antbatch.operators.pod_termination import PodTermination, is_active, is_reusable, pod_termination
 from airflow_antbatch.operators.worker_exit import raise_for_exit
 from airflow_antbatch.plugins.links import AntBatchJobLink
@@ -53,7 +56,7 @@ ANNOTATION_PLAN_URI = "antbatch/plan-uri"
 _CREDENTIAL_NAME_PARTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "ACCESS_KEY", "API_KEY", "PRIVATE_KEY")
 
 
-class ElasticBatchInferenceOperator(KubernetesPodOperator):
+class ElasticBatchInferenceOperator(PodOperatorAdapter):
     """Runs one elastic worker in a pod until no shard is left for it; returns its summary.
 
     The summary is what the worker writes to ``/airflow/xcom/return.json`` (shards and rows
@@ -135,7 +138,7 @@ class ElasticBatchInferenceOperator(KubernetesPodOperator):
         self.labels = {**self.labels, **self.worker_labels()}
         self.annotations = {**self.annotations, ANNOTATION_PLAN_URI: self.plan_uri}
         if self.name is None:  # the worker id in the pod name, for kubectl get pods
-            self.name = self._set_name(f"{self.task_id}-{self.worker_id}")
+            self.name = self.safe_pod_name(f"{self.task_id}-{self.worker_id}")
         pod: k8s.V1Pod = super().build_pod_request_obj(context, dry_run=dry_run)
         return pod
 
@@ -179,7 +182,7 @@ class ElasticBatchInferenceOperator(KubernetesPodOperator):
         Here every earlier pod but the one to reattach to is labelled checked, and deleted if
         it still runs, before the provider looks.
         """
-        ti_labels = self._get_ti_pod_labels(context, include_try_number=False)
+        ti_labels = self.ti_pod_labels(context, include_try_number=False)
         selector = ",".join(f"{key}={value}" for key, value in sorted(ti_labels.items()))
         pods = self._list_pods(request.metadata.namespace, f"{selector},!airflow-worker")
         keep = self._pod_to_reattach(pods, request) if self.durable else None
@@ -240,7 +243,7 @@ class ElasticBatchInferenceOperator(KubernetesPodOperator):
         context: Context | None = None,
     ) -> None:
         """The provider's cleanup, on a fresh read of the pod, with why it ended in the summary and error."""
-        if self._killed or not remote_pod:
+        if self.killed or not remote_pod:
             super().cleanup(pod, remote_pod, xcom_result, context)
             return
         fresh = self._read_pod_or_none(remote_pod)

@@ -26,10 +26,6 @@ from collections import OrderedDict
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any
 
-from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
-from airflow.api_fastapi.common.db.common import SessionDep  # noqa: TC002  # FastAPI resolves it at run time
-from airflow.api_fastapi.core_api.security import requires_access_dag, requires_authenticated
-from airflow.models.xcom import XComModel
 from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse
 from sqlalchemy import select
@@ -40,6 +36,13 @@ from airflow_antbatch.layout import PLAN_URI_KEY
 from airflow_antbatch.planning import resolve_plan_uri
 from airflow_antbatch.plugins.links import PAGE_ROUTE
 from airflow_antbatch.progress import JobProgress
+from airflow_antbatch.version_compat import (  # the API server's names, imported on first use
+    DagAccessEntity,
+    SessionDep,  # noqa: TC001  # FastAPI resolves it at run time
+    XComModel,
+    requires_access_dag,
+    requires_authenticated,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -11,12 +11,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from urllib.parse import quote as url_quote
 
-from airflow.configuration import conf
-from airflow.sdk import BaseOperatorLink
+from airflow_antbatch.version_compat import BaseOperatorLink, conf
 
 if TYPE_CHECKING:
-    from airflow.sdk import BaseOperator
-    from airflow.sdk.types import TaskInstanceKey
+    from airflow_antbatch.version_compat import BaseOperator, TaskInstanceKey
 
 URL_PREFIX = "/antbatch"  # where the API server mounts the plugin's app
 PAGE_ROUTE = "/job"

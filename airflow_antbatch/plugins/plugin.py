@@ -7,10 +7,9 @@ info's ``plugins`` key (read when ``[core] lazy_discover_providers`` is off), or
 
 from __future__ import annotations
 
-from airflow.plugins_manager import AirflowPlugin
-
 from airflow_antbatch.plugins.app import create_app
 from airflow_antbatch.plugins.links import PAGE_ROUTE, URL_PREFIX, page_query
+from airflow_antbatch.version_compat import AirflowPlugin
 
 # The page for the job of the run or task instance the user is looking at.
 _HREF = f"{URL_PREFIX}{PAGE_ROUTE}?{page_query('{DAG_ID}', '{RUN_ID}', '{TASK_ID}', '{MAP_INDEX}', quote=False)}"

@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_antbatch.failure_report import failure_sample, shard_failures
 from airflow_antbatch.plugins.links import AntBatchJobLink
-from airflow_antbatch.version_compat import AirflowFailException, BaseSensorOperator, PokeReturnValue
+from airflow_antbatch.version_compat import (
+    AirflowFailException,
+    BaseSensorOperator,
+    PokeReturnValue,
+    default_deferrable,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -52,7 +57,9 @@ class ShardLedgerSensor(BaseSensorOperator):
         with none running, unfinished work is abandoned and the sensor fails. None waits for
         ``timeout`` instead. Set it only where the sensor starts after the worker tasks ended
         (as the task-group builder does), or a pod still pending looks abandoned.
-    :param deferrable: wait in the triggerer instead of poking (needs a running triggerer).
+    :param deferrable: wait in the triggerer instead of poking (needs a running triggerer);
+        default the deployment's ``[operators] default_deferrable`` (False unless set), as the
+        cncf-kubernetes operators do, so a deployment without a triggerer never hangs on it.
     """
 
     template_fields: Sequence[str] = ("plan_uri",)
@@ -65,14 +72,14 @@ class ShardLedgerSensor(BaseSensorOperator):
         plan_uri: str,
         storage_options: dict[str, Any] | None = None,
         stall_timeout: float | None = None,
-        deferrable: bool = False,
+        deferrable: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.plan_uri = plan_uri
         self.storage_options = storage_options
         self.stall_timeout = stall_timeout
-        self.deferrable = deferrable
+        self.deferrable = default_deferrable() if deferrable is None else deferrable
 
     def execute(self, context: Context) -> Any:
         if not self.deferrable:

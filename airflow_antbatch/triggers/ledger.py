@@ -12,9 +12,8 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
-
 from airflow_antbatch.sensors.ledger import JobFailed, compact, judge, progress_line
+from airflow_antbatch.version_compat import BaseTrigger, TriggerEvent
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

@@ -135,11 +135,17 @@ def test_parsing_the_example_dag_imports_neither_torch_nor_kubernetes() -> None:
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_the_sensor_defers_by_default_and_pokes_on_request() -> None:
+def test_the_sensor_follows_the_deployments_default_deferrable_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    tasks, _ = _build()
+    assert tasks["score.wait_for_shards"].deferrable is False  # [operators] default_deferrable's default
+    monkeypatch.setenv("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE", "True")
     tasks, _ = _build()
     assert tasks["score.wait_for_shards"].deferrable is True
     tasks, _ = _build(deferrable_sensor=False)
     assert tasks["score.wait_for_shards"].deferrable is False
+    monkeypatch.delenv("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE")
+    tasks, _ = _build(deferrable_sensor=True)
+    assert tasks["score.wait_for_shards"].deferrable is True
 
 
 def test_finalize_emits_the_output_root_asset_or_the_one_given() -> None:

@@ -203,3 +203,10 @@ def test_deferrable_through_dag_test_waits_in_the_trigger_for_the_last_shard(
         assert run.state == ti.state == "failed"
         # the trigger's reason, raised by execute_complete (Airflow's task log goes to stdout here)
         assert "AirflowFailException: 1 of 3 shards failed for good (2 committed)" in capsys.readouterr().out
+
+
+def test_deferrable_follows_the_deployments_default_unless_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _sensor("p").deferrable is False  # [operators] default_deferrable is False by default
+    monkeypatch.setenv("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE", "True")
+    assert _sensor("p").deferrable is True
+    assert _sensor("p", deferrable=False).deferrable is False
