@@ -128,8 +128,9 @@ def _soak(workers: int, shards: int) -> SoakResult:
         f"soak: {workers} workers x {shards} shards ({v.rows} rows) in {result.seconds:.0f}s: lost {v.lost}, "
         f"duplicated {v.duplicated}, exit codes {sorted(set(result.exit_codes))}; ledger requests "
         f"{result.requests} = {result.ledger_requests_per_shard:.2f} per shard (heartbeats aside; bar "
-        f"{MAX_REQUESTS_PER_SHARD:.0f}); claiming {result.claiming}; done.json {result.done_s:.1f}s and all workers "
-        f"out {result.tail_s:.1f}s after the last commit (lease TTL {result.lease_ttl_s:.0f}s)",
+        f"{MAX_REQUESTS_PER_SHARD:.0f}); claiming {result.claiming}; after the last commit: done.json in "
+        f"{result.done_s:.1f}s, every worker's final beat in {result.tail_s:.1f}s, every process out in "
+        f"{result.exit_s:.1f}s (lease TTL {result.lease_ttl_s:.0f}s)",
         flush=True,
     )
     if result.ok:

@@ -3,7 +3,8 @@
 It shows that exactly-once holds with many workers claiming side by side (each walks its slot's
 run of the plan, then steals halves of others' runs), what the ledger costs per shard then, from
 the request counts the workers' stores kept, and how long the job's end takes: from the last
-commit until every worker has seen ``done.json`` and exited.
+commit until ``done.json``, until every worker's final heartbeat (it saw ``done.json``), and
+until every process has exited.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ class SoakResult:
     requests: dict[str, int]  # summed over the workers' summaries, by kind
     claiming: dict[str, int]  # the workers' claim statistics, summed: claims, collisions, steals, ...
     seconds: float
-    done_s: float  # from the last commit until done.json was written (the protocol's part of the tail)
-    tail_s: float  # from the last commit until the last worker exited
+    done_s: float  # from the last commit until done.json was written
+    tail_s: float  # from the last commit until the last worker's final heartbeat (it saw done.json)
+    exit_s: float  # from the last commit until the last process exited (teardown on busy cores included)
     lease_ttl_s: float
 
     @property
@@ -102,9 +104,11 @@ def run_soak(
     for result in results:
         requests.update((result["summary"] or {}).get("requests", {}))
         claiming.update((result["summary"] or {}).get("claiming", {}))
-    state = Ledger.open(planned.plan_uri).store
-    last_commit = max(modified_times(state, layout.COMMITS_DIR).values(), default=ended)
-    done_at = modified_times(state, "", recursive=False).get(layout.DONE_FILE, ended)
+    ledger = Ledger.open(planned.plan_uri)
+    last_commit = max(modified_times(ledger.store, layout.COMMITS_DIR).values(), default=ended)
+    done_at = modified_times(ledger.store, "", recursive=False).get(layout.DONE_FILE, ended)
+    beats = [ledger.read_heartbeat(token) for token in ledger.worker_versions()]
+    last_beat = max((float(beat["time"]) for beat in beats if beat is not None), default=ended)
     return SoakResult(
         workers=workers,
         shards=shards,
@@ -114,6 +118,7 @@ def run_soak(
         claiming=dict(sorted(claiming.items())),
         seconds=seconds,
         done_s=done_at - last_commit,
-        tail_s=ended - last_commit,
+        tail_s=last_beat - last_commit,
+        exit_s=ended - last_commit,
         lease_ttl_s=lease_ttl_s,
     )

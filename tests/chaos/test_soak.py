@@ -5,7 +5,7 @@ runs them at 2,000 shards: every row committed exactly once (the chaos checker),
 MAX_REQUESTS_PER_SHARD ledger requests per shard (heartbeats aside; a listing counts one
 request per 1,000 names), and an end of job bounded by the idle workers' polls and the
 sweep's spacing (TTL/2), not by the worker count: done.json soon after the last commit, and
-every process out soon after that.
+every worker's final heartbeat soon after that.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ SHARDS = 400  # 25 per worker: a few steals each, and the fixed costs of 16 proc
 LEASE_TTL_S = 10.0
 POLL_S = LEASE_TTL_S / 4  # how often an idle worker looks at the job, at most (Worker.poll_interval_s)
 # The last worker marks itself idle; the sweeper sees that at its next poll (a sweep at most
-# every TTL/2) and writes done.json; every worker sees that at its next poll and exits, which
-# takes 16 processes on 2 busy cores seconds more (interpreter and torch teardown).
+# every TTL/2) and writes done.json; every worker sees that at its next poll and beats its last,
+# plus a few seconds for 16 processes to wind their pipelines down on 2 busy cores. (Their
+# interpreter teardown after that is reported, not bounded: it is the machine's, not the ledger's.)
 DONE_BOUND_S = POLL_S + LEASE_TTL_S / 2
-TAIL_BOUND_S = DONE_BOUND_S + POLL_S + 10.0
+TAIL_BOUND_S = DONE_BOUND_S + POLL_S + 5.0
 
 
 @pytest.mark.slow
