@@ -35,6 +35,7 @@ from airflow_antbatch.store_backends import (
     cloud_read,
     is_client_error,
     missing_client_message,
+    quiet_client_logs,
     version_of,
 )
 
@@ -61,6 +62,7 @@ class AtomicStore:
         self.url = url.rstrip("/")
         self.root = root.rstrip("/")
         self.kind = _backend_kind(fs, url)
+        quiet_client_logs(self.kind)
         self.counts: Counter[str] = Counter()
         self._count_lock = threading.Lock()
 

@@ -14,6 +14,7 @@ modules already loaded.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,16 @@ def cloud_kind(protocols: set[str]) -> str | None:
         if protocols & known:
             return kind
     return None
+
+
+def quiet_client_logs(kind: str) -> None:
+    """The Azure SDK logs every request and response at INFO (about 30 lines each), which the
+    worker's INFO logging would print for every claim and heartbeat: keep it to warnings, unless
+    the user configured that logger themselves."""
+    if kind == "azure":
+        http_log = logging.getLogger("azure.core.pipeline.policies.http_logging_policy")
+        if http_log.level == logging.NOTSET:
+            http_log.setLevel(logging.WARNING)
 
 
 def missing_client_message(url: str) -> str | None:

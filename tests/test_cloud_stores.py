@@ -40,7 +40,7 @@ RACERS = 24  # separate clients (own connections) racing for one key
 RACES = 2
 E2E_FILES = 2
 E2E_ROWS_PER_SHARD = 50
-E2E_SHARDS = 12
+E2E_SHARDS = 8
 
 
 @pytest.fixture(params=CLOUDS)
@@ -247,16 +247,16 @@ def test_gcs_and_azure_job_with_two_workers_commits_every_row_exactly_once(
 
 
 def _sigkill_schedule(store: str) -> Schedule:
-    """Two workers, 16 shards; one worker's pod is SIGKILLed mid-shard and restarted by its slot."""
+    """Two workers, 8 shards; one worker's pod is SIGKILLed mid-shard and restarted by its slot."""
     return Schedule(
         seed=-2,
         store=store,
         workers=2,
-        shards=16,
+        shards=8,  # a multiple of the harness's 4 input files
         rows_per_shard=20,
         batch_delay_s=0.1,
         lease_ttl_s=LEASE_TTL_S,
-        faults=(Fault(SIGKILL, 0.8, 0),),
+        faults=(Fault(SIGKILL, 0.3, 0),),
     )
 
 
