@@ -97,6 +97,7 @@ class WorkerStatus:
     rows_quarantined: int = 0
     # (epoch seconds at a bucket's start, rows this worker committed in it), by the worker's clock
     timeline: tuple[tuple[float, int], ...] = ()
+    beat: int = 0  # grows while the process lives: observers time its changes by their own clock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -586,6 +587,7 @@ def _worker_status(doc: dict[str, Any]) -> WorkerStatus:
         leases=tuple(doc.get("leases", ())),
         rows_quarantined=int(doc.get("rows_quarantined", 0)),
         timeline=tuple((float(t), int(n)) for t, n in doc.get("timeline", ())),
+        beat=int(doc["beat"]),
     )
 
 

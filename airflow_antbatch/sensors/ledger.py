@@ -4,17 +4,26 @@ The decision (:func:`judge`) and the progress line (:func:`progress_line`) are p
 of a :class:`~airflow_antbatch.ledger.JobStatus`, so that the deferrable trigger
 (:class:`~airflow_antbatch.triggers.ledger.ShardLedgerTrigger`) reuses them unchanged and the
 sensor only chooses between poking and deferring.
+
+Both read the ledger through a :class:`LedgerWatch`: it retries store errors with the workers'
+capped back-off (:func:`~airflow_antbatch.worker.backoff.retry_store`) for ``store_patience``
+seconds, so a store restart does not fail the wait, and it times heartbeat changes by the
+observer's own monotonic clock (:class:`BeatWatch`), so that "no worker is running" never
+compares clocks of different machines (docs/adr/0002-ledger-protocol.md).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from airflow_antbatch.errors import StoreError
 from airflow_antbatch.failure_report import failure_sample, shard_failures
 from airflow_antbatch.plugins.links import AntBatchJobLink
 from airflow_antbatch.version_compat import (
+    AirflowException,
     AirflowFailException,
     BaseSensorOperator,
     PokeReturnValue,
@@ -22,9 +31,9 @@ from airflow_antbatch.version_compat import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
-    from airflow_antbatch.ledger import JobStatus
+    from airflow_antbatch.ledger import JobStatus, Ledger, WorkerStatus
     from airflow_antbatch.version_compat import Context
 
 FAILURE_SAMPLE = 3
@@ -35,6 +44,97 @@ DEFERRAL_TIMEOUT_GRACE_S = 60.0
 
 class JobFailed(Exception):
     """The ledger says the job cannot succeed any more; the message says why."""
+
+
+class BeatWatch:
+    """When each worker's beat counter last moved, by this observer's monotonic clock.
+
+    A worker first seen counts as moving at that moment: a stall is only declared after this
+    observer itself watched a beat stand still for the stall timeout. The memory lives in this
+    object: the poking sensor keeps it across pokes of one try, the trigger across its polls;
+    a reschedule-mode poke or a restarted triggerer starts afresh (and so waits longer).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seen: dict[str, tuple[int, float]] = {}  # token -> (beat, when it was first seen)
+
+    def observe(self, workers: Iterable[WorkerStatus]) -> None:
+        now = self._clock()
+        for worker in workers:
+            seen = self._seen.get(worker.token)
+            if seen is None or seen[0] != worker.beat:
+                self._seen[worker.token] = (worker.beat, now)
+
+    def silent_for(self, token: str) -> float:
+        """Seconds since ``token``'s beat last moved (0 for a worker not seen yet)."""
+        seen = self._seen.get(token)
+        return 0.0 if seen is None else max(0.0, self._clock() - seen[1])
+
+
+def _store_errors(call: Callable[[], JobStatus]) -> Callable[[], JobStatus]:
+    """``call`` with transport errors raised as StoreError, which ``retry_store`` retries."""
+
+    def wrapped() -> JobStatus:
+        try:
+            return call()
+        except (ConnectionError, TimeoutError) as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+
+    return wrapped
+
+
+class LedgerWatch:
+    """Status reads for a waiting task: store errors retried, beats remembered, plan read once.
+
+    :param store_patience: seconds of store errors to ride out per read; None: as the
+        workers do, ``max(120 s, 4 lease TTLs)`` (120 s until the plan is read).
+    """
+
+    def __init__(
+        self,
+        plan_uri: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        store_patience: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.plan_uri = plan_uri
+        self.storage_options = storage_options
+        self.store_patience = store_patience
+        self.beats = BeatWatch(clock)
+        self.stop = threading.Event()  # set to give up retrying (the trigger's cleanup)
+        self._ledger: Ledger | None = None
+
+    @property
+    def patience_s(self) -> float:
+        if self.store_patience is not None:
+            return self.store_patience
+        return max(120.0, 4 * self._ledger.ttl_s) if self._ledger is not None else 120.0
+
+    @property
+    def max_attempts(self) -> int | None:
+        return None if self._ledger is None else self._ledger.plan.spec.max_shard_attempts
+
+    def read(self) -> JobStatus:
+        """One status (blocking I/O); store errors are retried, with a warning each, for ``patience_s``."""
+        from airflow_antbatch.worker.backoff import retry_store
+
+        status = retry_store(
+            _store_errors(self._read_once),
+            what=f"reading the ledger of {self.plan_uri}",
+            patience_s=self.patience_s,
+            stop=self.stop,
+        )
+        self.beats.observe(status.workers)
+        return status
+
+    def _read_once(self) -> JobStatus:
+        from airflow_antbatch.ledger import Ledger
+
+        if self._ledger is None:
+            self._ledger = Ledger.open(self.plan_uri, self.storage_options)
+        return self._ledger.status()
 
 
 class ShardLedgerSensor(BaseSensorOperator):
@@ -53,10 +153,18 @@ class ShardLedgerSensor(BaseSensorOperator):
 
     :param plan_uri: the plan written by the plan task (templated: usually its XCom).
     :param storage_options: fsspec options for the ledger's store (no credentials).
-    :param stall_timeout: a worker counts as running while its heartbeat is younger than this;
-        with none running, unfinished work is abandoned and the sensor fails. None waits for
-        ``timeout`` instead. Set it only where the sensor starts after the worker tasks ended
-        (as the task-group builder does), or a pod still pending looks abandoned.
+    :param stall_timeout: a worker counts as running while its heartbeat's beat counter moved
+        within this many seconds, as the sensor's own clock measures it; with none running,
+        unfinished work is abandoned and the sensor fails. None waits for ``timeout`` instead.
+        Set it only where the sensor starts after the worker tasks ended (as the task-group
+        builder does), or a pod still pending looks abandoned. A worker whose heartbeat says
+        it is running is judged silent only after the sensor watched its beat stand still for
+        ``stall_timeout``: in poke mode and deferred that memory lasts the whole wait; in
+        ``mode="reschedule"`` each poke starts afresh, so such a worker is never judged
+        stalled there (exited and absent workers still are) and ``timeout`` ends the wait.
+    :param store_patience: seconds of store errors (a store restart, a network blip) to ride
+        out per read, retrying with capped back-off and a warning each time; None: as the
+        workers, ``max(120 s, 4 lease TTLs)``.
     :param deferrable: wait in the triggerer instead of poking (needs a running triggerer);
         default the deployment's ``[operators] default_deferrable`` (False unless set), as the
         cncf-kubernetes operators do, so a deployment without a triggerer never hangs on it.
@@ -72,6 +180,7 @@ class ShardLedgerSensor(BaseSensorOperator):
         plan_uri: str,
         storage_options: dict[str, Any] | None = None,
         stall_timeout: float | None = None,
+        store_patience: float | None = None,
         deferrable: bool | None = None,
         **kwargs: Any,
     ) -> None:
@@ -79,6 +188,8 @@ class ShardLedgerSensor(BaseSensorOperator):
         self.plan_uri = plan_uri
         self.storage_options = storage_options
         self.stall_timeout = stall_timeout
+        self.store_patience = store_patience
+        self._watch: LedgerWatch | None = None  # one per task try: beats seen across pokes
         self.deferrable = default_deferrable() if deferrable is None else deferrable
 
     def execute(self, context: Context) -> Any:
@@ -95,6 +206,7 @@ class ShardLedgerSensor(BaseSensorOperator):
                 storage_options=self.storage_options,
                 poll_interval=self.poke_interval,
                 stall_timeout=self.stall_timeout,
+                store_patience=self.store_patience,
                 deadline=time.time() + self.timeout,
             ),
             method_name="execute_complete",
@@ -103,28 +215,32 @@ class ShardLedgerSensor(BaseSensorOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         """Resumes from the trigger's event: its compact status, or the failure it reported."""
-        from airflow_antbatch.triggers.ledger import SUCCESS
+        from airflow_antbatch.triggers.ledger import ERROR, SUCCESS
 
         if event.get("status") == SUCCESS:
             self.log.info("%s", event["message"])
             return dict(event["result"])
+        message = event.get("message") or f"unexpected ledger trigger event {event!r}"
+        if event.get("status") == ERROR:  # the wait broke (e.g. the store stayed down): a retry may do better
+            raise AirflowException(message)
         # failed or timeout: a retry of the sensor would not change what the ledger says
-        raise AirflowFailException(event.get("message") or f"unexpected ledger trigger event {event!r}")
+        raise AirflowFailException(message)
 
     def poke(self, context: Context) -> PokeReturnValue:
-        from airflow_antbatch.ledger import Ledger
-
         if not self.plan_uri or self.plan_uri == "None":
             raise AirflowFailException("no plan URI: the plan task did not push one (did it succeed?)")
-        ledger = Ledger.open(self.plan_uri, self.storage_options)
-        status = ledger.status()
+        if self._watch is None or self._watch.plan_uri != self.plan_uri:
+            self._watch = LedgerWatch(self.plan_uri, self.storage_options, store_patience=self.store_patience)
+        watch = self._watch
+        status = watch.read()
         self.log.info("%s", progress_line(status))
         try:
             done = judge(
                 status,
                 self.plan_uri,
                 stall_timeout=self.stall_timeout,
-                max_attempts=ledger.plan.spec.max_shard_attempts,
+                max_attempts=watch.max_attempts,
+                beats=watch.beats,
             )
         except JobFailed as exc:
             raise AirflowFailException(str(exc)) from exc
@@ -142,12 +258,19 @@ def progress_line(status: JobStatus) -> str:
 
 
 def judge(
-    status: JobStatus, plan_uri: str, *, stall_timeout: float | None = None, max_attempts: int | None = None
+    status: JobStatus,
+    plan_uri: str,
+    *,
+    stall_timeout: float | None = None,
+    max_attempts: int | None = None,
+    beats: BeatWatch | None = None,
 ) -> bool:
     """True when every shard is committed, False to keep waiting; raises JobFailed when it cannot be.
 
     ``max_attempts`` (the plan's ``max_shard_attempts``) lets the message count a finished job's
-    tries right (see :func:`~airflow_antbatch.failure_report.shard_failures`).
+    tries right (see :func:`~airflow_antbatch.failure_report.shard_failures`). ``beats``, which
+    has observed ``status``' workers, says how long each running worker's beat has stood still
+    by this observer's clock; without it, every running worker counts as live.
     """
     if status.succeeded:
         return True
@@ -157,12 +280,21 @@ def judge(
             f"{status.failed} of {status.planned} shards failed for good ({status.committed} committed) in "
             f"{plan_uri}; {sample}. Fix the cause, then rerun with force_rerun to start a fresh attempt"
         )
-    if stall_timeout is not None and not any(
-        w.state == "running" and w.last_beat_age_s < stall_timeout for w in status.workers
-    ):
+    if stall_timeout is None:
+        return False
+    if beats is None:
+        beats = BeatWatch()
+        beats.observe(status.workers)
+    running = [w for w in status.workers if w.state == "running"]
+    if not any(beats.silent_for(w.token) < stall_timeout for w in running):
         left = status.planned - status.committed - status.failed
-        last = min((w.last_beat_age_s for w in status.workers), default=None)
-        seen = "no worker has sent a heartbeat" if last is None else f"the last worker heartbeat was {last:.0f}s ago"
+        if not status.workers:
+            seen = "no worker has sent a heartbeat"
+        elif not running:
+            seen = "every worker has exited"
+        else:
+            quietest = min(beats.silent_for(w.token) for w in running)
+            seen = f"no running worker's heartbeat has moved for {quietest:.0f}s"
         raise JobFailed(
             f"{left} of {status.planned} shards are left but no worker is running ({seen}) in {plan_uri}; "
             "clear the worker tasks to continue (committed shards are kept)"

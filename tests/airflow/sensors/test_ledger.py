@@ -7,11 +7,12 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airflow_antbatch.errors import StoreError
 from airflow_antbatch.ledger import JobStatus, Lease, Ledger, WorkerIdentity, WorkerStatus
 from airflow_antbatch.operators.plan import PlanBatchInferenceOperator
-from airflow_antbatch.sensors.ledger import JobFailed, ShardLedgerSensor, judge, progress_line
+from airflow_antbatch.sensors.ledger import BeatWatch, JobFailed, ShardLedgerSensor, judge, progress_line
 from tests.airflow.conftest import TABULAR, FakeTaskInstance, FinishedJob
 from tests.airflow.test_dag_e2e import _load_dag
 
@@ -128,13 +129,88 @@ def test_progress_line() -> None:
     assert progress_line(_status(eta_s=None, rows_planned=None)).endswith("4000 rows, 250.0 rows/s, ETA -")
 
 
-def test_judge_counts_a_stale_heartbeat_as_no_worker() -> None:
-    stale = WorkerStatus("w--1", "w", "running", 0, 0, 0.0, last_beat_age_s=90.0, current_shard="s")
-    with pytest.raises(JobFailed, match="last worker heartbeat was 90s ago"):
-        judge(_status(workers=(stale,)), "plan", stall_timeout=60)
-    assert judge(_status(workers=(stale,)), "plan", stall_timeout=120) is False
+class _Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _worker(beat: int, state: str = "running", age: float = 0.0) -> WorkerStatus:
+    return WorkerStatus("w--1", "w", state, 0, 0, 0.0, last_beat_age_s=age, current_shard="s", beat=beat)
+
+
+def test_judge_times_a_stalled_beat_by_the_observers_clock_not_the_heartbeats_wall_clock() -> None:
+    clock = _Clock()
+    beats = BeatWatch(clock)
+    # a heartbeat "written 10 hours ago" by a worker with a skewed clock, whose beat moves: alive
+    for beat in (1, 2, 3):
+        status = _status(workers=(_worker(beat, age=36000.0),))
+        beats.observe(status.workers)
+        assert judge(status, "plan", stall_timeout=60, beats=beats) is False
+        clock.now += 50
+    # the beat stands still: alive until this observer has watched it for stall_timeout
+    status = _status(workers=(_worker(3, age=0.0),))
+    beats.observe(status.workers)
+    assert judge(status, "plan", stall_timeout=60, beats=beats) is False  # still for 50 s
+    clock.now += 10
+    with pytest.raises(JobFailed, match="no running worker's heartbeat has moved for 60s"):
+        judge(status, "plan", stall_timeout=60, beats=beats)
+    assert judge(status, "plan", stall_timeout=120, beats=beats) is False
+    # without a watch (one look), a running worker counts as live however old its heartbeat
+    assert judge(_status(workers=(_worker(3, age=9999.0),)), "plan", stall_timeout=60) is False
+
+
+def test_judge_needs_no_waiting_when_no_worker_runs() -> None:
     with pytest.raises(JobFailed, match="no worker has sent a heartbeat"):
         judge(_status(), "plan", stall_timeout=60)
+    with pytest.raises(JobFailed, match="every worker has exited"):
+        judge(_status(workers=(_worker(7, state="finished"),)), "plan", stall_timeout=60)
+
+
+def test_poke_rides_out_store_errors_and_logs_each_retry(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = WorkerIdentity("worker-0")
+    for shard_id in ledger.plan.shard_ids:
+        _commit(ledger, shard_id, worker)
+    real = Ledger.status
+    errors = iter([StoreError("s3 is restarting"), ConnectionError("connection refused")])
+
+    def flaky(self: Ledger) -> JobStatus:
+        error = next(errors, None)
+        if error is not None:
+            raise error
+        return real(self)
+
+    monkeypatch.setattr(Ledger, "status", flaky)
+    monkeypatch.setattr("airflow_antbatch.worker.backoff.FIRST_DELAY_S", 0.01)
+    caplog.set_level(logging.WARNING, logger="airflow_antbatch.worker.backoff")
+    assert _sensor(ledger.plan_uri).poke(CTX).is_done
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 2 and "s3 is restarting" in retries[0] and "connection refused" in retries[1]
+
+
+def test_poke_gives_up_after_the_store_patience(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    def down(self: Ledger) -> JobStatus:
+        raise StoreError("s3 is down")
+
+    monkeypatch.setattr(Ledger, "status", down)
+    monkeypatch.setattr("airflow_antbatch.worker.backoff.FIRST_DELAY_S", 0.05)
+    with pytest.raises(StoreError, match=r"s3 is down \(gave up after"):
+        _sensor(ledger.plan_uri, store_patience=0.2).poke(CTX)
+
+
+def test_execute_complete_raises_a_clear_error_from_each_event() -> None:
+    sensor = _sensor("p")
+    with pytest.raises(AirflowFailException, match="2 of 3 shards failed"):
+        sensor.execute_complete(CTX, {"status": "failed", "message": "2 of 3 shards failed for good"})
+    with pytest.raises(AirflowException, match="StoreError: s3 is down") as info:
+        sensor.execute_complete(CTX, {"status": "error", "message": "waiting failed: StoreError: s3 is down"})
+    assert not isinstance(info.value, AirflowFailException)  # the sensor's retries may get past it
 
 
 def test_refuses_a_missing_plan_uri() -> None:

@@ -15,6 +15,7 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 from airflow.triggers.base import BaseTrigger
 
+from airflow_antbatch.errors import StoreError
 from airflow_antbatch.get_provider_info import get_provider_info
 from airflow_antbatch.ledger import Lease, Ledger, WorkerIdentity
 from airflow_antbatch.sensors.ledger import ShardLedgerSensor
@@ -131,6 +132,7 @@ def test_serialize_is_plain_values_and_round_trips(ledger: Ledger) -> None:
         storage_options={"auto_mkdir": True},
         poll_interval=5.0,
         stall_timeout=30.0,
+        store_patience=300.0,
         deadline=1_800_000_000.0,
     )
     classpath, kwargs = trigger.serialize()
@@ -140,6 +142,7 @@ def test_serialize_is_plain_values_and_round_trips(ledger: Ledger) -> None:
         "storage_options": {"auto_mkdir": True},
         "poll_interval": 5.0,
         "stall_timeout": 30.0,
+        "store_patience": 300.0,
         "deadline": 1_800_000_000.0,
     }
     module, _, name = classpath.rpartition(".")
@@ -161,3 +164,43 @@ def test_execute_complete_turns_events_into_the_xcom_value_or_a_failure() -> Non
     for status in ("failed", "timeout"):
         with pytest.raises(AirflowFailException, match="^why it stopped$"):
             sensor.execute_complete(ctx, {"status": status, "message": "why it stopped"})
+
+
+def test_any_exception_in_run_ends_in_an_error_event_naming_it(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: Ledger) -> Any:
+        raise KeyError("format")
+
+    monkeypatch.setattr(Ledger, "status", broken)
+    event = asyncio.run(_first_event(_trigger(ledger)))
+    assert event.payload == {
+        "status": "error",
+        "message": f"waiting on the ledger of {ledger.plan_uri} failed: KeyError: 'format'",
+    }
+
+
+def test_store_errors_are_retried_then_an_outage_past_the_patience_is_an_error_event(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = Ledger.status
+    calls = {"n": 0}
+
+    def flaky(self: Ledger) -> Any:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise StoreError("connection refused")
+        return real(self)
+
+    monkeypatch.setattr(Ledger, "status", flaky)
+    monkeypatch.setattr("airflow_antbatch.worker.backoff.FIRST_DELAY_S", 0.01)
+    for shard_id in ledger.plan.shard_ids:
+        _commit(ledger, shard_id, WORKER)
+    assert asyncio.run(_first_event(_trigger(ledger))).payload["status"] == "success"
+    assert calls["n"] == 3
+
+    def down(self: Ledger) -> Any:
+        raise StoreError("connection refused")
+
+    monkeypatch.setattr(Ledger, "status", down)
+    event = asyncio.run(_first_event(_trigger(ledger, store_patience=0.1)))
+    assert event.payload["status"] == "error"
+    assert "StoreError: connection refused (gave up after" in event.payload["message"]
