@@ -40,6 +40,7 @@ from airflow_antbatch.store_backends import (
 )
 
 _MEMORY_LOCK = threading.Lock()
+_SUPPORTED = "supported: local files, s3://, gs://, az:// (abfs://), memory://"
 LIST_PAGE = 1000  # names per listing page (S3 ListObjectsV2, GCS, Azure)
 
 
@@ -53,11 +54,15 @@ class AtomicStore:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         try:
             fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        except ImportError:
-            message = missing_client_message(url)
-            if message is None:
-                raise
+        except ImportError as exc:
+            # A known cloud store whose extra is not installed, or any other fsspec protocol
+            # whose client is missing: one line, not a traceback from inside fsspec.
+            message = missing_client_message(url) or f"{url!r}: {exc} ({_SUPPORTED})"
             raise UnsupportedStoreError(message) from None
+        except ValueError as exc:
+            if not str(exc).startswith("Protocol not known"):
+                raise
+            raise UnsupportedStoreError(f"{url!r}: {exc} ({_SUPPORTED})") from None
         self.fs: fsspec.AbstractFileSystem = fs
         self.url = url.rstrip("/")
         self.root = root.rstrip("/")
@@ -186,8 +191,7 @@ def _backend_kind(fs: fsspec.AbstractFileSystem, url: str) -> str:
         return kind
     raise UnsupportedStoreError(
         f"{url!r}: the {sorted(protocols)} filesystem has no atomic create-if-absent that "
-        "airflow-antbatch can rely on (supported: local files, s3://, gs://, az:// (abfs://), memory://); "
-        "exactly-once output cannot be promised there"
+        f"airflow-antbatch can rely on ({_SUPPORTED}); exactly-once output cannot be promised there"
     )
 
 

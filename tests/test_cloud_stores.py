@@ -190,6 +190,18 @@ def test_gcs_and_azure_urls_without_their_client_name_the_extra_in_one_line(
     assert err.count("\n") == 0 and f"airflow-antbatch[{extra}]" in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("url", ["nosuch://bucket/ledger", "oci://bucket/ledger"])
+def test_unknown_schemes_and_other_missing_clients_are_one_line_too(
+    capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    with pytest.raises(UnsupportedStoreError, match="supported: local files, s3://, gs://") as info:
+        AtomicStore(url)
+    assert url in str(info.value) and "\n" not in str(info.value)
+    assert cli_main(["status", f"{url}/plan.json"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "supported:" in err and "Traceback" not in err, err
+
+
 # -- whole jobs ---------------------------------------------------------------------------------
 
 
