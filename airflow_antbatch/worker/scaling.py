@@ -4,7 +4,7 @@ The worker watches where time goes. When the first model stage waits for input w
 preprocess process is busy, preprocessing is the bottleneck and gets one more process; when
 the processes idle, one goes. Torch threads per CPU model stage take the cores that
 preprocessing leaves, because OpenMP threads that outnumber free cores run many times slower
-(../shared/PERF_NOTES.md), while a light hook should leave the model every core.
+(docs/operations.md, "Performance notes"), while a light hook should leave the model every core.
 """
 
 from __future__ import annotations
