@@ -69,12 +69,13 @@ def finalize_job(plan_uri: str, storage_options: dict[str, Any] | None = None) -
         ],
     }
     previous = read_manifest(plan.spec.output_uri, storage_options)
-    if previous is not None and all(previous.get(k) == v for k, v in manifest.items()):
-        return previous  # a rerun of a finished job: nothing to rewrite
-    manifest["finalized_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    output.put(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+    if previous is None or any(previous.get(k) != v for k, v in manifest.items()):
+        manifest["finalized_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        output.put(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+        previous = manifest
+    # Also on a rerun of a finished job: a zombie may have written its try's file since.
     remove_losing_tries(output, plan.attempt, list(records.values()), present)
-    return manifest
+    return previous
 
 
 def remove_losing_tries(output: AtomicStore, attempt: int, records: list[CommitRecord], present: set[str]) -> None:

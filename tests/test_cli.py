@@ -290,6 +290,7 @@ def test_a_bad_stage_value_is_named_with_its_place_in_the_chain(
 class _Summary:
     outcome = "finished"
     failed_for_good: tuple[str, ...] = ()
+    stopped_job: str | None = None
 
     def to_dict(self) -> dict[str, str]:
         return {"outcome": self.outcome}

@@ -184,7 +184,14 @@ class Worker:
                     self._changed.wait(self.poll_interval_s)  # a try in flight may still fail
                 continue
             with self._changed:
+                duplicate = lease.shard_id in self._in_flight
                 self._in_flight.add(lease.shard_id)
+            if duplicate:  # never expected: the pipeline keys its work by shard, so give it back
+                log.error(
+                    "%s: a second try of shard %s while one is in flight", self.identity.worker_id, lease.shard_id
+                )
+                self._release_quietly(lease, "a second try while one was in flight")
+                continue
             yield lease, self.plan.shard(self.plan.index_of(lease.shard_id))
 
     def _wait(self, seconds: float) -> None:

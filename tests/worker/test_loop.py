@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import threading
 
@@ -10,6 +11,7 @@ import pyarrow.parquet as pq
 
 from airflow_antbatch.examples import tabular
 from airflow_antbatch.ledger import Ledger, WorkerIdentity
+from airflow_antbatch.planning import plan_job
 from airflow_antbatch.worker.job_code import JobCode
 from airflow_antbatch.worker.loop import MAX_LEASES, Worker
 
@@ -60,8 +62,11 @@ def test_stop_releases_the_shard_in_hand_for_others(plan_uri: str) -> None:
 
 
 def test_failing_shards_fail_for_good_after_max_attempts(plan_uri: str) -> None:
+    """With same_error_limit out of reach, every shard gets its max_shard_attempts tries."""
     from tests.slow_model import build_failing_model
 
+    spec = dataclasses.replace(Ledger.open(plan_uri).plan.spec, same_error_limit=100)
+    plan_uri = plan_job(dataclasses.replace(spec, output_uri=spec.output_uri + "-patient", state_uri=None)).plan_uri
     code = JobCode.in_process(build_failing_model(), preprocess=tabular.preprocess)
     summary = _worker(plan_uri, "w0", code).run()
     assert summary.outcome == "finished"
