@@ -12,6 +12,7 @@ Under the state root (default ``<output>/_antbatch``), per job attempt::
     attempt-NNN/claims/<hh>/<shard>/<epoch>.json     a lease on one try (create-if-absent)
     attempt-NNN/releases/<hh>/<shard>/<epoch>.json   that try was given back
     attempt-NNN/commits/<hh>/<shard>.json            the shard's winning file (create-if-absent)
+    attempt-NNN/steals/<hh>/<token>/<end>.json       a run of <token>'s up to <end> was split
 
 ``<hh>`` is a hash of the shard id: sequential shard numbers would put every claim and commit
 of a moment under one key prefix, the worst case for S3's prefix partitioning (3,500 PUT/s and
@@ -34,6 +35,7 @@ IDLE_DIR = "idle"
 CLAIMS_DIR = "claims"
 RELEASES_DIR = "releases"
 COMMITS_DIR = "commits"
+STEALS_DIR = "steals"
 QUARANTINE_DIR = "_quarantine"
 PREFIX_CHARS = 2  # 256 key prefixes per record kind
 
@@ -74,6 +76,10 @@ def release_key(shard_id: str, epoch: int) -> str:
 
 def commit_key(shard_id: str) -> str:
     return f"{COMMITS_DIR}/{key_prefix(shard_id)}/{shard_id}.json"
+
+
+def steal_key(victim_token: str, end: int) -> str:
+    return f"{STEALS_DIR}/{key_prefix(victim_token)}/{victim_token}/{end:012d}.json"
 
 
 def heartbeat_key(token: str) -> str:

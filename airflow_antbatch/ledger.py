@@ -291,6 +291,22 @@ class Ledger:
         self._liveness.judged_gone.add(token)
         return True
 
+    def split_run(self, victim_token: str, end: int, split: int, identity: WorkerIdentity) -> int | None:
+        """Take ``[split, end)`` of ``victim_token``'s run: None if this call did, else the split
+        point of the thief that took that run's end first (the run now ends there for everyone).
+
+        The victim learns of it only when its own claim at the split point fails; the record is
+        what keeps thieves reading the same heartbeat from splitting the same run twice.
+        """
+        rel = layout.steal_key(victim_token, end)
+        record = _encode("steal", {"victim": victim_token, "end": end, "split": split, "thief": identity.token})
+        if self.store.create(rel, record):
+            return None
+        data = self.store.read(rel)
+        if data is None:
+            raise LedgerCorruptError(f"steal record {self.store.uri(rel)} vanished: something deletes ledger files")
+        return int(_decode("steal", data, self.store.uri(rel), ("split",))["split"])
+
     def mark_idle(self, identity: WorkerIdentity) -> None:
         """Say that this process has nothing left to claim (it still watches and beats)."""
         self.store.create(layout.idle_key(identity.token), b"")

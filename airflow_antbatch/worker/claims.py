@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 STEAL_TRIES = 4  # steals in a row whose first claim collides before the worker waits a poll
 VICTIMS_READ = 2  # heartbeats read per steal: at the tail most runs are too short to split
 MIN_STEAL = 2  # a run with fewer positions left is not worth splitting
+MAX_SPLIT_HOPS = 8  # steal records followed down one run before trying another victim
+IDLE_POLLS = 4  # an idle worker's wait grows to this many poll intervals
 MAX_SLOT_PROBES = 8  # other slots' first runs a worker tries, for workers that started late or never
 
 
@@ -121,7 +123,8 @@ class Claimer:
         self._later: deque[str] = deque()  # this worker's own failed tries: tried once its run is out
         self._held: set[str] = set()
         self._handled: set[str] = set()  # tokens whose run and leases were taken over (or hold none)
-        self._stolen_from: dict[str, int] = {}  # token -> the beat whose run this worker split
+        self._read_victims: dict[str, str] = {}  # token -> heartbeat version last read to steal
+        self._splits: dict[tuple[str, int], int] = {}  # (victim, run end) -> where a thief split it
         self._idle = False
         self._token = identity.token
         self._roster: _Roster | None = None
@@ -155,7 +158,9 @@ class Claimer:
                 return lease
             if self._has_work() or self._watch():
                 continue
-            delay, self._delay = self._delay, min(self._poll, self._delay * 2)
+            # Idle, the wait grows to IDLE_POLLS poll intervals: at a thousand workers, polls
+            # through a long straggler would cost more than the claims.
+            delay, self._delay = self._delay, min(IDLE_POLLS * self._poll, self._delay * 2)
             wait(delay)
         return None
 
@@ -238,8 +243,10 @@ class Claimer:
                 else self.ledger.try_claim(shard_id, self.identity, investigate=False, own_slot=not self._stolen)
             )
             with self._lock:
-                # In a stolen run, a committed shard means another thief got there first too.
-                if outcome is ShardState.LEASED or (outcome is ShardState.COMMITTED and self._stolen):
+                # A committed shard ends a run too, unless this worker has claimed nothing yet
+                # (a rerun): then a listing of commits lets it skip every committed shard.
+                resuming = outcome is ShardState.COMMITTED and not self._stolen and self.stats.claims == 0
+                if outcome is ShardState.LEASED or (outcome is ShardState.COMMITTED and not resuming):
                     self.stats.collisions += 1
                     self._end = position  # another worker's from here on
                     return None
@@ -251,7 +258,7 @@ class Claimer:
             else:
                 self.stats.skipped += 1
                 if self._committed is None:
-                    self._learn_committed()
+                    self._learn_committed()  # only reached while resuming
 
     def _learn_committed(self) -> None:
         """Its own run holds committed shards (a rerun, or a worker that found this slot before
@@ -266,9 +273,10 @@ class Claimer:
     def _steal(self) -> bool:
         """Take the back half of a random busy worker's run, or all of an exited worker's."""
         roster = self._current_roster()
-        for token in self._rng.sample(roster.busy, min(VICTIMS_READ, len(roster.busy))):
-            if token in self._handled:
-                continue
+        # A heartbeat read once is read again only when the listing shows it changed.
+        fresh = [t for t in roster.busy if t not in self._handled and self._read_victims.get(t) != roster.versions[t]]
+        for token in self._rng.sample(fresh, min(VICTIMS_READ, len(fresh))):
+            self._read_victims[token] = roster.versions[token]
             heartbeat = self.ledger.read_heartbeat(token)
             if heartbeat is None:
                 continue
@@ -276,18 +284,27 @@ class Claimer:
                 if self._take_over(token, heartbeat):
                     return True
                 continue
-            if self._stolen_from.get(token) == heartbeat["beat"]:
-                continue  # the run it shows is the one already split: wait for a newer beat
-            self._stolen_from[token] = heartbeat["beat"]
             start, end = heartbeat.get("run") or (0, 0)
-            if end - start >= MIN_STEAL:
-                # Split near the middle, at random, so that thieves reading the same beat take
-                # different parts and one's collision comes after work rather than at once.
-                split = start + max(1, round((end - start) * self._rng.uniform(0.35, 0.65)))
+            if self._split(token, start, end):
+                return True
+        return False
+
+    def _split(self, token: str, start: int, end: int) -> bool:
+        """Take the back half of ``token``'s run ``[start, end)``, following the steal records
+        of thieves that split it first (each moves the run's end to their split point)."""
+        for _ in range(MAX_SPLIT_HOPS):
+            while (token, end) in self._splits:  # steal records never change: follow known ones free
+                end = self._splits[(token, end)]
+            if end - start < MIN_STEAL:
+                return False
+            split = start + max(1, (end - start + 1) // 2)
+            taken = self.ledger.split_run(token, end, split, self.identity)
+            if taken is None:
                 with self._lock:
                     self._cursor, self._end, self._stolen = split, end, True
                 self.stats.steals += 1
                 return True
+            self._splits[(token, end)] = taken
         return False
 
     def _probe_slot(self) -> bool:

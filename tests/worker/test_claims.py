@@ -157,6 +157,20 @@ def test_a_thief_takes_the_back_part_of_a_busy_run() -> None:
     assert thief.claimer.stats.steals == 1 and thief.claimer.stats.collisions == 1
 
 
+def test_thieves_reading_the_same_beat_take_different_parts_through_the_steal_records() -> None:
+    sim = Sim.create(shards=80)
+    victim = sim.worker("victim", slot=(0, 1))
+    victim.step()  # claims position 0
+    victim.beat()  # publishes run [1, 80)
+    first, second = sim.worker("t1", slot=(0, 1)), sim.worker("t2", slot=(0, 1))
+    first.step()
+    second.step()  # reads the same beat; the first thief's steal record moves the run's end
+    assert first.lease is not None and second.lease is not None
+    positions = sorted(sim.plan.shard_ids.index(w.lease.shard_id) for w in (first, second))
+    assert positions == [21, 41]  # [1, 80) split at 41, then [1, 41) at 21
+    assert first.claimer.stats.collisions == second.claimer.stats.collisions == 1  # each at position 0
+
+
 def test_a_dead_workers_leases_and_run_are_taken_over_after_a_ttl() -> None:
     sim = Sim.create(shards=10)
     dead = sim.worker("dead", slot=(0, 2))
