@@ -353,15 +353,20 @@ def main(argv: list[str] | None = None) -> int:
     shards = args.shards or (20_000 if args.quick else 100_000)
     cfg = Config(workers=tuple(int(w) for w in args.workers.split(",")), shards=shards, seed=args.seed)
     command = "python -m bench.scale" + (" --quick" if args.quick else "")
-    started = time.time()
-    runs = run_scale(cfg)
     from bench.run import git_state
 
+    started = time.time()
+    load_before = os.getloadavg()
+    git = git_state()  # before the runs: the code they import is the code of this moment
+    runs = run_scale(cfg)
     report = {
         "command": command,
         "finished_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "wall_s": round(time.time() - started, 1),
-        "git": git_state(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_before": [round(x, 1) for x in load_before],
+        "load_avg_after": [round(x, 1) for x in os.getloadavg()],
+        "git": git,
         "config": _config_dict(cfg),
         "runs": runs,
     }

@@ -29,6 +29,7 @@ KINDS = ("create", "read", "put", "list", "delete")
 # Measured with real worker processes on the old protocol (issue 13; 16 is the chaos soak, 2,000 shards).
 MEASURED_BEFORE = {4: 10.8, 16: 35.5, 24: 48.8}
 NIGHT_SHARDS, NIGHT_WORKERS = 1_000_000, 1000
+S3_PUT_PER_S, S3_GET_PER_S = 3500, 5500
 
 
 def before(workers: int) -> int:
@@ -73,8 +74,8 @@ def table(report: dict[str, Any]) -> list[str]:
             f"| {r['workers']:,} | {r['shards']:,} | **{r['ledger_requests_per_shard']:.2f}** "
             + " ".join(f"| {k.get(kind, 0):.2f}" for kind in KINDS)
             + f" | {r['heartbeats_per_shard']:.2f} | {r['data_puts_per_shard']:.2f} "
-            f"| {r['peak_put_per_s_per_prefix']:,} (`{r['peak_put_prefix']}`) "
-            f"| {r['peak_get_per_s_per_prefix']:,} (`{r['peak_get_prefix']}`) "
+            f"| {r['peak_put_per_s_per_prefix']:,} (`{r['peak_put_prefix']}` at {r['peak_put_at_s']} s) "
+            f"| {r['peak_get_per_s_per_prefix']:,} (`{r['peak_get_prefix']}` at {r['peak_get_at_s']} s) "
             f"| {r['usd_per_million_shards']:.2f} | {_hms(r['makespan_s'])} | {_hms(r['ideal_s'])} "
             f"| **{r['makespan_over_ideal']:.3f}** | {r['real_s']:.0f} s |"
         )
@@ -82,17 +83,20 @@ def table(report: dict[str, Any]) -> list[str]:
 
 
 def _detail(report: dict[str, Any]) -> list[str]:
-    """Where the requests go and what the tries did, per run."""
+    """Where the requests go and what the tries and the claimers did, per run."""
     out = [
-        "| W | requests / shard by kind and folder | tries (leases) | commits refused | fenced | wasted work "
-        "| shards not committed exactly once | $ ledger / heartbeats / data per M shards |",
-        "|---:|---|---:|---:|---:|---:|---:|---|",
+        "| W | requests / shard by kind and folder (those of at least 0.005) | claimers' steals / collisions / "
+        "shards skipped, per shard | tries (leases) | commits refused | fenced | wasted work "
+        "| shards not committed exactly once | $ ledger / heartbeats / output per M shards |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["runs"]:
-        folders = ", ".join(f"{name} {v:.3g}" for name, v in r["requests_by_folder_per_shard"].items())
+        folders = ", ".join(f"{name} {v:.3g}" for name, v in r["requests_by_folder_per_shard"].items() if v >= 0.005)
+        c, n = r.get("claimer_stats", {}), r["shards"]
+        claimers = " / ".join(f"{c.get(k, 0) / n:.2f}" for k in ("steals", "collisions", "skipped"))
         usd = r["usd_per_million_shards_by_part"]
         out.append(
-            f"| {r['workers']:,} | {folders} | {r['leases']:,} | {r['commits_refused']} | {r['fenced']} "
+            f"| {r['workers']:,} | {folders} | {claimers} | {r['leases']:,} | {r['commits_refused']} | {r['fenced']} "
             f"| {_hms(r['wasted_work_s'])} | {r['shards_not_committed_once']} "
             f"| {usd['ledger']:.2f} / {usd['heartbeats']:.2f} / {usd['data_puts']:.2f} |"
         )
@@ -117,50 +121,83 @@ def _comparison(reports: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def night(report: dict[str, Any]) -> dict[str, Any] | None:
-    """A 1M-shard, 1,000-worker job, scaled from the run with W = 1,000: requests and dollars
-    per shard times a million; the makespan as the ideal (mean drawn work x 1M / 1,000) plus the
-    run's measured excess over its ideal (the tail: the last stragglers, the end of the job),
-    which does not grow with the shard count, and, more pessimistically, the ideal times the
-    run's ratio."""
-    run = next((r for r in report["runs"] if r["workers"] == NIGHT_WORKERS), None)
-    if run is None:
+def _at(reports: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
+    """The runs with ``workers`` workers, one per shard count, fewest shards first."""
+    runs = {r["shards"]: r for report in reports for r in report["runs"] if r["workers"] == workers}
+    return [runs[s] for s in sorted(runs)]
+
+
+def _scaled(runs: list[dict[str, Any]], total: Any, shards: int) -> float:
+    """``total(run)`` at ``shards`` shards: linear through the two largest runs (a cost per shard
+    plus a fixed part, e.g. the end of the job, which grows with W but not with S), or, with one
+    run, proportional to its shard count (an upper bound when the fixed part dominates)."""
+    if len(runs) == 1:
+        return float(total(runs[0])) * shards / runs[0]["shards"]
+    small, big = runs[-2], runs[-1]
+    per_shard = (total(big) - total(small)) / (big["shards"] - small["shards"])
+    return float(total(big) + per_shard * (shards - big["shards"]))
+
+
+def night(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A 1M-shard, 1,000-worker job from the runs with W = 1,000: requests and dollars fitted as
+    a cost per shard plus a fixed part when two shard counts were run (else scaled per shard);
+    the makespan as the ideal (mean drawn work x 1M / 1,000) plus the largest run's measured
+    excess over its ideal (the tail: the last stragglers, the end of the job)."""
+    runs = _at(reports, NIGHT_WORKERS)
+    if not runs:
         return None
-    per_shard_work = run["total_work_s"] / run["shards"]
-    ideal = per_shard_work * NIGHT_SHARDS / NIGHT_WORKERS
+    big = runs[-1]
+    ideal = big["total_work_s"] / big["shards"] * NIGHT_SHARDS / NIGHT_WORKERS
+
+    def requests(kind: str) -> float:
+        key = {"ledger": "ledger_requests_per_shard", "beats": "heartbeats_per_shard", "data": "data_puts_per_shard"}
+        return _scaled(runs, lambda r: r[key[kind]] * r["shards"], NIGHT_SHARDS)
+
+    def usd(part: str | None) -> float:
+        if part is None:
+            return _scaled(runs, lambda r: r["usd_per_million_shards"] * r["shards"] / 1e6, NIGHT_SHARDS)
+        return _scaled(runs, lambda r: r["usd_per_million_shards_by_part"][part] * r["shards"] / 1e6, NIGHT_SHARDS)
+
     return {
-        "from_shards": run["shards"],
-        "ledger_requests": run["ledger_requests_per_shard"] * NIGHT_SHARDS,
-        "heartbeats": run["heartbeats_per_shard"] * NIGHT_SHARDS,
-        "data_puts": run["data_puts_per_shard"] * NIGHT_SHARDS,
-        "usd": run["usd_per_million_shards"] * NIGHT_SHARDS / 1e6,
-        "usd_parts": run["usd_per_million_shards_by_part"],
+        "from": [r["shards"] for r in runs[-2:]],
+        "ledger_requests": requests("ledger"),
+        "heartbeats": requests("beats"),
+        "data_puts": requests("data"),
+        "usd": usd(None),
+        "usd_parts": {part: usd(part) for part in ("ledger", "heartbeats", "data_puts")},
         "ideal_s": ideal,
-        "makespan_s": ideal + (run["makespan_s"] - run["ideal_s"]),
-        "makespan_ratio_s": ideal * run["makespan_over_ideal"],
-        "peak_put": run["peak_put_per_s_per_prefix"],
-        "peak_get": run["peak_get_per_s_per_prefix"],
+        "makespan_s": ideal + (big["makespan_s"] - big["ideal_s"]),
+        "peak_put": max(r["peak_put_per_s_per_prefix"] for r in runs),
+        "peak_get": max(r["peak_get_per_s_per_prefix"] for r in runs),
     }
 
 
-def _night_lines(report: dict[str, Any], source: str) -> list[str]:
-    n = night(report)
+def _night_lines(reports: list[dict[str, Any]]) -> list[str]:
+    n = night(reports)
     if n is None:
-        return [f"(`{source}` has no run with W = {NIGHT_WORKERS:,}.)"]
+        return [f"(No result file has a run with W = {NIGHT_WORKERS:,}.)"]
     parts = n["usd_parts"]
+    fit = (
+        f"fitted through the W = {NIGHT_WORKERS:,} runs over {n['from'][0]:,} and {n['from'][1]:,} shards as a "
+        "cost per shard plus a fixed part (what the end of the job costs, which grows with W, not with the "
+        "shard count)"
+        if len(n["from"]) == 2
+        else f"scaled per shard from the W = {NIGHT_WORKERS:,} run over {n['from'][0]:,} shards (an upper bound: "
+        "what the end of the job costs does not grow with the shard count)"
+    )
+    put_share, get_share = n["peak_put"] / S3_PUT_PER_S, n["peak_get"] / S3_GET_PER_S
     return [
-        f"Scaled from the W = {NIGHT_WORKERS:,} run of `{source}` ({n['from_shards']:,} shards):",
+        f"Requests and dollars {fit}; the time is the ideal plus the largest run's measured excess over its ideal.",
         "",
         f"- **Requests**: {n['ledger_requests'] / 1e6:.2f} M ledger requests, {n['heartbeats'] / 1e6:.2f} M "
         f"heartbeat PUTs, {n['data_puts'] / 1e6:.2f} M output PUTs.",
         f"- **Store bill**: **${n['usd']:.2f}** (ledger ${parts['ledger']:.2f}, heartbeats "
-        f"${parts['heartbeats']:.2f}, output PUTs ${parts['data_puts']:.2f}; S3 Standard request prices, "
-        "storage and transfer not included).",
-        f"- **Time**: ideal {_hms(n['ideal_s'])} (the drawn work over 1,000 workers); expected "
-        f"**{_hms(n['makespan_s'])}** (ideal plus the run's measured tail, which does not grow with the "
-        f"shard count), at worst {_hms(n['makespan_ratio_s'])} (ideal times the run's ratio).",
-        f"- **Rates**: at most {n['peak_put']:,} PUT/s and {n['peak_get']:,} GET/s in any one prefix (rates grow "
-        "with W, not with the shard count): far under S3's 3,500 and 5,500.",
+        f"${parts['heartbeats']:.2f}, output PUTs ${parts['data_puts']:.2f}; S3 Standard request prices; storage "
+        "and transfer not included).",
+        f"- **Time**: ideal {_hms(n['ideal_s'])} (the drawn work over 1,000 workers), expected "
+        f"**{_hms(n['makespan_s'])}**.",
+        f"- **Rates**: at most {n['peak_put']:,} PUT/s ({put_share:.0%} of S3's 3,500) and {n['peak_get']:,} GET/s "
+        f"({get_share:.0%} of 5,500) in any one prefix; per-prefix rates grow with W, not with the shard count.",
     ]
 
 
@@ -176,6 +213,10 @@ def _config(report: dict[str, Any]) -> str:
         f"GET {lat['get_s'] * 1000:g} ms, LIST page {lat['list_page_s'] * 1000:g} ms, DELETE "
         f"{lat['delete_s'] * 1000:g} ms (lognormal sigma {lat['sigma']:g})."
     )
+
+
+def _load(report: dict[str, Any], key: str) -> str:
+    return " / ".join(f"{x:.1f}" for x in report.get(key, [])) or "?"
 
 
 def _others(source: str) -> list[tuple[str, dict[str, Any]]]:
@@ -196,7 +237,9 @@ def _file_section(report: dict[str, Any], source: str) -> list[str]:
         f"### `{source}`",
         "",
         f"`{report['command']}`, finished {report['finished_at']} in {report['wall_s']:.0f} s real, antbatch at "
-        f"commit `{git['commit']}`{changed}. {_config(report)}"
+        f"commit `{git['commit']}`{changed}, on {report.get('cpu_count', '?')} CPUs shared with other work (load "
+        f"average {_load(report, 'load_avg_before')} before, {_load(report, 'load_avg_after')} after: real times "
+        f"are noisy, virtual times and counts are not). {_config(report)}"
         + (f" {off} requests came from threads off the virtual clock (no latency charged)." if off else ""),
         "",
         *table(report),
@@ -223,7 +266,7 @@ def markdown(report: dict[str, Any], source: str, png_note: str) -> str:
         "",
         "### What a 1M-shard, 1,000-worker night costs and takes",
         "",
-        *_night_lines(report, source),
+        *_night_lines(reports),
         "",
         *_file_section(report, source),
     ]
@@ -253,7 +296,8 @@ def plot(reports: list[dict[str, Any]], path: str = PNG) -> None:
     )
     for report, marker in zip(reports, "ovD^", strict=False):
         runs = sorted(report["runs"], key=lambda r: r["workers"])
-        label = f"after: {runs[0]['shards']:,} shards, simulated ({report['command'].split()[-1]})"
+        profile = "quick" if "--quick" in report["command"] else "full"
+        label = f"after: {runs[0]['shards']:,} shards, simulated ({profile})"
         ax.plot([r["workers"] for r in runs], [r["ledger_requests_per_shard"] for r in runs], f"-{marker}", label=label)
         for r in runs:
             ax.annotate(

@@ -10,13 +10,14 @@ contract: ``create`` is atomic create-if-absent, ``read`` gives None for a missi
 default) relative to it, sorted, and ``counts`` tallies requests by kind, a listing as one
 request per page of ``LIST_PAGE`` names.
 
-**Latency** (virtual seconds; each request applies its effect when it is sent and returns
-after the latency, so others see it first): medians of 30 ms for a PUT (create, put,
-heartbeat), 15 ms for a GET, 25 ms per LIST page (pages are sequential) and 20 ms for a
-DELETE, each times a lognormal factor (sigma 0.3, so 90% fall within 0.6x-1.6x the median).
-These are typical same-region S3 medians for small objects: AWS puts small-request medians
-"in the range of tens of milliseconds" (Best Practices Design Patterns: Optimizing Amazon S3
-Performance, "Timeouts and Retries for Latency-Sensitive Applications").
+**Latency** (virtual seconds): medians of 30 ms for a PUT (create, put, heartbeat, output
+data), 15 ms for a GET, 25 ms per LIST page and 20 ms for a DELETE, each times a lognormal
+factor (sigma 0.3, so 90% fall within 0.6x-1.6x the median). A request takes effect when it is
+sent and returns after its latency, so others may see it first; a listing's pages are asked for
+one after another, as a client follows continuation tokens. These are typical same-region S3
+medians for small objects: AWS puts small-request medians "in the range of tens of
+milliseconds" (Best Practices Design Patterns: Optimizing Amazon S3 Performance, "Timeouts and
+Retries for Latency-Sensitive Applications").
 
 **Rates.** S3 serves 3,500 PUT/COPY/POST/DELETE and 5,500 GET/HEAD requests per second per
 partitioned prefix. Requests are tallied per virtual second and per prefix: the key up to and
@@ -214,19 +215,21 @@ class SimStore(AtomicStore):
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def _request(self, kind: str, rel: str, *, pages: int = 1) -> None:
-        """Count one request (``pages`` for a listing), then wait out its latency."""
-        now = self.clock.now()
+        """Count one request and wait out its latency; a listing's pages one after another, as a
+        client follows continuation tokens (so each page counts in the second it is asked for)."""
         cls = "put" if kind in PUT_KINDS else "get"
         prefix = listing_prefix(rel) if kind == "list" else prefix_of(rel)
-        with self._count_lock:
-            self.counts[kind] += pages
-            self.meter.add(now, cls, prefix, pages)
-            self.by_folder[(kind, rel.split("/", 1)[0])] += pages
-        delay = sum(self._draw(kind) for _ in range(pages))
-        if not self.clock.is_simulated():
+        folder = rel.split("/", 1)[0]
+        simulated = self.clock.is_simulated()
+        if not simulated:
             self.off_clock += 1
-            return
-        self.clock.sleep(delay)
+        for _ in range(pages):
+            with self._count_lock:
+                self.counts[kind] += 1
+                self.meter.add(self.clock.now(), cls, prefix)
+                self.by_folder[(kind, folder)] += 1
+            if simulated:
+                self.clock.sleep(self._draw(kind))
 
     def _stored(self, rel: str, data: bytes) -> _File:
         """A new version of ``rel``, entered in the listings kept for its folders."""
