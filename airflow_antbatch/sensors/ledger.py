@@ -129,6 +129,12 @@ class LedgerWatch:
         self.beats.observe(status.workers)
         return status
 
+    def judge(self, status: JobStatus, stall_timeout: float | None) -> bool:
+        """:func:`judge` with what this watch knows: the plan's max attempts and the beats it saw."""
+        return judge(
+            status, self.plan_uri, stall_timeout=stall_timeout, max_attempts=self.max_attempts, beats=self.beats
+        )
+
     def _read_once(self) -> JobStatus:
         from airflow_antbatch.ledger import Ledger
 
@@ -235,13 +241,7 @@ class ShardLedgerSensor(BaseSensorOperator):
         status = watch.read()
         self.log.info("%s", progress_line(status))
         try:
-            done = judge(
-                status,
-                self.plan_uri,
-                stall_timeout=self.stall_timeout,
-                max_attempts=watch.max_attempts,
-                beats=watch.beats,
-            )
+            done = watch.judge(status, self.stall_timeout)
         except JobFailed as exc:
             raise AirflowFailException(str(exc)) from exc
         return PokeReturnValue(is_done=done, xcom_value=compact(status, self.plan_uri) if done else None)

@@ -19,7 +19,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from airflow_antbatch.sensors.ledger import JobFailed, LedgerWatch, compact, judge, progress_line
+from airflow_antbatch.sensors.ledger import JobFailed, LedgerWatch, compact, progress_line
 from airflow_antbatch.version_compat import BaseTrigger, TriggerEvent
 
 if TYPE_CHECKING:
@@ -90,13 +90,7 @@ class ShardLedgerTrigger(BaseTrigger):
             status = await asyncio.to_thread(watch.read)
             self.log.info("%s", progress_line(status))
             try:
-                done = judge(
-                    status,
-                    self.plan_uri,
-                    stall_timeout=self.stall_timeout,
-                    max_attempts=watch.max_attempts,
-                    beats=watch.beats,
-                )
+                done = watch.judge(status, self.stall_timeout)
             except JobFailed as exc:
                 return _event(FAILED, str(exc))
             if done:
