@@ -22,8 +22,8 @@ Retries for Latency-Sensitive Applications").
 **Rates.** S3 serves 3,500 PUT/COPY/POST/DELETE and 5,500 GET/HEAD requests per second per
 partitioned prefix. Requests are tallied per virtual second and per prefix: the key up to and
 including the hash folder that ``airflow_antbatch.layout`` puts after ``claims/``,
-``releases/`` and ``commits/``, other keys by their first folder (a top-level file by its
-name). A listing counts its pages against the folder it lists, in the GET class.
+``releases/``, ``commits/`` and ``steals/``, other keys by their first folder (a top-level file
+by its name). A listing counts its pages against the folder it lists, in the GET class.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ import uuid
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from airflow_antbatch import layout
 from airflow_antbatch.store import AtomicStore
 
 if TYPE_CHECKING:
     from bench.simclock import SimClock
 
 LIST_PAGE = 1000
-HASHED_DIRS = frozenset({"claims", "releases", "commits"})
 PUT_KINDS = frozenset({"create", "put", "heartbeat", "data", "delete"})  # S3's 3,500/s class
 GET_KINDS = frozenset({"read", "list"})  # S3's 5,500/s class (LIST is a GET on the bucket)
 S3_PUT_PER_S = 3500
@@ -69,10 +69,15 @@ class Latency:
         return self.delete_s
 
 
+def _is_hash(part: str) -> bool:
+    """Whether a folder name is one of ``layout.key_prefix``'s hash folders."""
+    return len(part) == layout.PREFIX_CHARS and all(c in "0123456789abcdef" for c in part)
+
+
 def prefix_of(rel: str) -> str:
     """The S3 prefix a key counts against: ``claims/<hh>/``, ``workers/``, ``done.json``."""
     parts = rel.strip("/").split("/")
-    if parts[0] in HASHED_DIRS and len(parts) >= 3:
+    if len(parts) >= 3 and _is_hash(parts[1]):
         return f"{parts[0]}/{parts[1]}/"
     return f"{parts[0]}/" if len(parts) >= 2 else parts[0]
 
@@ -82,7 +87,7 @@ def listing_prefix(rel: str) -> str:
     parts = [p for p in rel.strip("/").split("/") if p]
     if not parts:
         return "/"
-    if parts[0] in HASHED_DIRS and len(parts) >= 2:
+    if len(parts) >= 2 and _is_hash(parts[1]):
         return f"{parts[0]}/{parts[1]}/"
     return f"{parts[0]}/"
 

@@ -109,6 +109,7 @@ def test_store_listings_stay_current_after_writes_and_deletes() -> None:
 def test_prefixes_follow_the_layout_hash_folders() -> None:
     assert prefix_of("claims/3f/00012-deadbeef/0001.json") == "claims/3f/"
     assert prefix_of("commits/3f/00012-deadbeef.json") == "commits/3f/"
+    assert prefix_of("steals/a0/worker-1--abc/000000000012.json") == "steals/a0/"
     assert prefix_of("workers/w--1.json") == "workers/"
     assert prefix_of("done.json") == "done.json"
     assert listing_prefix("commits") == "commits/"
