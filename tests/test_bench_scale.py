@@ -5,6 +5,7 @@ counts what it should, and a tiny run of the real claiming code reports finite f
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 
@@ -42,8 +43,6 @@ def test_clock_reports_a_thread_that_raises_and_one_that_blocks_outside_sleep() 
         sim.run()
 
     stuck = SimClock()
-    import threading
-
     never = threading.Event()
     stuck.spawn(lambda: never.wait(5))
     with pytest.raises(SimStallError, match="no simulated thread moved"):
