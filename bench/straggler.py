@@ -28,6 +28,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from airflow_antbatch import layout
 from bench.data import write_numeric
 from bench.workloads import SLEEP_PER_ROW_S
 
@@ -107,13 +108,13 @@ def _phase(work: str, name: str, plans: list[str]) -> list[dict[str, str]]:
 
 
 def _last_commit(output: str) -> float:
-    markers = glob.glob(os.path.join(output, "_antbatch", "attempt-*", "commits", "*.json"))
+    markers = glob.glob(os.path.join(output, layout.STATE_DIR, "attempt-*", layout.COMMITS_DIR, "*", "*.json"))
     return max(os.path.getmtime(m) for m in markers)
 
 
 def _commits_by_worker(output: str) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for marker in glob.glob(os.path.join(output, "_antbatch", "attempt-*", "commits", "*.json")):
+    for marker in glob.glob(os.path.join(output, layout.STATE_DIR, "attempt-*", layout.COMMITS_DIR, "*", "*.json")):
         with open(marker) as handle:
             worker = json.load(handle)["token"].split("--")[0]
         counts[worker] = counts.get(worker, 0) + 1
