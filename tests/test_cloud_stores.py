@@ -13,7 +13,6 @@ import json
 import pathlib
 import subprocess
 import sys
-import threading
 import urllib.parse
 from collections import Counter
 
@@ -34,6 +33,7 @@ from tests.chaos.schedule import LEASE_TTL_S, SIGKILL, Fault, Schedule
 from tests.cloud_servers import Emulator, port_is_loopback_only
 from tests.conftest import REPO_ROOT, TABULAR, write_transactions
 from tests.s3_servers import StoreLocation
+from tests.test_store import race_creates
 
 CLOUDS = [pytest.param("gcs", id="gcs"), pytest.param("azure", id="azure")]
 RACERS = 24  # separate clients (own connections) racing for one key
@@ -62,26 +62,8 @@ def _fresh(location: StoreLocation) -> AtomicStore:
 def test_gcs_and_azure_creates_from_24_clients_have_one_winner(cloud: StoreLocation, race: int) -> None:
     stores = [_fresh(cloud) for _ in range(RACERS)]
     key = f"commits/race-{race}.json"
-    start = threading.Barrier(RACERS)
-    results: dict[int, bool] = {}
-    errors: list[BaseException] = []
-
-    def racer(i: int) -> None:
-        try:
-            start.wait(timeout=30)
-            results[i] = stores[i].create(key, f"writer {i}".encode())
-        except BaseException as exc:  # surfaced below with the other results
-            errors.append(exc)
-
-    threads = [threading.Thread(target=racer, args=(i,)) for i in range(RACERS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not errors, errors
-    winners = [i for i, won in results.items() if won]
-    assert len(results) == RACERS and len(winners) == 1, results
-    assert stores[0].read(key) == f"writer {winners[0]}".encode()
+    winner = race_creates(stores, key)
+    assert stores[0].read(key) == f"writer {winner}".encode()
     assert sum(s.counts["create"] for s in stores) == RACERS  # one request each: no retries counted
 
 

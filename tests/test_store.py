@@ -22,6 +22,30 @@ RACERS = 8
 RACES = 4
 
 
+def race_creates(stores: list[AtomicStore], key: str) -> int:
+    """Each store creates ``key`` at once from its own thread; the one winner's index."""
+    start = threading.Barrier(len(stores))
+    results: dict[int, bool] = {}
+    errors: list[BaseException] = []
+
+    def racer(i: int) -> None:
+        try:
+            start.wait(timeout=30)
+            results[i] = stores[i].create(key, f"writer {i}".encode())
+        except BaseException as exc:  # surfaced below with the other results
+            errors.append(exc)
+
+    threads = [threading.Thread(target=racer, args=(i,)) for i in range(len(stores))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    winners = [i for i, won in results.items() if won]
+    assert len(results) == len(stores) and len(winners) == 1, results
+    return winners[0]
+
+
 @pytest.fixture
 def store(store_location: StoreLocation) -> AtomicStore:
     return AtomicStore(store_location.url, store_location.storage_options)
@@ -108,27 +132,9 @@ class TestCreateIfAbsent:
     @pytest.mark.parametrize("race", range(RACES))
     def test_concurrent_creates_have_exactly_one_winner(self, store: AtomicStore, race: int) -> None:
         key = f"commits/race-{race}.json"
-        start = threading.Barrier(RACERS)
-        results: dict[int, bool] = {}
-        errors: list[BaseException] = []
-
-        def racer(i: int) -> None:
-            try:
-                start.wait(timeout=30)
-                results[i] = store.create(key, f"writer {i}".encode())
-            except BaseException as exc:  # surfaced below with the other results
-                errors.append(exc)
-
-        threads = [threading.Thread(target=racer, args=(i,)) for i in range(RACERS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        assert not errors, errors
-        winners = [i for i, won in results.items() if won]
-        assert len(results) == RACERS and len(winners) == 1, results
+        winner = race_creates([store] * RACERS, key)
         # The loser's bytes never replace the winner's.
-        assert store.read(key) == f"writer {winners[0]}".encode()
+        assert store.read(key) == f"writer {winner}".encode()
 
 
 class TestLocalFiles:
