@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_antbatch import layout
 from airflow_antbatch.ledger import Ledger, WorkerIdentity
+from airflow_antbatch.worker.claims import Claimer
 from bench.simclock import SimClock
 from bench.simstore import GET_KINDS, S3_GET_PER_S, S3_PUT_PER_S, Latency, SimStore
 
@@ -50,8 +51,6 @@ LEDGER_KINDS = ("create", "read", "put", "list", "delete")
 USD_PER_PUT = 0.005 / 1000
 USD_PER_GET = 0.0004 / 1000
 ROWS_PER_SHARD = 1000
-# What the claiming code is; the scratch stand-in used before it existed replaces this.
-CLAIMER: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,14 +81,6 @@ class Config:
     post_commit_beat: bool = True  # worker.loop beats after each commit
     work: Work = dataclasses.field(default_factory=Work)
     latency: Latency = dataclasses.field(default_factory=Latency)
-
-
-def claimer_class() -> Any:
-    if CLAIMER is not None:
-        return CLAIMER
-    from airflow_antbatch.worker.claims import Claimer
-
-    return Claimer
 
 
 def make_plan(shards: int, lease_ttl_s: float) -> JobPlan:
@@ -147,7 +138,7 @@ class _Worker:
         self.run = run
         self.ledger = Ledger(run.state, run.plan, clock=run.sim.now)
         self.identity = WorkerIdentity(f"worker-{index}", incarnation=f"{run.cfg.seed:04x}{index:08x}")
-        self.claimer = claimer_class()(
+        self.claimer = Claimer(
             self.ledger,
             self.identity,
             slot=(index, run.workers),

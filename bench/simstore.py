@@ -37,12 +37,11 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from airflow_antbatch import layout
-from airflow_antbatch.store import AtomicStore
+from airflow_antbatch.store import LIST_PAGE, AtomicStore
 
 if TYPE_CHECKING:
     from bench.simclock import SimClock
 
-LIST_PAGE = 1000
 PUT_KINDS = frozenset({"create", "put", "heartbeat", "data", "delete"})  # S3's 3,500/s class
 GET_KINDS = frozenset({"read", "list"})  # S3's 5,500/s class (LIST is a GET on the bucket)
 S3_PUT_PER_S = 3500
