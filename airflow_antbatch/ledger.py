@@ -40,6 +40,7 @@ _WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # Heartbeat states after which the process holds nothing and will not write again.
 EXITED_STATES = frozenset({"finished", "preempted", "failed"})
 _READ_THREADS = 32  # records read side by side (finalize, status): one GET each on an object store
+_HEARTBEAT_FIELDS = ("token", "worker_id", "beat", "state", "time")  # what every heartbeat holds
 _RECENT_FAILURES = 20  # failed tries a heartbeat carries, newest last
 
 
@@ -263,7 +264,7 @@ class Ledger:
         """``token``'s heartbeat as it is now: one GET."""
         rel = layout.heartbeat_key(token)
         data = self.store.read(rel)
-        return None if data is None else _decode("heartbeat", data, self.store.uri(rel), ("beat", "state"))
+        return None if data is None else _decode("heartbeat", data, self.store.uri(rel), _HEARTBEAT_FIELDS)
 
     def _recent_heartbeat(self, token: str) -> dict[str, Any] | None:
         """A recent read of ``token``'s heartbeat: at most one GET per owner per TTL/4."""
@@ -547,16 +548,10 @@ class Ledger:
         """Every heartbeat, re-read only where its version moved since the last status."""
         versions = self.worker_versions()
         stale = [t for t, v in versions.items() if self._status_beats.get(t, ("", {}))[0] != v]
-        for token, doc in zip(stale, self._read_all(self._status_heartbeat, stale), strict=True):
+        for token, doc in zip(stale, self._read_all(self.read_heartbeat, stale), strict=True):
             if doc is not None:
                 self._status_beats[token] = (versions[token], doc)
         return [self._status_beats[t][1] for t in sorted(versions) if t in self._status_beats]
-
-    def _status_heartbeat(self, token: str) -> dict[str, Any] | None:
-        rel = layout.heartbeat_key(token)
-        data = self.store.read(rel)
-        required = ("token", "worker_id", "beat", "state", "time")
-        return None if data is None else _decode("heartbeat", data, self.store.uri(rel), required)
 
     def _summarise(
         self,
