@@ -116,7 +116,7 @@ class Claimer:
         self._stolen = False  # the run is the back half of another's: others may be in it too
         self._committed: npt.NDArray[np.bool_] | None = None  # by position, once listed
         self._poll = poll_interval_s
-        self._delay = poll_interval_s / 8  # the next idle wait: doubles up to the poll interval
+        self._delay = poll_interval_s / 8  # the next idle wait: doubles up to IDLE_POLLS intervals
         self._rng = rng or random.Random(identity.token)
         self._stop = stop or threading.Event()
         self._retry: deque[str] = deque()  # taken-over leases and sweep leftovers: tried first
@@ -317,8 +317,9 @@ class Claimer:
         if len({token.rsplit("--", 1)[0] for token in self._current_roster().versions}) >= count:
             return False  # every slot has a worker: their runs are stolen, not probed
         self._probes_left -= 1
-        start, end = first_run(self._n, "", (self._rng.randrange(count), count))
-        if end <= start or index * self._n // count == start:
+        other = self._rng.randrange(count)
+        start, end = first_run(self._n, "", (other, count))
+        if other == index or end <= start:
             return False
         with self._lock:
             self._cursor, self._end, self._stolen = start, end, True
