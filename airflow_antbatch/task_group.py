@@ -37,7 +37,7 @@ SMALL_OBJECT_BYTES = 2**20
 # launcher name -> "module:OperatorClass"
 LAUNCHERS: dict[str, str] = {
     "local": "airflow_antbatch.operators.local_worker:LocalBatchWorkerOperator",
-    "kubernetes": "airflow_antbatch.operators.kubernetes_worker:ElasticBatchInferenceOperator",
+    "kubernetes": "airflow_antbatch.operators.kubernetes_worker:KubernetesBatchWorkerOperator",
 }
 
 

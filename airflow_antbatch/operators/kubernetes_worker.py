@@ -56,7 +56,7 @@ ANNOTATION_PLAN_URI = "antbatch/plan-uri"
 _CREDENTIAL_NAME_PARTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "ACCESS_KEY", "API_KEY", "PRIVATE_KEY")
 
 
-class ElasticBatchInferenceOperator(PodOperatorAdapter):
+class KubernetesBatchWorkerOperator(PodOperatorAdapter):
     """Runs one elastic worker in a pod until no shard is left for it; returns its summary.
 
     The summary is what the worker writes to ``/airflow/xcom/return.json`` (shards and rows

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, cast
 import pytest
 
 from airflow_antbatch.operators.kpo_adapter import CONTRACT, KubernetesPodOperator, PodOperatorAdapter
-from airflow_antbatch.operators.kubernetes_worker import ElasticBatchInferenceOperator
+from airflow_antbatch.operators.kubernetes_worker import KubernetesBatchWorkerOperator
 
 if TYPE_CHECKING:
     from airflow_antbatch.version_compat import Context
@@ -44,7 +44,7 @@ def test_the_installed_provider_is_within_the_tested_major() -> None:
 
 
 def test_the_adapter_wraps_the_private_members() -> None:
-    op = ElasticBatchInferenceOperator(
+    op = KubernetesBatchWorkerOperator(
         task_id="work", image="img", namespace="ns", plan_uri="s3://b/plan.arrow", worker_id="worker-0"
     )
     assert isinstance(op, PodOperatorAdapter)

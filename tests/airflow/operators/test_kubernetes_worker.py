@@ -1,4 +1,4 @@
-"""ElasticBatchInferenceOperator: its pods, checked against the Kubernetes 1.33 schema, and its retries.
+"""KubernetesBatchWorkerOperator: its pods, checked against the Kubernetes 1.33 schema, and its retries.
 
 Pods come from the operator's own dry-run path (no cluster, no kubeconfig) and are validated
 with kubernetes-validate in strict mode (unknown fields are errors) for a CPU and a GPU setup.
@@ -25,7 +25,7 @@ from airflow_antbatch.cli import build_parser
 from airflow_antbatch.operators.kubernetes_worker import (
     LABEL_PLAN,
     LABEL_WORKER,
-    ElasticBatchInferenceOperator,
+    KubernetesBatchWorkerOperator,
     cpu_budget_of,
     plan_label,
 )
@@ -94,8 +94,8 @@ GPU = {
 }
 
 
-def _worker(**kwargs: Any) -> ElasticBatchInferenceOperator:
-    return ElasticBatchInferenceOperator(
+def _worker(**kwargs: Any) -> KubernetesBatchWorkerOperator:
+    return KubernetesBatchWorkerOperator(
         task_id="batch_inference.worker",
         plan_uri=PLAN_URI,
         worker_id="worker-3",
@@ -181,7 +181,7 @@ def test_credentials_reach_the_pod_only_by_secret_reference(setup: dict[str, Any
 )
 def test_credentials_written_into_the_pod_spec_are_refused(kwargs: dict[str, Any], named: str) -> None:
     with pytest.raises(ValueError, match=re.escape(f"credentials {named} would be written into the pod spec")):
-        ElasticBatchInferenceOperator(task_id="worker", plan_uri=PLAN_URI, worker_id="worker-0", **kwargs)
+        KubernetesBatchWorkerOperator(task_id="worker", plan_uri=PLAN_URI, worker_id="worker-0", **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -219,9 +219,9 @@ def test_the_readme_example_builds_a_valid_gpu_worker_pod() -> None:
     namespace: dict[str, Any] = {}
     exec(compile(code.group(1), "README.md", "exec"), namespace)
     mapped = namespace["nightly_scoring_on_kubernetes"]().get_task("batch_inference.worker")
-    assert mapped.operator_class is ElasticBatchInferenceOperator
+    assert mapped.operator_class is KubernetesBatchWorkerOperator
     pod = _as_dict(
-        ElasticBatchInferenceOperator(
+        KubernetesBatchWorkerOperator(
             task_id="worker", plan_uri=PLAN_URI, worker_id="worker-0", **namespace["GPU_WORKER"]
         ).build_pod_request_obj(dry_run=True)
     )
@@ -241,7 +241,7 @@ def test_the_manifests_in_the_kubernetes_doc_are_valid_for_kubernetes_1_33() -> 
 
 
 def test_the_kubernetes_launcher_is_this_operator() -> None:
-    assert launcher_operator("kubernetes") is ElasticBatchInferenceOperator
+    assert launcher_operator("kubernetes") is KubernetesBatchWorkerOperator
 
 
 def _status(
@@ -365,8 +365,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
     assert not running.kubelet.errors, running.kubelet.errors
 
 
-def _cluster_worker(cluster: KubeCluster, **kwargs: Any) -> ElasticBatchInferenceOperator:
-    return ElasticBatchInferenceOperator(
+def _cluster_worker(cluster: KubeCluster, **kwargs: Any) -> KubernetesBatchWorkerOperator:
+    return KubernetesBatchWorkerOperator(
         task_id="batch_inference.worker",
         plan_uri=PLAN_URI,
         worker_id="worker-3",
