@@ -22,6 +22,16 @@ What the cluster does to pods on purpose is described by :class:`Disruption`: ev
 (SIGTERM, SIGKILL after the grace period, phase Failed with a reason), preemption before the
 pod starts (deleted while Pending), deletion out from under a running task.
 
+A capacity model, for the elastic pool: the node has ``capacity`` pod slots (None: no limit).
+Pods past it stay Pending with ``PodScheduled=False``, reason ``Unschedulable``, and are
+scheduled, oldest first, as slots free up or :meth:`Kubelet.set_capacity` grows the node;
+shrinking it preempts the newest running pods (SIGTERM, then phase Failed, reason
+``Preempted``, condition ``DisruptionTarget``), as does :meth:`Kubelet.preempt` (a storm).
+With ``run_processes=False`` a pod's containers are not started: they count as running until
+the pod is deleted or preempted (thousands of pods, for request counts). The API server counts
+every request by caller and route (:attr:`ApiServer.requests`); the kubelet calls with its own
+token, so a test can tell its requests from the operator's.
+
 Known differences from a real cluster: a deleted pod disappears at once (no Terminating
 phase; its processes still get SIGTERM and the grace period), merge patches overwrite lists,
 there is one node, and no images: every container runs on this machine's Python environment.
@@ -30,6 +40,7 @@ there is one node, and no images: every container runs on this machine's Python 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -59,6 +70,9 @@ if TYPE_CHECKING:
     from kubernetes.client import CoreV1Api  # type: ignore[import-untyped]
 
 SIDECAR = "airflow-xcom-sidecar"
+# Bearer tokens: the operators' (the kubeconfig tests hand out) and the test kubelet's own.
+CLIENT_TOKEN = "antbatch-test-token"
+KUBELET_TOKEN = "antbatch-test-kubelet"
 # How often the kubelet lists pods and reports their statuses.
 TICK_S = 0.1
 # A pod's own terminationGracePeriodSeconds wins; this is the Kubernetes default.
@@ -91,6 +105,11 @@ def selector_matches(selector: str, labels: Mapping[str, str]) -> bool:
     return True
 
 
+def route_of(path: str) -> str:
+    """A request path with namespace and object names as ``*``: what the request count is keyed by."""
+    return re.sub(r"/(namespaces|pods|events|secrets|configmaps)/[^/]+", r"/\1/*", path)
+
+
 @attrs.define(kw_only=True)
 class ApiServer(kmock.KubernetesEmulator):
     """kmock's emulator plus admission defaults, label selectors and the kubelet proxy."""
@@ -98,9 +117,13 @@ class ApiServer(kmock.KubernetesEmulator):
     kubelet: Kubelet | None = None
     # Every pod as its creator sent it (after admission), deleted ones included, in order.
     created: list[dict[str, Any]] = attrs.field(factory=list)
+    # (bearer token, "METHOD /route") -> requests served, e.g. "GET /api/v1/namespaces/*/pods".
+    requests: collections.Counter[tuple[str, str]] = attrs.field(factory=collections.Counter)
     _versions: Iterator[int] = attrs.field(factory=lambda: itertools.count(1))
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        token = raw_request.headers.get("Authorization", "").removeprefix("Bearer ")
+        self.requests[token, f"{raw_request.method} {route_of(raw_request.path)}"] += 1
         proxied = _POD_PROXY.fullmatch(raw_request.path)
         if proxied and self.kubelet is not None:
             namespace, name, what = proxied.groups()
@@ -209,7 +232,12 @@ class PodRun:
         return next((c.proc.pid for c in self.containers.values() if c.proc is not None), None)
 
     def base(self) -> ContainerRun:
-        return next(c for c in self.containers.values() if c.proc is not None)
+        return next(c for c in self.containers.values() if c.name != SIDECAR)
+
+    @property
+    def occupies(self) -> bool:
+        """Holds one of the node's slots: admitted and neither ended, deleted nor finished."""
+        return not self.deleted and self.ended_by is None and self.base().exit_code is None
 
     def status(self) -> dict[str, Any]:
         containers = list(self.containers.values())
@@ -235,6 +263,7 @@ class PodRun:
 
 # The condition Kubernetes (1.26+) puts on a pod the cluster ends, by the pod's reason.
 _DISRUPTION = {"Evicted": "TerminationByKubelet", "Preempted": "PreemptionByScheduler"}
+_PREEMPT_MESSAGE = "Preempted in order to admit critical pod"
 
 
 @dataclasses.dataclass(eq=False)
@@ -272,7 +301,11 @@ class Kubelet:
     :param image_env: the environment every container starts from (what the image sets: PATH,
         PYTHONPATH, ...); the pod's own env goes on top.
     :param entrypoints: image -> ENTRYPOINT, for containers that give args but no command; a
-        container whose image is not listed here and that has no command fails to pull.
+        container whose image is not listed here and that has no command fails to pull, as
+        does one whose image is in ``unpullable``.
+    :param capacity: pod slots on the node (None: no limit); see the module doc.
+    :param run_processes: False: containers are not started, they run until deleted.
+    :param tick_s: how often the node lists pods and reports their statuses.
     """
 
     def __init__(
@@ -282,11 +315,20 @@ class Kubelet:
         *,
         image_env: Mapping[str, str],
         entrypoints: Mapping[str, list[str]] | None = None,
+        unpullable: set[str] | frozenset[str] = frozenset(),
+        capacity: int | None = None,
+        run_processes: bool = True,
+        tick_s: float = TICK_S,
     ) -> None:
         self.api = api
         self.root = root
         self.image_env = dict(image_env)
         self.entrypoints = dict(entrypoints or {})
+        self.unpullable = frozenset(unpullable)
+        self.capacity = capacity
+        self.run_processes = run_processes
+        self.tick_s = tick_s
+        self._unschedulable: set[str] = set()  # uids reported Unschedulable
         self.runs: list[PodRun] = []
         self.disruptions: list[Disruption] = []
         self.errors: list[str] = []
@@ -313,6 +355,21 @@ class Kubelet:
             self.disruptions.append(disruption)
         return disruption
 
+    def set_capacity(self, capacity: int | None) -> None:
+        """Resize the node: the next tick preempts the newest pods past it, or schedules waiting ones."""
+        with self._lock:
+            self.capacity = capacity
+
+    def preempt(self, count: int, *, reason: str = "Preempted") -> list[PodRun]:
+        """End the ``count`` newest running pods at once (a preemption storm); capacity stays."""
+        with self._lock:
+            victims = [run for run in self.runs if run.occupies][-count:] if count > 0 else []
+            for run in victims:
+                run.ended_by = (reason, _PREEMPT_MESSAGE)
+        for run in victims:
+            threading.Thread(target=self._terminate, args=(run,), daemon=True).start()
+        return victims
+
     def find(self, namespace: str, name: str) -> PodRun | None:
         """The live pod run of that name (the newest, should a name come back)."""
         with self._lock:
@@ -323,7 +380,7 @@ class Kubelet:
     # The loop -------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while not self._stop.wait(TICK_S):
+        while not self._stop.wait(self.tick_s):
             try:
                 pods = json.loads(self.api.list_pod_for_all_namespaces(_preload_content=False).data)["items"]
                 self._tick(pods)
@@ -335,11 +392,18 @@ class Kubelet:
     def _tick(self, pods: list[dict[str, Any]]) -> None:
         live = {pod["metadata"]["uid"]: pod for pod in pods}
         known = {run.uid: run for run in self.runs}
+        self._shrink_to_capacity()
+        free = None if self.capacity is None else self.capacity - sum(run.occupies for run in self.runs)
         for uid, pod in live.items():
             run = known.get(uid)
             if run is None:
-                if (pod.get("status") or {}).get("phase") == "Pending":
-                    self._admit(pod)
+                if (pod.get("status") or {}).get("phase") != "Pending":
+                    continue
+                if free is not None and free <= 0:
+                    self._report_unschedulable(pod)
+                    continue
+                self._admit(pod)
+                free = None if free is None else free - 1
                 continue
             if run.deleted:  # held Pending, or never started
                 continue
@@ -360,6 +424,30 @@ class Kubelet:
                 meta = live[uid]["metadata"]
                 with contextlib.suppress(Exception):
                     self.api.delete_namespaced_pod(meta["name"], meta["namespace"])
+
+    def _shrink_to_capacity(self) -> None:
+        with self._lock:
+            running = [run for run in self.runs if run.occupies]
+            over = 0 if self.capacity is None else len(running) - self.capacity
+        if over > 0:
+            self.preempt(over)
+
+    def _report_unschedulable(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        if meta["uid"] in self._unschedulable:
+            return
+        condition = {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": f"0/1 nodes are available: 1 node is full ({self.capacity} pod slots).",
+            "lastTransitionTime": _now(),
+        }
+        with contextlib.suppress(Exception):  # gone meanwhile
+            self.api.patch_namespaced_pod_status(
+                meta["name"], meta["namespace"], {"status": {"phase": "Pending", "conditions": [condition]}}
+            )
+            self._unschedulable.add(meta["uid"])
 
     def _disruption_for(self, labels: Mapping[str, str], actions: tuple[str, ...]) -> Disruption | None:
         with self._lock:
@@ -411,8 +499,10 @@ class Kubelet:
             mounts = {m["mountPath"]: volumes[m["name"]] for m in c.get("volumeMounts") or []}
             container = ContainerRun(c["name"], c.get("image", ""), mounts, self._container_env(pod, c))
             run.containers[c["name"]] = container
-            if c["name"] != SIDECAR:
+            if c["name"] != SIDECAR and self.run_processes:
                 failure = failure or self._start(container, c, workdir)
+            elif c["name"] != SIDECAR and c.get("image") in self.unpullable:
+                failure = failure or ("ErrImagePull", f"image {c['image']!r} cannot be pulled")
         with self._lock:
             self.runs.append(run)
         if failure is not None:
@@ -453,6 +543,8 @@ class Kubelet:
 
     def _start(self, container: ContainerRun, spec: dict[str, Any], workdir: Path) -> tuple[str, str] | None:
         """Start the container's process; (reason, message) if it cannot start."""
+        if container.image in self.unpullable:
+            return "ErrImagePull", f"image {container.image!r} cannot be pulled"
         argv = list(spec.get("command") or self.entrypoints.get(container.image, []))
         if not argv:
             return "ErrImagePull", f"image {container.image!r} is not known to the test kubelet and gives no command"
@@ -634,6 +726,14 @@ class KubeCluster:
         """Every pod created so far, as sent (after admission), in order; deleted ones too."""
         return list(self.api.created)
 
+    def client_requests(self) -> collections.Counter[str]:
+        """Requests served so far to clients other than the kubelet, by ``"METHOD /route"``."""
+        counts: collections.Counter[str] = collections.Counter()
+        for (token, route), n in list(self.api.requests.items()):
+            if token != KUBELET_TOKEN:
+                counts[route] += n
+        return counts
+
     def live_pods(self) -> list[dict[str, Any]]:
         data = self.client.list_namespaced_pod(self.namespace, _preload_content=False).data
         return cast("list[dict[str, Any]]", json.loads(data)["items"])
@@ -651,13 +751,13 @@ def node_env() -> dict[str, str]:
     return env
 
 
-def write_kubeconfig(path: Path, url: str, namespace: str) -> Path:
+def write_kubeconfig(path: Path, url: str, namespace: str, *, token: str = CLIENT_TOKEN) -> Path:
     """A kubeconfig for the emulator (JSON is valid YAML), as an operator's ``config_file``."""
     config = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "loopback", "cluster": {"server": url}}],
-        "users": [{"name": "antbatch-test", "user": {"token": "antbatch-test-token"}}],
+        "users": [{"name": "antbatch-test", "user": {"token": token}}],
         "contexts": [
             {"name": "loopback", "context": {"cluster": "loopback", "user": "antbatch-test", "namespace": namespace}}
         ],
@@ -674,8 +774,13 @@ def run_kube_cluster(
     namespace: str = "antbatch",
     image_env: Mapping[str, str] | None = None,
     entrypoints: Mapping[str, list[str]] | None = None,
+    unpullable: set[str] | frozenset[str] = frozenset(),
+    capacity: int | None = None,
+    run_processes: bool = True,
+    kubelet_tick_s: float = TICK_S,
 ) -> Iterator[KubeCluster]:
-    """The API server on 127.0.0.1 (a random port, its own event loop thread) and one kubelet."""
+    """The API server on 127.0.0.1 (a random port, its own event loop thread) and one kubelet
+    (see :class:`Kubelet` for the node's options)."""
     from kubernetes import config as kube_config  # type: ignore[import-untyped]
     from kubernetes.client import CoreV1Api
 
@@ -704,11 +809,16 @@ def run_kube_cluster(
         url = f"http://127.0.0.1:{server.port}"
         kubeconfig = write_kubeconfig(root / "kubeconfig", url, namespace)
         client = CoreV1Api(kube_config.new_client_from_config(config_file=str(kubeconfig)))
+        node_config = write_kubeconfig(root / "kubeconfig-node", url, namespace, token=KUBELET_TOKEN)
         kubelet = Kubelet(
-            CoreV1Api(kube_config.new_client_from_config(config_file=str(kubeconfig))),
+            CoreV1Api(kube_config.new_client_from_config(config_file=str(node_config))),
             root / "node",
             image_env=node_env() if image_env is None else image_env,
             entrypoints=entrypoints,
+            unpullable=unpullable,
+            capacity=capacity,
+            run_processes=run_processes,
+            tick_s=kubelet_tick_s,
         )
         api.kubelet = kubelet
         kubelet.start()
