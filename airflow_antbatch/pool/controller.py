@@ -1,0 +1,254 @@
+"""The reconciling core of an elastic pool: pods + ledger status in, what to create and delete out.
+
+NOTE [pool controller]: each tick is level-triggered. The caller lists the pool's pods (one
+request, by label selector) and reads ``Ledger.status()``; ``tick`` turns them into a
+``PoolSnapshot``, asks ``decide`` for the size, and answers with a ``TickPlan``: the slots to
+create a pod for and the pod names to delete, one API request each, nothing else.
+
+- A pod that failed (phase Failed: evicted, OOM-killed, an error exit) or that the cluster is
+  taking back (being deleted with reason DisruptionTarget, Preempted or Evicted) is replaced in
+  the same tick on the same slot: the new worker has the same worker id, ``slot-{slot}``, so it
+  takes its predecessor's tries in its slot's run over at once (``Ledger.try_claim``,
+  ``own_slot``) instead of waiting out a lease TTL.
+- A Succeeded pod (its worker found the job done) is deleted and not replaced.
+- Scaling down deletes pods that hold no lease, never one whose worker holds a lease: pods not
+  created yet first, then unschedulable and pending pods (youngest first), then idle running
+  pods (highest slot first).
+- The task fails, naming the pod and its reason, when any pod cannot pull its image for
+  ``IMAGE_PULL_GRACE_S`` (at once for an invalid image name), when a pod is in
+  CrashLoopBackOff, or when one slot's pods fail with the same reason ``crash_loop_limit``
+  times in a row without committing a shard. Capacity losses never count toward that streak.
+- A fail or done plan lists every pod for deletion: the caller deletes them, then fails or
+  succeeds.
+
+The little it remembers (failure streaks per slot, pods already handled, when an image pull
+first failed, the last decisions) is plain data: ``to_dict``/``from_dict`` carry it across a
+triggerer restart, and losing it only delays a crash-loop verdict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import TYPE_CHECKING, Any
+
+from airflow_antbatch.pool.policy import Decision, PoolSettings, PoolSnapshot, decide
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from airflow_antbatch.ledger import JobStatus, WorkerStatus
+
+CAPACITY_REASONS = frozenset({"Evicted", "Preempted", "DisruptionTarget"})  # the cluster's doing, not the pod's
+IMAGE_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+IMAGE_PULL_GRACE_S = 60.0  # a registry hiccup passes within this; a wrong image does not
+KEEP_DECISIONS = 10  # shown on the job page, newest last
+
+
+@dataclasses.dataclass(frozen=True)
+class PodView:
+    """One pod of the pool as the Kubernetes side reads it."""
+
+    name: str
+    slot: int  # label antbatch/slot: the worker runs --slot {slot}/{max_workers} as worker id f"slot-{slot}"
+    phase: str  # Pending | Running | Succeeded | Failed
+    unschedulable: bool
+    age_s: float  # seconds since creationTimestamp, observer's view
+    reason: str | None  # Evicted, DisruptionTarget, OOMKilled, Error, ErrImagePull, CrashLoopBackOff, ...
+    exit_code: int | None
+    deleting: bool = False  # deletionTimestamp set: on its way out
+
+
+@dataclasses.dataclass(frozen=True)
+class TickPlan:
+    """What one tick asks of the Kubernetes side: one API request per create and per delete."""
+
+    create: tuple[int, ...]  # slots to create a pod for
+    delete: tuple[str, ...]  # pod names to delete
+    decision: Decision
+    fail: str | None = None  # fail the task with this message (after deleting ``delete``)
+    done: bool = False  # the job is finished: delete ``delete`` (every pod), then succeed
+    snapshot: PoolSnapshot | None = None  # what the decision saw: pods running and pending, for the job page
+
+
+def worker_id(slot: int) -> str:
+    """The ledger worker id of a pool slot: the same for every pod the slot ever runs."""
+    return f"slot-{slot}"
+
+
+class PoolController:
+    """Turns observations into plans (NOTE [pool controller]); one instance per pool."""
+
+    def __init__(self, settings: PoolSettings) -> None:
+        self.settings = settings
+        self.decisions: list[Decision] = []
+        self._streaks: dict[int, tuple[str, int]] = {}  # slot -> (failure reason, times in a row)
+        self._handled: set[str] = set()  # pods already replaced (and counted), while still listed
+        self._image_pull: dict[str, float] = {}  # pod -> elapsed_s when it first failed to pull
+
+    def tick(self, pods: Sequence[PodView], status: JobStatus, now_s: float, elapsed_s: float) -> TickPlan:
+        names = {p.name for p in pods}
+        self._handled &= names
+        self._image_pull = {n: t for n, t in self._image_pull.items() if n in names}
+        live = [p for p in pods if not p.deleting]
+        if status.finished:
+            return self._end(Decision(0, "the job is finished: every pod goes"), live, done=True)
+        lost = [p for p in pods if p.name not in self._handled and _lost(p)]
+        verdict = self._image_verdict(live, elapsed_s) or self._count_failures(lost, status.workers)
+        if verdict is not None:
+            return self._end(Decision(0, verdict), live, fail=verdict)
+        self._handled.update(p.name for p in lost)
+        finished = [p.name for p in live if p.phase in ("Failed", "Succeeded")]
+        alive = [p for p in live if p.phase in ("Pending", "Running") and not _lost(p)]
+        occupied = {p.slot for p in pods if p.name not in finished and p not in lost}
+        replace = sorted({p.slot for p in lost} - occupied)
+        orphaned = {s: len(w.leases) for s in replace if (w := _worker_of(s, None, status.workers))}
+        snapshot = _snapshot(alive, replace, orphaned, status, now_s, elapsed_s)
+        decision = decide(snapshot, self.settings, self.decisions[-1] if self.decisions else None)
+        self._remember(decision)
+        create, delete = _reconcile(decision.wanted, alive, replace, orphaned, occupied, status, self.settings)
+        return TickPlan(tuple(create), tuple(finished + delete), decision, snapshot=snapshot)
+
+    def _end(self, decision: Decision, live: list[PodView], *, done: bool = False, fail: str | None = None) -> TickPlan:
+        self._remember(decision)
+        return TickPlan((), tuple(p.name for p in live), decision, fail=fail, done=done)
+
+    def _remember(self, decision: Decision) -> None:
+        self.decisions = [*self.decisions, decision][-KEEP_DECISIONS:]
+
+    def _image_verdict(self, live: Iterable[PodView], elapsed_s: float) -> str | None:
+        """A pod that cannot pull its image fails the task: at once for an invalid name, else
+        after ``IMAGE_PULL_GRACE_S``. Waiting longer only hides a typo."""
+        for p in live:
+            if p.reason not in IMAGE_REASONS:
+                self._image_pull.pop(p.name, None)
+                continue
+            since = self._image_pull.setdefault(p.name, elapsed_s)
+            if p.reason == "InvalidImageName" or elapsed_s - since >= IMAGE_PULL_GRACE_S:
+                return f"pod {p.name} (slot {p.slot}) cannot pull its image: {p.reason} for {elapsed_s - since:.0f} s"
+        return None
+
+    def _count_failures(self, lost: Iterable[PodView], workers: Sequence[WorkerStatus]) -> str | None:
+        """Update each slot's streak of failures in a row; a verdict once one reaches the limit."""
+        for p in lost:
+            reason = _reason(p)
+            if p.reason == "CrashLoopBackOff":
+                return f"pod {p.name} (slot {p.slot}) is in CrashLoopBackOff (exit code {p.exit_code})"
+            if p.reason in CAPACITY_REASONS:
+                continue
+            worker = _worker_of(p.slot, p, workers)
+            if worker is not None and worker.shards_committed > 0:
+                self._streaks.pop(p.slot, None)  # it made progress: not a loop
+                continue
+            last, times = self._streaks.get(p.slot, ("", 0))
+            times = times + 1 if last == reason else 1
+            self._streaks[p.slot] = (reason, times)
+            if times >= self.settings.crash_loop_limit:
+                return (
+                    f"slot {p.slot} failed {times} times in a row with {reason} without committing a shard "
+                    f"(last pod {p.name}): a crash loop"
+                )
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for a trigger's ``serialize()``."""
+        return {
+            "streaks": {str(s): [r, n] for s, (r, n) in sorted(self._streaks.items())},
+            "handled": sorted(self._handled),
+            "image_pull": dict(sorted(self._image_pull.items())),
+            "decisions": [[d.wanted, d.reason] for d in self.decisions],
+        }
+
+    @classmethod
+    def from_dict(cls, settings: PoolSettings, data: dict[str, Any]) -> PoolController:
+        controller = cls(settings)
+        controller._streaks = {int(s): (str(r), int(n)) for s, (r, n) in data.get("streaks", {}).items()}
+        controller._handled = set(data.get("handled", ()))
+        controller._image_pull = {str(k): float(v) for k, v in data.get("image_pull", {}).items()}
+        controller.decisions = [Decision(int(w), str(r)) for w, r in data.get("decisions", ())]
+        return controller
+
+
+def _lost(p: PodView) -> bool:
+    """A pod whose worker is gone or going, not by its own success: it gets a replacement."""
+    if p.deleting:
+        return p.reason in CAPACITY_REASONS and p.phase != "Succeeded"
+    return p.phase == "Failed" or p.reason == "CrashLoopBackOff"
+
+
+def _reason(p: PodView) -> str:
+    if p.reason:
+        return p.reason
+    return f"exit code {p.exit_code}" if p.exit_code is not None else "Failed"
+
+
+def _worker_of(slot: int, pod: PodView | None, workers: Sequence[WorkerStatus]) -> WorkerStatus | None:
+    """The slot's freshest heartbeat; with ``pod``, only one written during that pod's life
+    (an earlier incarnation's last beat says nothing about this pod)."""
+    wid = worker_id(slot)
+    mine = [w for w in workers if w.worker_id == wid and (pod is None or w.last_beat_age_s <= pod.age_s)]
+    return min(mine, key=lambda w: w.last_beat_age_s) if mine else None
+
+
+def _snapshot(
+    alive: list[PodView],
+    replace: list[int],
+    orphaned: dict[int, int],
+    status: JobStatus,
+    now_s: float,
+    elapsed_s: float,
+) -> PoolSnapshot:
+    running = [p for p in alive if p.phase == "Running"]
+    stuck = [p.age_s for p in alive if p.phase == "Pending" and p.unschedulable]
+    rates = [w.rows_per_s for w in status.workers if w.state == "running" and w.rows_per_s > 0]
+    idle = sum(1 for p in running if (w := _worker_of(p.slot, p, status.workers)) is not None and not w.leases)
+    if status.rows_planned is not None:
+        remaining = max(0, status.rows_planned - status.rows_committed)
+    else:  # rows unknown until planned with counts: the committed shards' mean size
+        left = status.planned - status.committed - status.failed
+        remaining = status.rows_committed * left // status.committed if status.committed else 0
+    return PoolSnapshot(
+        now_s=now_s,
+        elapsed_s=elapsed_s,
+        pending_shards=status.pending,
+        leased_shards=status.leased,
+        remaining_rows=remaining,
+        running=len(running),
+        pending=len(alive) - len(running) + len(replace),
+        unschedulable=len(stuck),
+        oldest_unschedulable_s=max(stuck) if stuck else None,
+        rows_per_s_per_worker=statistics.median(rates) if rates else None,
+        idle_workers=idle,
+        orphaned_shards=min(status.leased, sum(orphaned.values())),
+    )
+
+
+def _reconcile(
+    wanted: int,
+    alive: list[PodView],
+    replace: list[int],
+    orphaned: dict[int, int],
+    occupied: set[int],
+    status: JobStatus,
+    settings: PoolSettings,
+) -> tuple[list[int], list[str]]:
+    """Slots to create and pods to delete so that ``wanted`` pods run (NOTE [pool controller])."""
+    excess = len(alive) + len(replace) - wanted
+    if excess <= 0:
+        free = [s for s in range(settings.max_workers) if s not in occupied and s not in replace]
+        return replace + free[:-excess], []
+    # Replacements whose predecessor held nothing are the cheapest to drop: never created.
+    spare = [s for s in reversed(replace) if not orphaned.get(s)]
+    dropped = set(spare[:excess])
+    excess -= len(dropped)
+    waiting = sorted((p for p in alive if p.phase == "Pending"), key=lambda p: (not p.unschedulable, p.age_s))
+    idle = sorted(
+        (
+            p
+            for p in alive
+            if p.phase == "Running" and not ((w := _worker_of(p.slot, p, status.workers)) is not None and w.leases)
+        ),
+        key=lambda p: -p.slot,
+    )
+    delete = [p.name for p in (waiting + idle)[: max(0, excess)]]
+    return [s for s in replace if s not in dropped], delete
