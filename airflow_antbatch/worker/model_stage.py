@@ -1,7 +1,9 @@
 """One model of the chain, run as its own stage: device, threads, autocast and compile.
 
-On CUDA each stage has its own stream, so that stages on one GPU overlap their copies and
-kernels; host tensors are pinned first so that copies to the device can be asynchronous.
+Each model stage is a thread of its own (``ScoringStage``), so that stages on different devices
+score different batches at once. On CUDA each stage has its own stream, so that stages on one
+GPU overlap their copies and kernels; host tensors are pinned first so that copies to the
+device can be asynchronous.
 """
 
 from __future__ import annotations
@@ -10,22 +12,25 @@ import contextlib
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 import torch
 
 from airflow_antbatch.errors import UserCodeError
+from airflow_antbatch.worker.stages import DONE, Chunk, Stage
+from airflow_antbatch.worker.trees import concat_tree, slice_tree
 
 if TYPE_CHECKING:
-    import pyarrow as pa
+    from airflow_antbatch import spec
+    from airflow_antbatch.worker.scaling import ElasticScaler
+    from airflow_antbatch.worker.stages import Flow
 
-    from airflow_antbatch.spec import ModelStage
-
-Adapter = Callable[[Any, "pa.RecordBatch"], Any]
+Adapter = Callable[[Any, pa.RecordBatch], Any]
 
 
 class ModelRunner:
     """Calls one model on batches; a thread of the pipeline owns it."""
 
-    def __init__(self, stage: ModelStage, model: torch.nn.Module, adapter: Adapter | None = None) -> None:
+    def __init__(self, stage: spec.ModelStage, model: torch.nn.Module, adapter: Adapter | None = None) -> None:
         self.stage = stage
         self.device = torch.device(stage.device or "cpu")
         self.adapter = adapter
@@ -79,6 +84,80 @@ class ModelRunner:
         if self._stream is not None:
             self._stream.synchronize()
         return host
+
+
+class ScoringStage(Stage):
+    """One model of the chain as a pipeline stage: re-batches to its own batch size, sets its
+    torch threads as the scaler says, and runs the model."""
+
+    def __init__(self, flow: Flow, runner: ModelRunner, index: int, scaler: ElasticScaler) -> None:
+        super().__init__(runner.name, flow)
+        self.runner = runner
+        self._index = index
+        self._scaler = scaler
+
+    def run(self) -> None:
+        runner = self.runner
+        pending: list[Chunk] = []  # re-batching buffer for a stage whose batch size differs
+        size = runner.stage.batch_size or 0
+        threads = 0
+        while True:
+            item = self.get()
+            if isinstance(item, Chunk):
+                if self.flow.dropping(item.shard_id):
+                    continue
+                wanted = self._scaler.torch_threads(self._index, runner.stage.threads)
+                if runner.uses_cpu and wanted != threads:
+                    torch.set_num_threads(wanted)
+                    threads = wanted
+                if self._index == 0:  # batches come read at this stage's size
+                    self._score([item])
+                    continue
+                pending.append(item)
+                while pending and sum(c.batch.num_rows for c in pending) >= size:
+                    pending = self._score(pending, limit=size)
+                continue
+            if pending:  # a ShardEnd, a quarantined record or DONE: flush what is held first
+                self._score(pending)
+                pending = []
+            self.put(item)
+            if item is DONE:
+                return
+
+    def _score(self, chunks: list[Chunk], limit: int | None = None) -> list[Chunk]:
+        """Run the model on the chunks' rows (at most ``limit``); returns the rows left over."""
+        runner = self.runner
+        try:
+            with self.busy():
+                chunk = _join(chunks, f"stage {runner.name!r}") if len(chunks) > 1 else chunks[0]
+                rest: list[Chunk] = []
+                if limit is not None and chunk.batch.num_rows > limit:
+                    chunk, tail = _split(chunk, limit)
+                    rest = [tail]
+                inputs = chunk.data if self._index == 0 else runner.model_input(chunk.data, chunk.batch)
+                chunk.data = runner(inputs, chunk.batch.num_rows)
+                if runner.stage.output_column:
+                    chunk.kept[runner.stage.output_column] = chunk.data
+        except UserCodeError as exc:
+            self.flow.fail(chunks[0].shard_id, exc)
+            return []
+        self.clock.rows += chunk.batch.num_rows
+        self.put(chunk)
+        return rest
+
+
+def _join(chunks: list[Chunk], where: str) -> Chunk:
+    batches = pa.Table.from_batches([c.batch for c in chunks]).combine_chunks().to_batches()
+    kept = {name: concat_tree([c.kept[name] for c in chunks], where) for name in chunks[0].kept}
+    return Chunk(chunks[0].shard_id, batches[0], concat_tree([c.data for c in chunks], where), kept)
+
+
+def _split(chunk: Chunk, rows: int) -> tuple[Chunk, Chunk]:
+    def cut(start: int, stop: int) -> Chunk:
+        kept = {name: slice_tree(value, start, stop) for name, value in chunk.kept.items()}
+        return Chunk(chunk.shard_id, chunk.batch.slice(start, stop - start), slice_tree(chunk.data, start, stop), kept)
+
+    return cut(0, rows), cut(rows, chunk.batch.num_rows)
 
 
 def call_model(model: torch.nn.Module, inputs: Any) -> Any:

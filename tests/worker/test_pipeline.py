@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import time
 from typing import Any
 
 import numpy as np
@@ -15,9 +16,11 @@ from airflow_antbatch.examples import tabular
 from airflow_antbatch.finalize import finalize_job
 from airflow_antbatch.ledger import Ledger, WorkerIdentity
 from airflow_antbatch.planning import plan_job
-from airflow_antbatch.spec import JobSpec
+from airflow_antbatch.spec import JobSpec, ModelStage
+from airflow_antbatch.worker.inference import OutputAssembler
 from airflow_antbatch.worker.job_code import JobCode
 from airflow_antbatch.worker.loop import Worker, WorkerSummary
+from airflow_antbatch.worker.model_stage import ModelRunner
 from airflow_antbatch.worker.pipeline import PipelineOptions
 from tests import chain_models
 from tests.conftest import TABULAR, write_transactions
@@ -26,11 +29,11 @@ FAULTS = "tests.fault_hooks"
 CHAIN = "tests.chain_models"
 
 
-def _run(spec: JobSpec, **options: Any) -> tuple[WorkerSummary, Ledger]:
+def _run(spec: JobSpec, code: JobCode | None = None, **options: Any) -> tuple[WorkerSummary, Ledger]:
     plan_uri = plan_job(spec).plan_uri
     ledger = Ledger.open(plan_uri)
     pipeline_options = PipelineOptions(**{"cpu_budget": 2, **options})
-    summary = Worker(ledger, WorkerIdentity("w0"), JobCode.load(spec), options=pipeline_options).run()
+    summary = Worker(ledger, WorkerIdentity("w0"), code or JobCode.load(spec), options=pipeline_options).run()
     return summary, ledger
 
 
@@ -202,3 +205,32 @@ def test_preprocess_in_a_thread_when_asked(tmp_path: pathlib.Path) -> None:
     summary, ledger = _run(_spec(tmp_path), preprocess_workers=0)
     assert summary.preprocess_processes == 0 and summary.scaling == []
     assert _output(ledger)["txn_id"].to_pylist() == table["txn_id"].to_pylist()
+
+
+class DeviceHold(torch.nn.Module):
+    """A simulated device: holds each batch for a fixed time without using the CPU."""
+
+    def __init__(self, hold_s: float) -> None:
+        super().__init__()
+        self.hold_s = hold_s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.hold_s)
+        return x[:, :1]
+
+
+def test_a_chain_of_models_on_three_devices_scores_them_at_once(tmp_path: pathlib.Path) -> None:
+    write_transactions(tmp_path / "in", files=1, rows_per_file=1500, row_group_size=1500)
+    spec = _spec(tmp_path, batch_size=50, max_shard_rows=1500)  # one shard of 30 batches
+    runners = [
+        ModelRunner(ModelStage(name=f"device{i}", model="<in-process>", batch_size=50), DeviceHold(0.05))
+        for i in range(3)
+    ]
+    code = JobCode(runners, OutputAssembler(id_column="txn_id"), tabular.preprocess)
+    summary, _ = _run(spec, code)
+    assert summary.rows_committed == 1500
+    held = [summary.stages[f"device{i}"]["busy_s"] for i in range(3)]
+    assert all(h >= 30 * 0.05 for h in held), held
+    # One after the other the devices would take the sum of their busy times; each in its own
+    # thread, about one device's time (plus two batches to fill the chain).
+    assert summary.seconds < 0.6 * sum(held), (summary.seconds, held)
