@@ -99,6 +99,7 @@ class WorkerStatus:
     # (epoch seconds at a bucket's start, rows this worker committed in it), by the worker's clock
     timeline: tuple[tuple[float, int], ...] = ()
     beat: int = 0  # grows while the process lives: observers time its changes by their own clock
+    rows_lost: int = 0  # rows it scored whose shard another try committed first (backups, zombies)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,11 +132,17 @@ class JobStatus:
     def succeeded(self) -> bool:
         return self.committed == self.planned
 
+    @property
+    def rows_wasted(self) -> int:
+        """Rows scored by tries that lost the race to commit (speculative backups, zombies)."""
+        return sum(w.rows_lost for w in self.workers)
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["pending"] = self.pending
         out["finished"] = self.finished
         out["succeeded"] = self.succeeded
+        out["rows_wasted"] = self.rows_wasted
         out["failures"] = [{"shard": s, "error": e} for s, e in self.failures]
         return out
 
@@ -414,9 +421,22 @@ class Ledger:
         owner = self._read_claim(shard_id, epoch)["token"]
         return self._liveness.gone(owner, self._recent_heartbeat(owner))
 
+    def back_up(self, shard_id: str, epoch: int, identity: WorkerIdentity) -> Lease | None:
+        """Start a speculative backup of try ``epoch``, which its owner still holds: try
+        ``epoch + 1``, marked as a backup so that it does not fence the original out. Both run;
+        the first commit wins. None if try ``epoch + 1`` exists already (one backup per try)."""
+        claim = {"shard": shard_id, "epoch": epoch + 1, "token": identity.token, "worker_id": identity.worker_id}
+        if not self.store.create(layout.claim_key(shard_id, epoch + 1), _encode("claim", {**claim, "backup": True})):
+            return None
+        self._next_epoch[shard_id] = epoch + 2
+        return Lease(shard_id, epoch + 1, identity.token)
+
     def holds(self, lease: Lease) -> bool:
-        """Fencing check before commit: no later try of the shard has been started."""
-        return self.store.read(layout.claim_key(lease.shard_id, lease.epoch + 1)) is None
+        """Fencing check before commit: no later try of the shard has been started, other than a
+        backup of this one (which races it to the commit instead)."""
+        rel = layout.claim_key(lease.shard_id, lease.epoch + 1)
+        data = self.store.read(rel)
+        return data is None or bool(_decode("claim", data, self.store.uri(rel), ("token",)).get("backup"))
 
     def commit(
         self,
@@ -599,6 +619,7 @@ def _worker_status(doc: dict[str, Any]) -> WorkerStatus:
         rows_quarantined=int(doc.get("rows_quarantined", 0)),
         timeline=tuple((float(t), int(n)) for t, n in doc.get("timeline", ())),
         beat=int(doc["beat"]),
+        rows_lost=int(doc.get("rows_lost", 0)),
     )
 
 

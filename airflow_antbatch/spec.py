@@ -97,6 +97,9 @@ class JobSpec:
     # The job stops once one worker sees the same error (type and message) on this many shards
     # in a row with no commit between: a broken hook or model fails every shard alike.
     same_error_limit: int = 5
+    # Speculative backup tries at the tail: an idle worker races a much slower worker's shard,
+    # and the first commit wins (docs/adr/0002-ledger-protocol.md, "Backups").
+    backup_tries: bool = True
     storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     spec_version: int = SPEC_VERSION
 
@@ -219,6 +222,7 @@ def _validate(spec: JobSpec) -> None:
         _check_type(name, getattr(spec, name), int)
         _check_positive(name, getattr(spec, name))
     _check_type("quarantine_limit", spec.quarantine_limit, int)
+    _check_type("backup_tries", spec.backup_tries, bool)
     if spec.quarantine_limit < 0:
         raise SpecError(f"job spec field 'quarantine_limit' must be >= 0, got {spec.quarantine_limit!r}")
     _check_autocast("job spec field 'autocast_dtype'", spec.autocast_dtype)

@@ -48,6 +48,9 @@ MIN_STEAL = 2  # a run with fewer positions left is not worth splitting
 MAX_SPLIT_HOPS = 8  # steal records followed down one run before trying another victim
 IDLE_POLLS = 4  # an idle worker's wait grows to this many poll intervals
 MAX_SLOT_PROBES = 8  # other slots' first runs a worker tries, for workers that started late or never
+# A backup is started only when the backer expects to finish the shard in under 1/BACKUP_GAIN of
+# the time its holder still needs: at 2, workers of equal speed never back each other up.
+BACKUP_GAIN = 2.0
 
 
 @dataclasses.dataclass
@@ -60,6 +63,7 @@ class ClaimStats:
     takeovers: int = 0  # workers whose leases and run this one took over
     sweeps: int = 0
     skipped: int = 0  # shards found committed (a rerun, or a lost race)
+    backups: int = 0  # speculative tries of shards that a slower worker still held
 
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -121,7 +125,13 @@ class Claimer:
         self._stop = stop or threading.Event()
         self._retry: deque[str] = deque()  # taken-over leases and sweep leftovers: tried first
         self._later: deque[str] = deque()  # this worker's own failed tries: tried once its run is out
-        self._held: set[str] = set()
+        self._held: dict[str, tuple[int, bool]] = {}  # shard -> (epoch, is a backup), in claim order
+        self._backups = ledger.plan.spec.backup_tries
+        self._backed_up: set[str] = set()  # shards this worker tried to back up: never twice
+        self._seen_beats: list[dict[str, Any]] = []  # busy workers' heartbeats read by this round's steals
+        self._started_at: float | None = None  # by the ledger's clock: the first claim
+        self._settled_at: float | None = None  # the last shard this worker finished
+        self._settled = 0
         self._handled: set[str] = set()  # tokens whose run and leases were taken over (or hold none)
         self._read_victims: dict[str, str] = {}  # token -> heartbeat version last read to steal
         self._splits: dict[tuple[str, int], int] = {}  # (victim, run end) -> where a thief split it
@@ -168,8 +178,11 @@ class Claimer:
         """The worker is finished with ``lease``: done once the shard is committed (by anyone),
         else the shard is tried again (its next epoch, or failed for good)."""
         with self._lock:
-            self._held.discard(lease.shard_id)
-            if not done:  # after the run: a broken hook then shows on fresh shards first
+            self._held.pop(lease.shard_id, None)
+            if done:
+                self._settled += 1
+                self._settled_at = self.ledger.clock()
+            else:  # after the run: a broken hook then shows on fresh shards first
                 self._later.append(lease.shard_id)
 
     def run_left(self) -> int:
@@ -180,7 +193,22 @@ class Claimer:
     def heartbeat_fields(self) -> dict[str, Any]:
         """What other workers read to steal from this one or take its leases over."""
         with self._lock:
-            return {"run": [self._cursor, self._end], "leases": sorted(self._held), "idle": self._idle}
+            now = self.ledger.clock()
+            return {
+                "run": [self._cursor, self._end],
+                "leases": sorted(s for s, (_, backup) in self._held.items() if not backup),
+                "idle": self._idle,
+                # For backups: its tries in claim order, its seconds per shard, and since when.
+                "queue": [[shard, epoch, backup] for shard, (epoch, backup) in self._held.items()],
+                "shard_s": self._shard_seconds(),
+                "since_s": now - (self._settled_at or self._started_at or now),
+            }
+
+    def _shard_seconds(self) -> float | None:
+        """Seconds per shard this worker has taken so far (its throughput, pipelining included)."""
+        if not self._settled or self._started_at is None or self._settled_at is None:
+            return None
+        return (self._settled_at - self._started_at) / self._settled
 
     # -- claiming -------------------------------------------------------------------------------
 
@@ -191,18 +219,53 @@ class Claimer:
     def _claim_without_waiting(self) -> Lease | None:
         lease = self._from_retries(self._retry) or self._from_run() or self._from_retries(self._later)
         tries = 0
+        self._seen_beats = []
         while lease is None and tries < STEAL_TRIES and (self._steal() or self._probe_slot()):
             lease = self._from_run()
             tries += 1
+        if lease is None:
+            lease = self._back_up()
         if lease is not None:
             self._busy()
         return lease
 
-    def _won(self, lease: Lease) -> Lease:
+    def _won(self, lease: Lease, *, backup: bool = False) -> Lease:
         with self._lock:
-            self._held.add(lease.shard_id)
+            self._held[lease.shard_id] = (lease.epoch, backup)
+            if self._started_at is None:
+                self._started_at = self.ledger.clock()
         self.stats.claims += 1
         return lease
+
+    def _back_up(self) -> Lease | None:
+        """A speculative try of the shard that a slower worker will take longest to finish, from
+        the heartbeats this round's steals read (no read of its own). Only by a worker that
+        holds nothing else, knows its own pace, and expects to finish in under 1/BACKUP_GAIN of
+        the time the holder still needs: one backup per try, one per worker at a time."""
+        mine = self._shard_seconds()
+        with self._lock:
+            if not self._backups or mine is None or self._held:
+                return None
+        best: tuple[float, str, int] | None = None
+        for beat in self._seen_beats:
+            pace, since = beat.get("shard_s"), float(beat.get("since_s") or 0.0)
+            if pace is None:
+                continue
+            for place, (shard, epoch, backup) in enumerate(beat.get("queue", ())):
+                # The holder finishes its tries one after another, one every `pace` seconds.
+                left = (place + 1) * float(pace) - since
+                if not backup and shard not in self._backed_up and left > BACKUP_GAIN * mine:
+                    if best is None or left > best[0]:
+                        best = (left, str(shard), int(epoch))
+        if best is None:
+            return None
+        _, shard_id, epoch = best
+        self._backed_up.add(shard_id)
+        lease = self.ledger.back_up(shard_id, epoch, self.identity)
+        if lease is None:
+            return None
+        self.stats.backups += 1
+        return self._won(lease, backup=True)
 
     def _from_retries(self, queue: deque[str]) -> Lease | None:
         """Shards to try again under the full takeover rules: taken-over leases and what a sweep
@@ -280,6 +343,7 @@ class Claimer:
             heartbeat = self.ledger.read_heartbeat(token)
             if heartbeat is None:
                 continue
+            self._seen_beats.append(heartbeat)
             if heartbeat.get("state") in EXITED_STATES:
                 if self._take_over(token, heartbeat):
                     return True
@@ -410,7 +474,7 @@ class Claimer:
             self.finished = True
             return True
         with self._lock:
-            queued = set(self._retry) | set(self._later) | self._held
+            queued = set(self._retry) | set(self._later) | set(self._held)
             if set(left) != self._left_before:
                 self._left_before = set(left)
                 self._runs.extend(_segments(left))

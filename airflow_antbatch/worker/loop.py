@@ -59,11 +59,13 @@ class WorkerSummary:
     shards_skipped: int = 0  # found already committed (a rerun, or another worker was first)
     shards_failed: int = 0  # tries of this worker that failed
     shards_lost: int = 0  # processed, but another try committed first
+    rows_lost: int = 0  # the rows of those tries: work wasted (backups and zombies)
     rows_quarantined: int = 0
     failed_for_good: list[str] = dataclasses.field(default_factory=list)
     stopped_job: str | None = None  # the error that stopped the whole job (same_error_limit)
     seconds: float = 0.0
     rows_per_s: float = 0.0
+    time_to_first_batch_s: float | None = None  # from the process's start to the first batch scored
     requests: dict[str, int] = dataclasses.field(default_factory=dict)
     cpu_budget: int = 0
     preprocess_processes: int = 0  # at the end (elastic scaling may have moved it)
@@ -130,6 +132,7 @@ class Worker:
             "rows_per_s": self.summary.rows_committed / elapsed,
             "current_shard": min(list(self._in_flight), default=None),
             "rows_quarantined": self.summary.rows_quarantined,
+            "rows_lost": self.summary.rows_lost,
             "timeline": sorted(self._timeline.items()),
             "preprocess_processes": self.pipeline.scaler.processes,
             **self.claimer.heartbeat_fields(),
@@ -278,6 +281,7 @@ class Worker:
         self._patiently(lambda: self.output.put(name, data, kind="data"), f"writing {name}")
         if not self._patiently(lambda: self.ledger.holds(lease), "checking the lease"):
             self.summary.shards_lost += 1
+            self.summary.rows_lost += table.num_rows
             log.warning("%s: lease on %s was taken over; not committing", self.identity.worker_id, shard_id)
             return False
         quarantined = sum(q.batch.num_rows for q in work.quarantined)
@@ -294,6 +298,7 @@ class Worker:
         )
         if not committed:
             self.summary.shards_lost += 1
+            self.summary.rows_lost += table.num_rows
             log.warning("%s: shard %s was committed by another try", self.identity.worker_id, shard_id)
             return True
         self._streak = ("", [])

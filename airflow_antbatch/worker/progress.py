@@ -53,6 +53,7 @@ class ProgressLog:
         return (
             f"{summary.worker_id}: {summary.shards_committed} shards ({summary.rows_committed} rows) committed by this "
             f"worker, {summary.rows_committed / elapsed:.1f} rows/s; {left} shards left in its run, ETA {eta}"
+            + (f"; {summary.rows_lost} rows lost to faster tries" if summary.rows_lost else "")
         )
 
     def _loop(self) -> None:

@@ -53,6 +53,10 @@ class Sim:
         root = f"memory://claims-{uuid.uuid4().hex}"
         return cls(root, make_plan(root, {}, shards=shards, max_attempts=3), FakeClock())
 
+    def without_backups(self) -> Sim:
+        self.plan = dataclasses.replace(self.plan, spec=dataclasses.replace(self.plan.spec, backup_tries=False))
+        return self
+
     def worker(self, name: str, slot: tuple[int, int] | None = None) -> SimWorker:
         store = AtomicStore(f"{self.root}/state/attempt-000")
         self.stores.append(store)
@@ -129,6 +133,7 @@ def test_every_shard_is_committed_once_at_a_cost_that_does_not_grow_with_workers
     assert len(sim.committed()) == 240
     assert sum(w.committed for w in crew) == 240
     assert Ledger(crew[0].ledger.store, sim.plan).read_done() is not None
+    assert sum(w.claimer.stats.backups for w in crew) == 0  # equal speeds: no backup, no request for one
     per_shard = sim.requests() / 240
     # claim + fencing read + commit, plus steals, idle polls and one sweep spread over the job
     assert per_shard <= 4.0, (per_shard, [dict(s.counts) for s in sim.stores])
@@ -238,3 +243,92 @@ def test_random_schedules_commit_every_shard_exactly_once(
     run_to_end(sim, survivors)
     assert sorted(sim.committed()) == sorted(sim.plan.shard_ids)  # each once: commits are create-if-absent
     assert survivors[0].ledger.read_done() is not None
+
+
+# -- speculative backups ----------------------------------------------------------------------
+
+
+def finish(worker: SimWorker, lease: Lease) -> bool:
+    """What worker.loop does with a scored try: the fencing read, the commit, a beat; True if it won."""
+    file = layout.output_name(0, lease.shard_id, lease.epoch)
+    won = worker.ledger.holds(lease) and worker.ledger.commit(lease, file=file, rows=1)
+    worker.committed += won
+    worker.claimer.settle(lease, done=True)
+    worker.beat()
+    return won
+
+
+def straggling(sim: Sim) -> tuple[SimWorker, list[Lease], SimWorker]:
+    """A slow worker (10 s a shard) holding two tries, the second not started, and a fast one
+    (1 s a shard) through its own run: the fast one's next claim finds nothing but the tail."""
+    slow, fast = sim.worker("slow", slot=(0, 2)), sim.worker("fast", slot=(1, 2))
+    first = slow.claimer.next_lease(block)
+    assert first is not None
+    sim.clock.advance(10)
+    finish(slow, first)
+    held = [slow.claimer.next_lease(block), slow.claimer.next_lease(block)]
+    assert all(held)
+    slow.beat()
+    for _ in range(3):  # the fast worker's own run: positions 3, 4, 5
+        lease = fast.claimer.next_lease(block)
+        assert lease is not None
+        sim.clock.advance(1)
+        finish(fast, lease)
+    return slow, [lease for lease in held if lease is not None], fast
+
+
+def test_an_idle_worker_backs_up_the_try_a_slow_worker_has_not_started_and_the_first_commit_wins() -> None:
+    sim = Sim.create(shards=6)
+    slow, (scoring, queued), fast = straggling(sim)
+    backup = fast.claimer.next_lease(block)
+    assert backup == Lease(queued.shard_id, queued.epoch + 1, fast.identity.token)
+    assert fast.claimer.stats.backups == 1
+    assert fast.claimer.heartbeat_fields()["leases"] == []  # a backup is not a lease to take over
+    assert finish(fast, backup)
+    assert finish(slow, scoring)
+    assert slow.ledger.holds(queued)  # a backup does not fence the original out ...
+    assert not finish(slow, queued)  # ... it wins the race to the commit
+    run_to_end(sim, [slow, fast])
+    assert sim.committed() == {**dict.fromkeys(sim.plan.shard_ids, 0), queued.shard_id: 1}
+
+
+def test_backups_can_be_switched_off() -> None:
+    sim = Sim.create(shards=6).without_backups()
+    slow, held, fast = straggling(sim)
+    with pytest.raises(Blocked):
+        fast.claimer.next_lease(block)
+    assert fast.claimer.stats.backups == 0
+    for lease in held:
+        assert finish(slow, lease)
+    run_to_end(sim, [slow, fast])
+    assert set(sim.committed().values()) == {0}
+
+
+def test_a_try_is_backed_up_once_and_a_backup_never() -> None:
+    sim = Sim.create(shards=6)
+    _, (_, queued), fast = straggling(sim)
+    assert fast.claimer.next_lease(block) is not None
+    # Its heartbeat marks the backup, so that no reader of it backs the backup up in turn ...
+    assert fast.claimer.heartbeat_fields()["queue"] == [[queued.shard_id, queued.epoch + 1, True]]
+    # ... and a second backup of the same try finds its claim taken.
+    assert sim.worker("other").ledger.back_up(queued.shard_id, queued.epoch, fast.identity) is None
+
+
+@pytest.mark.parametrize("dies", ["backer", "holder", "both"])
+def test_a_worker_killed_mid_backup_leaves_every_shard_committed_once(dies: str) -> None:
+    sim = Sim.create(shards=6)
+    slow, (scoring, queued), fast = straggling(sim)
+    backup = fast.claimer.next_lease(block)
+    assert backup is not None
+    survivors = []
+    if dies == "holder":  # killed with both its tries in hand: the backup commits
+        fast.lease = backup
+        survivors.append(fast)
+    if dies == "backer":  # killed with its backup in hand: the holder commits both
+        assert finish(slow, scoring) and finish(slow, queued)
+        survivors.append(slow)
+    run_to_end(sim, survivors or [sim.worker("rescuer")])
+    committed = sim.committed()
+    assert sorted(committed) == sorted(sim.plan.shard_ids)
+    expected = {"backer": 0, "holder": 1, "both": 2}[dies]  # the holder's try, the backup, a takeover
+    assert committed[queued.shard_id] == expected
