@@ -7,6 +7,11 @@ import torch (~12 s for Ray: ``ray.init``, a warm-up job, shutdown), so ``quick`
 timed run to a few seconds (8 batches single, 4 chain) to stay under 4 minutes with two
 repeats; ``full`` (32 and 16 batches, 3 repeats, about 20 minutes) runs long enough for the
 pipeline's start and Ray's actor start to weigh less.
+
+The device workloads (*device_single*, *device_chain*) hold simulated devices for a time per
+row sized to the tokenizer's (``bench.run`` measures it first), so a batch's preprocessing
+and each device's work cost about the same; they run longer (more batches) because their
+bars are about overlap, and a pipeline's fill and fixed start are paid once per job.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ class Profile:
     name: str
     single: TextData
     chain: TextData
+    device_single: TextData
+    device_chain: TextData
     repeats: int
     batch_size: int = 256
     max_shard_rows: int = 512  # antbatch shards of 2 batches, so even the quick job has several to read ahead
@@ -38,7 +45,8 @@ class Profile:
     bound_batches: int = 4
     # The bound is compute on in-memory inputs, the steadiest figure here: quick takes it once.
     bound_repeats: int | None = None  # None: every repeat
-    # Ray Data configurations tried; the best median is reported. See bench/systems/ray_data.py.
+    # Ray Data configurations tried (a "workloads" key limits one to those); the best median is
+    # reported. See bench/systems/ray_data.py.
     ray_variants: tuple[dict[str, Any], ...] = ()
     straggler: StragglerConfig = StragglerConfig()
 
@@ -49,29 +57,34 @@ class Profile:
 # Preprocess tasks at 0.5 CPU keep Ray from fusing them into the model actor (fused, the actor
 # tokenises and scores one batch after the other, like the naive loop).
 RAY_BEST = {"name": "ray", "num_cpus": 2, "pre_cpus": 0.5, "actor_cpus": 1, "threads": 1, "chain_mode": "fused"}
+# One actor per model: on simulated devices, the only way Ray overlaps the three devices.
+RAY_SPLIT = {**RAY_BEST, "name": "ray-split-chain", "chain_mode": "split"}
+CPU_WORKLOADS = ("single", "chain")
 
 PROFILES = {
     "quick": Profile(
         name="quick",
         single=TextData(rows=2048, files=2, row_group_rows=256),
         chain=TextData(rows=1024, files=2, row_group_rows=256),
+        device_single=TextData(rows=4096, files=2, row_group_rows=256, seed=8),
+        device_chain=TextData(rows=2048, files=2, row_group_rows=256, seed=9),
         repeats=2,
         bound_repeats=1,
-        ray_variants=(RAY_BEST,),
+        # Quick tries Ray's fused chain on the CPU chain and its split chain on the device chain,
+        # the better of the two on each (full tries both on both).
+        ray_variants=({**RAY_BEST, "workloads": ("single", "chain", "device_single")}, RAY_SPLIT),
         straggler=StragglerConfig(shards=32),
     ),
     "full": Profile(
         name="full",
         single=TextData(rows=8192, files=4, row_group_rows=1024),
         chain=TextData(rows=4096, files=4, row_group_rows=512),
+        device_single=TextData(rows=8192, files=4, row_group_rows=1024, seed=8),
+        device_chain=TextData(rows=4096, files=4, row_group_rows=512, seed=9),
         repeats=3,
         bound_batches=8,
         max_shard_rows=2048,
-        ray_variants=(
-            RAY_BEST,
-            {**RAY_BEST, "name": "ray-fused-pre", "pre_cpus": 1},
-            {**RAY_BEST, "name": "ray-split-chain", "chain_mode": "split"},
-        ),
+        ray_variants=(RAY_BEST, {**RAY_BEST, "name": "ray-fused-pre", "pre_cpus": 1}, RAY_SPLIT),
         straggler=StragglerConfig(shards=96, repeats=3),
     ),
 }

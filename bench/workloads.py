@@ -2,9 +2,12 @@
 
 *single*: ``tokenize`` (pure-Python, CPU-bound) -> ``build_classifier`` (a small transformer
 encoder) -> ``top_k``. *chain*: ``tokenize`` -> ``build_embedder`` -> ``build_classifier_head``
--> (``rerank_input``) -> ``build_reranker`` -> ``top_k``. *straggler*: no preprocess (numeric
-features) -> ``build_sleep_model``, which sleeps per row, twice as long where
-``ANTBATCH_BENCH_SLOWDOWN=2``: a throttled worker without CPU contention.
+-> (``rerank_input``) -> ``build_reranker`` -> ``top_k``. *device_single* and *device_chain*:
+the same shapes, each model on a simulated device (``SimulatedDevice``: a lock per device,
+held for a fixed time per row in ``time.sleep``, which uses no CPU and releases the GIL, around
+a tiny real layer), the paper's shape of CPU work beside accelerators. *straggler*: no
+preprocess (numeric features) -> ``build_sleep_model``, which sleeps per row, twice as long
+where ``ANTBATCH_BENCH_SLOWDOWN=2``: a throttled worker without CPU contention.
 
 Weights are seeded, so every system scores the same model. Importing this module registers
 the ``latency://`` filesystem, so any process that loads these functions can read the input.
@@ -13,6 +16,7 @@ the ``latency://`` filesystem, so any process that loads these functions can rea
 from __future__ import annotations
 
 import os
+import threading
 import time
 import unicodedata
 from typing import TYPE_CHECKING, Any
@@ -25,6 +29,8 @@ import bench.latencyfs  # noqa: F401  (registers latency://)
 from bench.vocab import CLS_ID, PAD_ID, UNK_ID, VOCAB_SIZE, wordpiece_vocab
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import pyarrow as pa
 
 MAX_TOKENS = 128  # [CLS] + at most 127 word pieces
@@ -36,6 +42,17 @@ FEEDFORWARD = 256
 NUM_CLASSES = 10
 HEAD_HIDDEN = 1024
 SLEEP_PER_ROW_S = 0.001  # the straggler model's cost per row at full speed
+# A simulated device's time per row; the harness sizes it to the tokenizer's time per row.
+DEVICE_S_PER_ROW_ENV = "ANTBATCH_BENCH_DEVICE_S_PER_ROW"
+DEVICE_S_PER_ROW_DEFAULT = 0.0008
+# Each workload's model builders (names in this module), in chain order.
+MODELS = {
+    "single": ("build_classifier",),
+    "chain": ("build_embedder", "build_classifier_head", "build_reranker"),
+    "device_single": ("build_device_classifier",),
+    "device_chain": ("build_device_embedder", "build_device_head", "build_device_reranker"),
+}
+CHAIN_STAGES = ("embed", "classify", "rerank")  # the stage names of a three-model chain
 
 
 # -- preprocess --------------------------------------------------------------------------------
@@ -206,7 +223,7 @@ class Reranker(nn.Module):
         return self.mlp(torch.cat([embedding, logits], dim=1)) + logits  # type: ignore[no-any-return]
 
 
-def _seeded(factory: type[nn.Module], seed: int) -> nn.Module:
+def _seeded(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return factory().eval()
@@ -226,6 +243,94 @@ def build_classifier_head() -> nn.Module:
 
 def build_reranker() -> nn.Module:
     return _seeded(Reranker, 4)
+
+
+# -- simulated devices ---------------------------------------------------------------------------
+
+_DEVICES = [threading.Lock() for _ in CHAIN_STAGES]  # one per simulated device, per process
+
+
+def device_s_per_row() -> float:
+    """The simulated devices' time per row, from the environment the harness sets."""
+    return float(os.environ.get(DEVICE_S_PER_ROW_ENV) or DEVICE_S_PER_ROW_DEFAULT)
+
+
+class SimulatedDevice(nn.Module):
+    """A model on a simulated accelerator: holds device ``device`` for ``rows x s_per_row`` seconds
+    per call without using the CPU (``time.sleep`` releases the GIL), running its tiny real layer
+    meanwhile, so two calls on one device never overlap and calls on different devices do."""
+
+    def __init__(self, device: int, inner: nn.Module) -> None:
+        super().__init__()
+        self.device = device
+        self.inner = inner
+        self.s_per_row = device_s_per_row()
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
+        rows = next(iter((*args, *kwargs.values()))).shape[0]
+        with _DEVICES[self.device]:
+            started = time.perf_counter()
+            out = self.inner(*args, **kwargs)
+            time.sleep(max(0.0, self.s_per_row * rows - (time.perf_counter() - started)))
+        return out
+
+
+class BagEncoder(nn.Module):
+    """Mean of token embeddings over real tokens: a layer so cheap that the device's time is the cost."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(VOCAB_SIZE, width, mode="sum", padding_idx=PAD_ID)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.bag(input_ids) / attention_mask.sum(1, keepdim=True).clamp(min=1).to(torch.float32)  # type: ignore[no-any-return]
+
+
+class LinearHead(nn.Module):
+    """*device_chain*'s second model: logits from the embedding, the embedding handed on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(D_MODEL, NUM_CLASSES)
+
+    def forward(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"embedding": embedding, "logits": self.linear(embedding)}
+
+
+class LinearReranker(nn.Module):
+    """*device_chain*'s third model: rescored classes from the embedding and the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(D_MODEL + NUM_CLASSES, NUM_CLASSES)
+
+    def forward(self, embedding: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.cat([embedding, logits], dim=1)) + logits  # type: ignore[no-any-return]
+
+
+def build_device_classifier() -> nn.Module:
+    return SimulatedDevice(0, _seeded(lambda: BagEncoder(NUM_CLASSES), 5))
+
+
+def build_device_embedder() -> nn.Module:
+    return SimulatedDevice(0, _seeded(lambda: BagEncoder(D_MODEL), 6))
+
+
+def build_device_head() -> nn.Module:
+    return SimulatedDevice(1, _seeded(LinearHead, 7))
+
+
+def build_device_reranker() -> nn.Module:
+    return SimulatedDevice(2, _seeded(LinearReranker, 8))
+
+
+def build_models(workload: str) -> list[nn.Module]:
+    """The workload's models, in chain order (one for a single model)."""
+    try:
+        names = MODELS[workload]
+    except KeyError:
+        raise ValueError(f"unknown workload {workload!r}; known: {', '.join(MODELS)}") from None
+    return [globals()[name]() for name in names]
 
 
 def rerank_input(previous: dict[str, torch.Tensor], batch: pa.RecordBatch) -> tuple[torch.Tensor, torch.Tensor]:

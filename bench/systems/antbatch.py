@@ -24,18 +24,19 @@ WORKLOAD_CODE = "bench.workloads"
 
 
 def job_fields(workload: str) -> dict[str, Any]:
-    """The JobSpec fields that name the workload's user code."""
+    """The JobSpec fields that name the workload's user code: one model, or a chain of three
+    stages (embed -> classify, whose dict output is not kept as a column -> rerank, through
+    the adapter that calls it as model(embedding, logits))."""
+    from bench.workloads import CHAIN_STAGES, MODELS
+
     common = {"preprocess": f"{WORKLOAD_CODE}:tokenize", "postprocess": f"{WORKLOAD_CODE}:top_k", "id_column": "id"}
-    if workload == "single":
-        return {**common, "model": f"{WORKLOAD_CODE}:build_classifier"}
-    return {
-        **common,
-        "stages": [
-            {"name": "embed", "model": f"{WORKLOAD_CODE}:build_embedder"},
-            {"name": "classify", "model": f"{WORKLOAD_CODE}:build_classifier_head", "output_column": None},
-            {"name": "rerank", "model": f"{WORKLOAD_CODE}:build_reranker", "adapter": f"{WORKLOAD_CODE}:rerank_input"},
-        ],
-    }
+    models = [f"{WORKLOAD_CODE}:{name}" for name in MODELS[workload]]
+    if len(models) == 1:
+        return {**common, "model": models[0]}
+    embed, classify, rerank = ({"name": name, "model": model} for name, model in zip(CHAIN_STAGES, models, strict=True))
+    classify["output_column"] = None
+    rerank["adapter"] = f"{WORKLOAD_CODE}:rerank_input"
+    return {**common, "stages": [embed, classify, rerank]}
 
 
 def worker_kwargs(cpu_budget: int | None, preprocess_workers: int | None) -> dict[str, Any]:

@@ -24,7 +24,7 @@ class RunConfig:
     """One system run, as the orchestrator writes it (JSON on the command line)."""
 
     system: str
-    workload: str  # single | chain
+    workload: str  # a key of bench.workloads.MODELS
     input_dir: str  # local directory of the generated Parquet files
     output_dir: str  # local: every system writes its output to local disk
     result_path: str
@@ -55,14 +55,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def build_models(workload: str) -> list[Any]:
-    """The workload's models, in chain order (one for *single*)."""
+    """The workload's models, in chain order (one for a single model)."""
     from bench import workloads
 
-    if workload == "single":
-        return [workloads.build_classifier()]
-    if workload == "chain":
-        return [workloads.build_embedder(), workloads.build_classifier_head(), workloads.build_reranker()]
-    raise ValueError(f"unknown workload {workload!r}")
+    return workloads.build_models(workload)
 
 
 def infer(models: list[Any], inputs: dict[str, Any], batch: pa.RecordBatch) -> Any:

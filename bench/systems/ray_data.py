@@ -112,6 +112,7 @@ def main() -> None:
     import ray
 
     from bench.latencyfs import LatencyFileSystem
+    from bench.workloads import MODELS
 
     ray.init(
         num_cpus=int(opts.get("num_cpus", 2)),
@@ -127,7 +128,7 @@ def main() -> None:
 
     filesystem = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(LatencyFileSystem()))
     actor_cpus = float(opts.get("actor_cpus", 1))
-    mode = opts.get("chain_mode", "fused") if config.workload == "chain" else "fused"
+    mode = opts.get("chain_mode", "fused") if len(MODELS[config.workload]) > 1 else "fused"
     parts = ["embed", "classify", "rerank"] if mode == "split" else ["all"]
     shutil.rmtree(config.output_dir, ignore_errors=True)
     timing_dir = config.output_dir.rstrip("/") + "-actors"
