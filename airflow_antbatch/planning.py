@@ -22,6 +22,7 @@ from airflow_antbatch import layout
 from airflow_antbatch.errors import InputError, InputNotFoundError, PlanConflictError, SpecError
 from airflow_antbatch.shards import JobPlan, Piece, Shard, ShardTable
 from airflow_antbatch.store import AtomicStore
+from airflow_antbatch.text_sample import SAMPLE_FILES, TextSample, sample_text
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 _EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 _GLOB_CHARS = frozenset("*?[")
+# A byte range of a big text file is never cut smaller than this share of a full shard: the
+# shard in hand is closed instead of topped up with a sliver.
+_MIN_FILL = 0.125
 # Spec fields whose change changes the results: a plan made with other values is another job.
 # The models count as the chain ``model_stages`` spells out (see ``result_settings``).
 _RESULT_FIELDS = (
@@ -72,6 +76,7 @@ def plan_job(spec: JobSpec, *, force: bool = False) -> PlanResult:
     columns = input_columns(fmt, files, dict(spec.storage_options))
     check_passthrough_columns(spec, columns, files[0].path)
     fingerprint = plan_fingerprint(spec, fmt, files)
+    text = None if fmt == "parquet" else _sample(files, dict(spec.storage_options), fmt)
     store = AtomicStore(spec.state_root, dict(spec.storage_options))
     attempt, existing = _latest_plan(store)
     if existing is not None and not force:
@@ -86,7 +91,7 @@ def plan_job(spec: JobSpec, *, force: bool = False) -> PlanResult:
         attempt=attempt,
         fingerprint=fingerprint,
         input_format=fmt,
-        shards=cut_shards(files, spec.max_shard_rows, spec.target_shard_bytes, split_lines=fmt == "jsonl"),
+        shards=cut_shards(files, spec.max_shard_rows, spec.target_shard_bytes, text=text),
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         input_columns=columns,
         columns_from=files[0].path,
@@ -338,18 +343,73 @@ def _parquet_footer(
 # -- sharding --------------------------------------------------------------------------------
 
 
-def cut_shards(files: list[InputFile], max_rows: int, target_bytes: int, *, split_lines: bool = False) -> ShardTable:
-    """Pack files (or Parquet row groups) in order into shards under both limits.
+def cut_shards(
+    files: list[InputFile], max_rows: int, target_bytes: int, *, text: TextSample | None = None
+) -> ShardTable:
+    """Pack files (Parquet row groups, or JSONL and CSV byte ranges) in order into shards under both limits.
 
-    Big JSONL files (``split_lines``) are first cut into byte ranges of ``target_bytes``. A
-    unit larger than a limit on its own (one huge row group, one big CSV file) becomes a shard
-    by itself: row groups and CSV files are never split (a quoted newline makes CSV ranges unsafe).
+    Parquet: a row group larger than a limit on its own becomes a shard by itself. JSONL and
+    CSV (``text``: their estimated rows): see ``_cut_text``.
     """
     groups = {f.path: len(f.row_groups) for f in files if f.row_groups is not None}
-    packed = _pack(_units(files, target_bytes if split_lines else None), max_rows, target_bytes)
+    packed = (
+        _pack(_units(files), max_rows, target_bytes) if text is None else _cut_text(files, text, max_rows, target_bytes)
+    )
     return ShardTable.from_shards(
         _make_shard(i, [_whole_or_part(p, groups) for p in pieces]) for i, pieces in enumerate(packed)
     )
+
+
+def _sample(files: list[InputFile], storage_options: dict[str, Any], fmt: str) -> TextSample:
+    fs, _ = fsspec.core.url_to_fs(files[0].path, **storage_options)
+    sample = sample_text(fs, fmt, [(f.path, f.size) for f in files])
+    log.info(
+        "%s rows estimated at %.1f bytes each from the heads of %d of %d files (%d counted whole)%s",
+        fmt,
+        sample.bytes_per_row,
+        min(len(files), SAMPLE_FILES),
+        len(files),
+        len(sample.counted),
+        "" if sample.splittable else "; CSV values span lines, so files are not split",
+    )
+    return sample
+
+
+def _cut_text(files: list[InputFile], text: TextSample, max_rows: int, target_bytes: int) -> Iterator[list[Piece]]:
+    """Each shard's pieces: whole small files packed together, big ones cut into byte ranges.
+
+    A file within both limits stays whole (the near cache fetches it in one GET). A bigger one
+    is cut into ranges at estimated row counts, its first range topping up the shard in hand
+    and its last left open for the next files, so that shards hold about ``max_rows``
+    estimated rows across file boundaries. A range is never cut smaller than ``_MIN_FILL`` of
+    a shard. CSV whose values span lines (``text.splittable``) is never cut.
+    """
+    current: list[Piece] = []
+    rows, size = 0.0, 0
+    for f in files:
+        file_rows = text.rows(f.path, f.size)
+        if not text.splittable or (file_rows <= max_rows and f.size <= target_bytes):
+            if current and (rows + file_rows > max_rows or size + f.size > target_bytes):
+                yield current
+                current, rows, size = [], 0.0, 0
+            current.append(Piece(f.path, f.size, file_size=f.size, version=f.version))
+            rows, size = rows + file_rows, size + f.size
+            continue
+        row_bytes = f.size / max(file_rows, 1.0)
+        full = min(max_rows * row_bytes, target_bytes)
+        start = 0
+        while start < f.size:
+            room = min((max_rows - rows) * row_bytes, target_bytes - size)
+            if current and room < _MIN_FILL * full:
+                yield current
+                current, rows, size = [], 0.0, 0
+                continue
+            end = min(f.size, start + max(1, int(room)))
+            current.append(Piece(f.path, end - start, byte_range=(start, end), file_size=f.size, version=f.version))
+            rows, size = rows + (end - start) / row_bytes, size + end - start
+            start = end
+    if current:
+        yield current
 
 
 def _pack(units: Iterable[Piece], max_rows: int, target_bytes: int) -> Iterator[list[Piece]]:
@@ -377,13 +437,9 @@ def _whole_or_part(piece: Piece, groups: dict[str, int]) -> Piece:
     return dataclasses.replace(piece, file_size=None, version=None) if partial else piece
 
 
-def _units(files: list[InputFile], range_bytes: int | None) -> Iterable[Piece]:
+def _units(files: list[InputFile]) -> Iterable[Piece]:
     for f in files:
-        if f.row_groups is None and range_bytes is not None and f.size > range_bytes:
-            for start in range(0, f.size, range_bytes):
-                end = min(f.size, start + range_bytes)
-                yield Piece(f.path, end - start, byte_range=(start, end), file_size=f.size, version=f.version)
-        elif f.row_groups is None:
+        if f.row_groups is None:
             yield Piece(f.path, f.size, file_size=f.size, version=f.version)
         else:
             for index, (rows, size) in enumerate(f.row_groups):

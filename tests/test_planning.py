@@ -18,6 +18,7 @@ from airflow_antbatch.errors import InputError, InputNotFoundError, PlanConflict
 from airflow_antbatch.planning import InputFile, cut_shards, list_input, plan_job, resolve_plan_uri
 from airflow_antbatch.shards import JobPlan
 from airflow_antbatch.spec import JobSpec, ModelStage
+from airflow_antbatch.text_sample import TextSample
 from bench import plan_scale
 from tests.conftest import TABULAR, write_transactions
 
@@ -255,3 +256,43 @@ def test_cut_shards_covers_every_row_group_once_in_order_within_limits(
         if groups > 1:  # only a single oversized row group may exceed a limit
             assert (shard.rows or 0) <= max_rows
             assert shard.size <= target_bytes
+
+
+_text_files = st.lists(st.tuples(st.integers(1, 20_000), st.floats(5.0, 400.0)), min_size=1, max_size=8)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    files=_text_files,
+    max_rows=st.integers(20, 2000),
+    target_bytes=st.integers(500, 60_000),
+    splittable=st.booleans(),
+)
+def test_cut_text_covers_every_byte_once_in_order_and_keeps_estimated_rows_within_the_limit(
+    files: list[tuple[int, float]], max_rows: int, target_bytes: int, splittable: bool
+) -> None:
+    """Whatever the estimate, each file's pieces tile its bytes in order (so each line is in
+    the one range its first byte falls in), and each shard's estimated rows and bytes stay
+    within the limits unless it is one file that may not be cut."""
+    inputs = [InputFile(f"/t{i}.jsonl", size, "v") for i, (size, _) in enumerate(files)]
+    rows_of = {f.path: f.size / row_bytes for f, (_, row_bytes) in zip(inputs, files, strict=True)}
+    text = TextSample(bytes_per_row=1.0, counted={p: round(r) for p, r in rows_of.items()}, splittable=splittable)
+    shards = list(cut_shards(inputs, max_rows, target_bytes, text=text))
+    covered: dict[str, list[tuple[int, int]]] = {}
+    for piece in (p for s in shards for p in s.pieces):
+        covered.setdefault(piece.path, []).append(piece.byte_range or (0, piece.size))
+    assert list(covered) == [f.path for f in inputs]  # listing order
+    for f in inputs:
+        spans = covered[f.path]
+        assert spans[0][0] == 0 and spans[-1][1] == f.size
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
+    sizes = {f.path: f.size for f in inputs}
+    total_rows = total_bytes = 0.0
+    for shard in shards:
+        # A range holds its share of its file's estimated rows.
+        estimated = sum(text.rows(p.path, sizes[p.path]) * p.size / sizes[p.path] for p in shard.pieces)
+        total_rows, total_bytes = total_rows + estimated, total_bytes + shard.size
+        if len(shard.pieces) > 1 or shard.pieces[0].byte_range is not None:
+            assert estimated <= max_rows * (1 + 1e-9) and shard.size <= target_bytes
+    # Next fit: a shard is closed only when the next piece did not fit or it is 7/8 full.
+    assert len(shards) <= 2 * (total_rows / max_rows + total_bytes / target_bytes) * 8 / 7 + 2

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from airflow_antbatch.errors import InputError, StoreError
 from airflow_antbatch.store import is_transport_error
+from airflow_antbatch.text_sample import odd_quotes
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -62,17 +63,15 @@ def _read_piece(
         groups = list(piece.row_groups) if piece.row_groups is not None else None
         yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size, row_groups=groups)
         return
-    if fmt == "jsonl" and piece.byte_range is not None:
-        lines = read_line_range(handle, *piece.byte_range)
-        if not lines:  # no line starts in this range: a longer line than the range covers it
-            return
-        table = pajson.read_json(io.BytesIO(lines))
-    elif fmt == "jsonl":
-        table = pajson.read_json(handle)
-    elif fmt == "csv":
-        table = pacsv.read_csv(handle)
-    else:
+    if fmt not in ("jsonl", "csv"):
         raise InputError(f"unknown input format {fmt!r} for {piece.path}")
+    source: BinaryIO = handle
+    if piece.byte_range is not None:
+        data = _text_range(handle, piece, fmt)
+        if data is None:  # no line starts in this range: a longer line than the range covers it
+            return
+        source = io.BytesIO(data)
+    table = pajson.read_json(source) if fmt == "jsonl" else pacsv.read_csv(source)
     if columns is not None and set(table.column_names) != set(columns[0]):
         missing, extra = (
             sorted(set(columns[0]) - set(table.column_names)),
@@ -83,6 +82,29 @@ def _read_piece(
             f"missing {missing}, unexpected {extra}"
         )
     yield from table.to_batches(max_chunksize=batch_size)
+
+
+def _text_range(handle: BinaryIO, piece: Piece, fmt: str) -> bytes | None:
+    """The range's lines, after its file's header line for CSV; None when no line starts in it.
+
+    A CSV line with an odd number of quotes is a value spanning lines, which a range cut at a
+    line start tears apart: the shard fails rather than read torn rows (the planner does not
+    cut CSV whose sample shows one, but the sample is only the head of a few files).
+    """
+    assert piece.byte_range is not None
+    start, end = piece.byte_range
+    lines = read_line_range(handle, start, end)
+    if fmt == "jsonl" or not lines:
+        return lines or None
+    if any(odd_quotes(line) for line in lines.splitlines()):
+        raise InputError(
+            f"CSV file {piece.path} has a quoted value spanning lines in bytes {start}-{end}, so it cannot be "
+            "read in byte ranges: raise max_shard_rows and target_shard_bytes above the file's rows and size"
+        )
+    if start == 0:
+        return lines  # the header is the range's first line
+    handle.seek(0)
+    return handle.readline() + lines
 
 
 def read_line_range(handle: BinaryIO, start: int, end: int) -> bytes:

@@ -1,15 +1,21 @@
-"""Reading pieces: Parquet row groups, and JSONL byte ranges that cover every line once."""
+"""Reading pieces: Parquet row groups, and JSONL and CSV byte ranges that cover every line once."""
 
 from __future__ import annotations
 
 import io
 import json
 import pathlib
+import tempfile
 
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from airflow_antbatch.errors import InputError
 from airflow_antbatch.planning import plan_job
+from airflow_antbatch.shards import Piece, Shard
 from airflow_antbatch.spec import JobSpec
 from airflow_antbatch.worker.reader import iter_batches, read_line_range
 
@@ -47,3 +53,55 @@ def test_a_line_longer_than_its_range_leaves_the_ranges_it_covers_empty(tmp_path
     plan = plan_job(spec).plan
     ids = [i for s in plan.shards for b in iter_batches(s, "jsonl", 64) for i in b.column("id").to_pylist()]
     assert ids == list(range(8))
+
+
+_texts = st.text(st.characters(codec="utf-8", exclude_characters='\n\r"'), max_size=40)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    fmt=st.sampled_from(["jsonl", "csv"]),
+    files=st.lists(st.lists(_texts, min_size=1, max_size=120), min_size=1, max_size=5),
+    max_rows=st.integers(1, 150),
+)
+def test_planned_text_shards_read_every_row_exactly_once_in_order(
+    fmt: str, files: list[list[str]], max_rows: int
+) -> None:
+    """JSONL and CSV cut at estimated rows (byte ranges spanning files, a CSV range reading its
+    file's header) give back every row once, in order, whatever the estimate's error."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = pathlib.Path(tmp)
+        (root / "in").mkdir()
+        first = 0
+        for i, texts in enumerate(files):
+            table = pa.table({"id": list(range(first, first + len(texts))), "text": texts})
+            path = root / "in" / f"part-{i}.{fmt}"
+            if fmt == "csv":
+                pacsv.write_csv(table, path, pacsv.WriteOptions(quoting_style="all_valid"))
+            else:
+                path.write_text("".join(json.dumps(row) + "\n" for row in table.to_pylist()))
+            first += len(texts)
+        spec = JobSpec(input_uri=str(root / "in"), output_uri=str(root / "out"), model="m:f", max_shard_rows=max_rows)
+        plan = plan_job(spec).plan
+        ids = [i for s in plan.shards for b in iter_batches(s, fmt, 64) for i in b.column("id").to_pylist()]
+    assert ids == list(range(first))
+
+
+def test_a_csv_value_spanning_lines_fails_a_range_naming_the_file_and_keeps_sampled_files_whole(
+    tmp_path: pathlib.Path,
+) -> None:
+    rows = "".join(f'{i},"line one\nline two"\n' if i == 900 else f"{i},plain\n" for i in range(1000))
+    path = tmp_path / "in" / "notes.csv"
+    path.parent.mkdir()
+    path.write_text("id,text\n" + rows)
+    torn = Shard(
+        "00000-00000000", (Piece(str(path), 4000, byte_range=(path.stat().st_size - 4000, path.stat().st_size)),)
+    )
+    with pytest.raises(InputError, match=r"notes.csv has a quoted value spanning lines in bytes"):
+        list(iter_batches(torn, "csv", 64))
+    # Within the sampled head the planner sees it, and does not cut the file.
+    path.write_text('id,text\n0,"line one\nline two"\n' + rows)
+    plan = plan_job(
+        JobSpec(input_uri=str(path), output_uri=str(tmp_path / "out"), model="m:f", max_shard_rows=100)
+    ).plan
+    assert len(plan.shards) == 1 and plan.shard(0).pieces[0].byte_range is None
