@@ -1,10 +1,18 @@
 """Stragglers: N antbatch workers, one throttled to half speed, with dynamic and static dispatch.
 
+``python -m bench.straggler [--profile quick|full]`` (``make bench-straggler``: the quick
+profile, about 1 minute on 2 cores) writes ``bench/results/straggler.json``: the profile's job,
+and the same job with the throttled worker ``HARSH_SLOWDOWN`` times slower, where backups
+have more to win. ``bench.run`` runs the profile's job into quick.json and full.json.
+docs/benchmarks.md's "straggler" block is rendered from them by ``bench.straggler_report``.
+
 The model is ``bench.workloads:build_sleep_model``: it sleeps per row and burns no CPU, so 4
 workers on 2 cores measure scheduling, not contention. The throttled worker gets
 ``ANTBATCH_BENCH_SLOWDOWN=2``.
 
-- *dynamic*: one plan, every worker pulls shards from the ledger.
+- *dynamic*: one plan, every worker pulls shards from the ledger, with speculative backup
+  tries at the tail (the default); the rows scored by tries that lost the race are reported.
+- *no_backup*: the same with ``backup_tries=False``.
 - *static*: the shards dealt round-robin into N disjoint jobs, one per worker (what a job
   that splits its input by worker index does).
 
@@ -18,6 +26,7 @@ figures alone is reported beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -35,11 +44,13 @@ from bench.workloads import SLEEP_PER_ROW_S
 if TYPE_CHECKING:
     from bench.config import StragglerConfig
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+HARSH_SLOWDOWN = 5.0
 # Short leases: a worker that has nothing left to claim polls every ttl/4 for the others to finish.
 LEASE_TTL_S = 2.0
 
 
-def _plan(inputs: list[str], output: str, shard_rows: int) -> str:
+def _plan(inputs: list[str], output: str, shard_rows: int, *, backups: bool = True) -> str:
     from airflow_antbatch.planning import plan_job
     from airflow_antbatch.spec import JobSpec
 
@@ -51,6 +62,7 @@ def _plan(inputs: list[str], output: str, shard_rows: int) -> str:
         batch_size=shard_rows,
         max_shard_rows=shard_rows,
         lease_ttl_s=LEASE_TTL_S,
+        backup_tries=backups,
     )
     return plan_job(spec).plan_uri
 
@@ -128,15 +140,18 @@ def run_once(root: str, cfg: StragglerConfig, env: dict[str, str], repeat: int) 
     shutil.rmtree(work, ignore_errors=True)
 
     os.makedirs(work)
-    dyn_out = os.path.join(work, "dynamic")
+    dyn_out, off_out = os.path.join(work, "dynamic"), os.path.join(work, "no-backup")
     dynamic = _phase(work, "dynamic", [_plan(files, dyn_out, cfg.rows_per_shard)] * cfg.workers)
+    no_backup = _phase(work, "no-backup", [_plan(files, off_out, cfg.rows_per_shard, backups=False)] * cfg.workers)
     outputs = [os.path.join(work, f"static-{i}") for i in range(cfg.workers)]
     static = _phase(
         work, "static", [_plan(files[i :: cfg.workers], outputs[i], cfg.rows_per_shard) for i in range(cfg.workers)]
     )
-    procs = _start_workers([[d, s] for d, s in zip(dynamic, static, strict=True)], work, cfg, env)
+    procs = _start_workers([list(p) for p in zip(dynamic, no_backup, static, strict=True)], work, cfg, env)
     dyn = _run_phase(procs, dynamic, work)
     dyn_makespan = _last_commit(dyn_out) - dyn[0]["go"]
+    off = _run_phase(procs, no_backup, work)
+    off_makespan = _last_commit(off_out) - off[0]["go"]
     static_results = _run_phase(procs, static, work)
     for proc in procs:
         proc.wait()
@@ -152,6 +167,11 @@ def run_once(root: str, cfg: StragglerConfig, env: dict[str, str], repeat: int) 
         "nominal_ideal_s": nominal,
         "dynamic_over_ideal": dyn_makespan / ideal,
         "static_over_ideal": static_makespan / ideal,
+        "no_backup_makespan_s": off_makespan,
+        "no_backup_over_ideal": off_makespan / ideal,
+        "backups": sum(r["backups"] for r in dyn),
+        "rows_wasted": sum(r["rows_lost"] for r in dyn),
+        "rows_wasted_no_backup": sum(r["rows_lost"] for r in off),
         "dynamic_shards_by_worker": _commits_by_worker(dyn_out),
         "static_rows_s_by_worker": [round(s, 1) for s in speeds],
     }
@@ -167,8 +187,12 @@ def run(root: str, cfg: StragglerConfig, env: dict[str, str]) -> dict[str, Any]:
         "nominal_ideal_s",
         "dynamic_over_ideal",
         "static_over_ideal",
+        "no_backup_makespan_s",
+        "no_backup_over_ideal",
     )
     out: dict[str, Any] = {k: round(statistics.median(r[k] for r in runs), 3) for k in keys}
+    for key in ("backups", "rows_wasted", "rows_wasted_no_backup"):  # summed over the repeats
+        out[key] = sum(r[key] for r in runs)
     out["dynamic_shards_by_worker"] = runs[-1]["dynamic_shards_by_worker"]
     out["static_rows_s_by_worker"] = runs[-1]["static_rows_s_by_worker"]
     out["runs"] = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in runs]
@@ -182,3 +206,43 @@ def run(root: str, cfg: StragglerConfig, env: dict[str, str]) -> dict[str, Any]:
         "lease_ttl_s": LEASE_TTL_S,
     }
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import datetime as dt
+    import tempfile
+
+    from bench.config import PROFILES
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "straggler.json"))
+    args = parser.parse_args(argv)
+    began = time.time()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cfg = PROFILES[args.profile].straggler
+    with tempfile.TemporaryDirectory(prefix="antbatch-straggler-") as root:
+        result = run(root, cfg, env)
+        harsh = run(root, dataclasses.replace(cfg, slowdown=HARSH_SLOWDOWN), env)
+    result.update(
+        command=f"python -m bench.straggler --profile {args.profile}",
+        profile=args.profile,
+        wall_s=round(time.time() - began, 1),
+        load_avg_after=os.getloadavg()[0],
+        finished_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+    with open(args.out, "w") as handle:
+        json.dump({"straggler": result, "straggler_harsh": harsh}, handle, indent=1)
+        handle.write("\n")
+    print(
+        f"straggler: {result['dynamic_over_ideal']:.3f}x ideal with backups ({result['backups']} backups, "
+        f"{result['rows_wasted']} rows wasted), {result['no_backup_over_ideal']:.3f}x without, "
+        f"static {result['static_over_ideal']:.3f}x; {HARSH_SLOWDOWN:g}x slower: {harsh['dynamic_over_ideal']:.3f}x "
+        f"with backups, {harsh['no_backup_over_ideal']:.3f}x without; {result['wall_s']} s -> {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,8 +34,9 @@ def main() -> None:
             **worker_kwargs(cpu_budget=1, preprocess_workers=0),
         )
         result = {"started": started, "ended": time.time(), "rows": summary.rows_committed}
+        result.update(shards=summary.shards_committed, rows_lost=summary.rows_lost)
         with open(phase["result_file"], "w") as handle:
-            json.dump({**result, "shards": summary.shards_committed}, handle)
+            json.dump({**result, "backups": summary.claiming.get("backups", 0)}, handle)
 
 
 if __name__ == "__main__":

@@ -235,6 +235,9 @@ class Worker:
             with self._changed:
                 self._in_flight.discard(shard_id)
                 self._changed.notify_all()
+        if done:  # fresh counts for status, and the claimer's pace for backups; the thread retries
+            with contextlib.suppress(StoreError):
+                self._heartbeat.beat()
 
     def _settle(self, work: ShardWork) -> bool:
         """True once the shard is committed (by this try or another); False to look again."""
@@ -309,8 +312,6 @@ class Worker:
         self._timeline[bucket] = self._timeline.get(bucket, 0) + table.num_rows
         while len(self._timeline) > TIMELINE_BUCKETS:
             del self._timeline[min(self._timeline)]
-        with contextlib.suppress(StoreError):  # fresh counts for status; the heartbeat thread retries
-            self._heartbeat.beat()
         log.info(
             "%s: committed shard %s (%d rows%s) in %.1fs; this worker: %d shards, %d rows",
             self.identity.worker_id,
