@@ -32,6 +32,7 @@ import dataclasses
 import statistics
 from typing import TYPE_CHECKING, Any
 
+from airflow_antbatch.ledger import EXITED_STATES
 from airflow_antbatch.pool.policy import Decision, PoolSettings, PoolSnapshot, decide
 
 if TYPE_CHECKING:
@@ -82,7 +83,8 @@ class PoolController:
     def __init__(self, settings: PoolSettings) -> None:
         self.settings = settings
         self.decisions: list[Decision] = []
-        self._streaks: dict[int, tuple[str, int]] = {}  # slot -> (failure reason, times in a row)
+        # slot -> (failure reason, times in a row, the slot's freshest heartbeat token at the last one)
+        self._streaks: dict[int, tuple[str, int, str]] = {}
         self._handled: set[str] = set()  # pods already replaced (and counted), while still listed
         self._image_pull: dict[str, float] = {}  # pod -> elapsed_s when it first failed to pull
 
@@ -102,7 +104,7 @@ class PoolController:
         alive = [p for p in live if p.phase in ("Pending", "Running") and not _lost(p)]
         occupied = {p.slot for p in pods if p.name not in finished and p not in lost}
         replace = sorted({p.slot for p in lost} - occupied)
-        orphaned = {s: len(w.leases) for s in replace if (w := _worker_of(s, None, status.workers))}
+        orphaned = {s: len(w.leases) for s in replace if (w := _worker_of(s, status.workers))}
         snapshot = _snapshot(alive, replace, orphaned, status, now_s, elapsed_s)
         decision = decide(snapshot, self.settings, self.decisions[-1] if self.decisions else None)
         self._remember(decision)
@@ -136,13 +138,13 @@ class PoolController:
                 return f"pod {p.name} (slot {p.slot}) is in CrashLoopBackOff (exit code {p.exit_code})"
             if p.reason in CAPACITY_REASONS:
                 continue
-            worker = _worker_of(p.slot, p, workers)
-            if worker is not None and worker.shards_committed > 0:
-                self._streaks.pop(p.slot, None)  # it made progress: not a loop
-                continue
-            last, times = self._streaks.get(p.slot, ("", 0))
+            worker = _worker_of(p.slot, workers)
+            token = worker.token if worker is not None else ""
+            last, times, last_token = self._streaks.get(p.slot, ("", 0, ""))
+            if token != last_token and worker is not None and worker.shards_committed > 0:
+                times = 0  # a new incarnation beat and committed since the last failure: progress, not a loop
             times = times + 1 if last == reason else 1
-            self._streaks[p.slot] = (reason, times)
+            self._streaks[p.slot] = (reason, times, token)
             if times >= self.settings.crash_loop_limit:
                 return (
                     f"slot {p.slot} failed {times} times in a row with {reason} without committing a shard "
@@ -153,7 +155,7 @@ class PoolController:
     def to_dict(self) -> dict[str, Any]:
         """Plain values for a trigger's ``serialize()``."""
         return {
-            "streaks": {str(s): [r, n] for s, (r, n) in sorted(self._streaks.items())},
+            "streaks": {str(s): list(v) for s, v in sorted(self._streaks.items())},
             "handled": sorted(self._handled),
             "image_pull": dict(sorted(self._image_pull.items())),
             "decisions": [[d.wanted, d.reason] for d in self.decisions],
@@ -162,7 +164,7 @@ class PoolController:
     @classmethod
     def from_dict(cls, settings: PoolSettings, data: dict[str, Any]) -> PoolController:
         controller = cls(settings)
-        controller._streaks = {int(s): (str(r), int(n)) for s, (r, n) in data.get("streaks", {}).items()}
+        controller._streaks = {int(s): (str(r), int(n), str(t)) for s, (r, n, t) in data.get("streaks", {}).items()}
         controller._handled = set(data.get("handled", ()))
         controller._image_pull = {str(k): float(v) for k, v in data.get("image_pull", {}).items()}
         controller.decisions = [Decision(int(w), str(r)) for w, r in data.get("decisions", ())]
@@ -182,12 +184,20 @@ def _reason(p: PodView) -> str:
     return f"exit code {p.exit_code}" if p.exit_code is not None else "Failed"
 
 
-def _worker_of(slot: int, pod: PodView | None, workers: Sequence[WorkerStatus]) -> WorkerStatus | None:
-    """The slot's freshest heartbeat; with ``pod``, only one written during that pod's life
-    (an earlier incarnation's last beat says nothing about this pod)."""
+def _worker_of(slot: int, workers: Sequence[WorkerStatus], *, live: bool = False) -> WorkerStatus | None:
+    """The slot's freshest heartbeat (``live``: of a process that has not exited). A pod is not
+    named in its heartbeat, so a pod that has not beaten yet may be shown its predecessor's:
+    the callers only ever err towards keeping a pod."""
     wid = worker_id(slot)
-    mine = [w for w in workers if w.worker_id == wid and (pod is None or w.last_beat_age_s <= pod.age_s)]
+    mine = [w for w in workers if w.worker_id == wid and not (live and w.state in EXITED_STATES)]
     return min(mine, key=lambda w: w.last_beat_age_s) if mine else None
+
+
+def _holds_leases(slot: int, workers: Sequence[WorkerStatus]) -> bool:
+    """Whether the slot's running worker holds a lease; a pod not heard from yet counts as holding
+    none (it claims nothing a scale-down would lose)."""
+    worker = _worker_of(slot, workers, live=True)
+    return worker is not None and bool(worker.leases)
 
 
 def _snapshot(
@@ -201,7 +211,7 @@ def _snapshot(
     running = [p for p in alive if p.phase == "Running"]
     stuck = [p.age_s for p in alive if p.phase == "Pending" and p.unschedulable]
     rates = [w.rows_per_s for w in status.workers if w.state == "running" and w.rows_per_s > 0]
-    idle = sum(1 for p in running if (w := _worker_of(p.slot, p, status.workers)) is not None and not w.leases)
+    idle = sum(1 for p in running if not _holds_leases(p.slot, status.workers))
     if status.rows_planned is not None:
         remaining = max(0, status.rows_planned - status.rows_committed)
     else:  # rows unknown until planned with counts: the committed shards' mean size
@@ -243,11 +253,7 @@ def _reconcile(
     excess -= len(dropped)
     waiting = sorted((p for p in alive if p.phase == "Pending"), key=lambda p: (not p.unschedulable, p.age_s))
     idle = sorted(
-        (
-            p
-            for p in alive
-            if p.phase == "Running" and not ((w := _worker_of(p.slot, p, status.workers)) is not None and w.leases)
-        ),
+        (p for p in alive if p.phase == "Running" and not _holds_leases(p.slot, status.workers)),
         key=lambda p: -p.slot,
     )
     delete = [p.name for p in (waiting + idle)[: max(0, excess)]]

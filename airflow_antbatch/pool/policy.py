@@ -9,8 +9,13 @@ decision's reason (docs/kubernetes.md, "Scaling policy"):
    replacements take over at once). A pod past that cap would find nothing to claim, so the
    pool shrinks as the work drains and no pod idles at the tail.
 3. The target: with a deadline and a known rate per worker, remaining rows / (rate x time
-   left), with ``DEADLINE_HEADROOM``; otherwise an exponential ramp, (running + pending) x
-   ``ramp_factor``, while there is backlog.
+   left), with ``DEADLINE_HEADROOM``, where the time left stops one mean shard before the
+   deadline (the last shard started must end in time). A pool already within
+   ``DEADLINE_SLACK`` above that keeps its size (the rate estimate wobbles by a pod or two from
+   tick to tick; chasing it would churn pods). Within ``ENDGAME_SHARDS`` mean shards of the
+   deadline, or past it, every remaining shard is wanted in flight. Without a deadline, or
+   before any rate is known, an exponential ramp, (running + pending) x ``ramp_factor``, while
+   there is backlog.
 4. The shared cluster is full (pods pending with reason Unschedulable): add nothing; once the
    oldest has waited ``unschedulable_timeout_s``, keep a single pending pod as a probe (it
    schedules the moment capacity frees, and the ramp resumes) and let the other pending extras go.
@@ -25,7 +30,9 @@ import math
 
 from airflow_antbatch.errors import SpecError
 
-DEADLINE_HEADROOM = 1.2  # a deadline pool is sized for rows / (rate x time left) x this
+DEADLINE_HEADROOM = 1.25  # a deadline pool is sized for rows / (rate x time left) x this
+DEADLINE_SLACK = 1.25  # ... and keeps up to this much more than that rather than shrink
+ENDGAME_SHARDS = 10.0  # this many mean shards from the deadline (a straggler can take 10), every remaining shard goes in flight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,13 +132,20 @@ def _target(s: PoolSnapshot, settings: PoolSettings) -> tuple[int, str]:
     rate = s.rows_per_s_per_worker
     if settings.deadline_s is not None and rate is not None and rate > 0:
         left = settings.deadline_s - s.elapsed_s
-        if left <= 0:
-            return settings.max_workers, f"deadline passed {-left:.0f} s ago: every pod allowed"
-        need = math.ceil(s.remaining_rows * DEADLINE_HEADROOM / (rate * left))
-        return need, (
+        shards = s.pending_shards + s.leased_shards
+        shard_s = s.remaining_rows / shards / rate if shards else 0.0
+        if left <= ENDGAME_SHARDS * shard_s:
+            return settings.max_workers, (
+                f"deadline in {left:.0f} s, within {ENDGAME_SHARDS:.0f} shards of {shard_s:.0f} s: every remaining shard in flight"
+            )
+        need = math.ceil(s.remaining_rows * DEADLINE_HEADROOM / (rate * (left - shard_s)))
+        why = (
             f"deadline in {left:.0f} s: {s.remaining_rows} rows at {rate:.1f} rows/s per worker "
             f"need {need} pod(s) (x{DEADLINE_HEADROOM} headroom)"
         )
+        if need < s.pods <= need * DEADLINE_SLACK:
+            return s.pods, f"{why}; keeping {s.pods}, within x{DEADLINE_SLACK}"
+        return need, why
     if s.pending_shards == 0:
         return s.pods, f"no backlog: holding {s.pods} pod(s) while {s.leased_shards} shard(s) run"
     ramp = math.ceil(max(1, s.pods) * settings.ramp_factor)

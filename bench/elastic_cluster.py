@@ -1,0 +1,255 @@
+"""A simulated shared cluster for the elastic benchmark: GPU slots over time, pods that wait for
+one, preemptions, and worker processes that run the product's claiming code in each pod.
+
+Everything runs on ``bench.simclock.SimClock``. The clock wants every thread spawned before it
+runs, so each pool slot gets one host thread that runs the slot's pods one after another (a
+pod starts ``pod_start_s`` after it is scheduled, for the image and the model), plus one
+heartbeat thread. A pod's worker is ``bench.scale._Worker`` (the real ``Claimer`` and
+``Ledger`` over ``bench.simstore.SimStore``) with the slot's worker id ``slot-{slot}``, so a
+replacement takes its predecessor's tries over as a real one does. A pod's clock counts from
+its own start (as the worker's rows/s does) and its sleeps stop at a kill: what SIGTERM does
+to a real worker then follows (the lease in hand released as preempted, a final heartbeat).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+import zlib
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from airflow_antbatch.ledger import WorkerIdentity
+from airflow_antbatch.pool import PodView, worker_id
+from airflow_antbatch.worker.claims import Claimer
+from bench.scale import _Tally, _Worker
+
+if TYPE_CHECKING:
+    from airflow_antbatch.ledger import Lease
+    from airflow_antbatch.shards import JobPlan
+    from bench.scale import Config
+    from bench.simclock import SimClock
+    from bench.simstore import SimStore
+
+KILL_CHECK_S = 1.0  # a pod's sleeps wake this often to see whether it was killed
+HOST_POLL_S = 1.0  # a slot's host looks for a newly scheduled pod this often
+
+
+class Killed(Exception):
+    """The pod this worker runs in was preempted or deleted (SIGTERM)."""
+
+
+@dataclasses.dataclass(eq=False)
+class Pod:
+    name: str
+    slot: int
+    created_s: float
+    scheduled_s: float | None = None  # bound to a node: from here it holds a slot
+    started_s: float | None = None  # the worker process began
+    ended_s: float | None = None
+    phase: str = "Pending"
+    reason: str | None = None
+    killed: bool = False
+
+    def view(self, now: float) -> PodView:
+        return PodView(
+            name=self.name,
+            slot=self.slot,
+            phase=self.phase,
+            unschedulable=self.phase == "Pending",  # the queue only holds pods that found no free slot
+            age_s=now - self.created_s,
+            reason=self.reason,
+            exit_code=None if self.reason is None else 143,
+        )
+
+
+class Cluster:
+    """Slots over time and a FIFO queue of pods waiting for one; every change is logged."""
+
+    def __init__(self, sim: SimClock, pod_start_s: float, seed: int) -> None:
+        self.sim = sim
+        self.pod_start_s = pod_start_s
+        self.capacity = 0
+        self.pods: dict[str, Pod] = {}  # what a listing shows: deleted pods vanish
+        self.every: list[Pod] = []
+        self._queue: deque[Pod] = deque()
+        self._rng = random.Random(seed)
+        self.timeline: list[tuple[float, int, int, int]] = []  # (t, capacity, pods holding a slot, pending)
+        self.events: list[tuple[float, str, int]] = []  # (t, "freed" | "shrunk" | "preempt", slots)
+
+    def running(self) -> list[Pod]:
+        return [p for p in self.pods.values() if p.scheduled_s is not None and p.ended_s is None]
+
+    def create(self, slot: int) -> Pod:
+        pod = Pod(f"pool-{slot}-{len(self.every)}", slot, self.sim.now())
+        self.pods[pod.name] = pod
+        self.every.append(pod)
+        self._queue.append(pod)
+        self._schedule()
+        return pod
+
+    def delete(self, name: str) -> None:
+        pod = self.pods.pop(name, None)
+        if pod is not None and pod.ended_s is None:
+            self._end(pod, pod.phase if pod.phase == "Succeeded" else "Failed", pod.reason)
+            self._schedule()
+
+    def exited(self, pod: Pod) -> None:
+        """The worker exited 0: the pod Succeeded and frees its slot."""
+        if pod.ended_s is None:
+            self._end(pod, "Succeeded", None)
+            self._schedule()
+
+    def set_capacity(self, slots: int) -> None:
+        self.events.append((self.sim.now(), "freed" if slots > self.capacity else "shrunk", slots))
+        self.capacity = slots
+        self._preempt(len(self.running()) - slots)
+        self._schedule()
+
+    def preempt(self, count: int) -> None:
+        """Spot nodes reclaimed and replaced at once: ``count`` pods lose their node, not the slots."""
+        self.events.append((self.sim.now(), "preempt", count))
+        self._preempt(count)
+        self._schedule()
+
+    def _preempt(self, count: int) -> None:
+        running = self.running()
+        for pod in self._rng.sample(running, max(0, min(count, len(running)))):
+            self._end(pod, "Failed", "DisruptionTarget")
+
+    def _end(self, pod: Pod, phase: str, reason: str | None) -> None:
+        if pod in self._queue:
+            self._queue.remove(pod)
+        pod.phase, pod.reason, pod.killed, pod.ended_s = phase, reason, True, self.sim.now()
+        self._log()
+
+    def _schedule(self) -> None:
+        while self._queue and len(self.running()) < self.capacity:
+            pod = self._queue.popleft()
+            pod.scheduled_s, pod.phase = self.sim.now(), "Running"
+        self._log()
+
+    def _log(self) -> None:
+        pending = sum(1 for p in self.pods.values() if p.scheduled_s is None and p.ended_s is None)
+        self.timeline.append((self.sim.now(), self.capacity, len(self.running()), pending))
+
+
+class PodClock:
+    """One pod's view of time: counted from its own start, and sleeps that end at a kill."""
+
+    def __init__(self, sim: SimClock, pod: Pod) -> None:
+        self._sim = sim
+        self._pod = pod
+        self._start = sim.now()
+
+    def now(self) -> float:
+        return self._sim.now() - self._start
+
+    def sleep(self, seconds: float) -> None:
+        end = self._sim.now() + seconds
+        while True:
+            if self._pod.killed:
+                raise Killed(self._pod.name)
+            left = end - self._sim.now()
+            if left <= 0:
+                return
+            self._sim.sleep(min(KILL_CHECK_S, left))
+
+
+class PodRun:
+    """What ``bench.scale._Worker`` reads from its run, for one pod: its clock, the shared stores."""
+
+    def __init__(self, fleet: Fleet, pod: Pod) -> None:
+        self.sim = PodClock(fleet.sim, pod)
+        self.cfg, self.plan, self.work, self.tally = fleet.cfg, fleet.plan, fleet.work, fleet.tally
+        self.state, self.output = fleet.state, fleet.output
+        self.workers = fleet.slots
+        self.commit_extra = fleet.commit_extra
+
+
+class PodWorker(_Worker):
+    """``bench.scale._Worker`` as one pod of a slot: worker id ``slot-{slot}``, a fresh incarnation."""
+
+    def __init__(self, run: PodRun, slot: int, incarnation: str) -> None:
+        super().__init__(run, slot)  # type: ignore[arg-type]  # PodRun has what _Worker reads of a run
+        # The slot's worker id, not bench.scale's "worker-{index}": rebuilt with the same settings.
+        self.identity = WorkerIdentity(worker_id(slot), incarnation=incarnation)
+        self.claimer = Claimer(
+            self.ledger,
+            self.identity,
+            slot=(slot, run.workers),
+            poll_interval_s=run.cfg.poll_interval_s,
+            rng=random.Random(zlib.crc32(f"{run.cfg.seed}/{incarnation}".encode())),
+        )
+        self.lease: Lease | None = None
+
+    def process(self, lease: Lease) -> None:
+        self.lease = lease
+        super().process(lease)
+        self.lease = None
+
+    def terminate(self) -> None:
+        """SIGTERM, as ``worker.loop`` handles it: release the try in hand, a final heartbeat."""
+        if self.lease is not None:
+            self.ledger.release(self.lease, reason="preempted", failed=False)
+        self.stopped = True
+        self.beat("preempted")
+
+
+class Fleet:
+    """The cluster's pods and the worker processes in them, one host and one heartbeat thread per slot."""
+
+    def __init__(
+        self, sim: SimClock, cfg: Config, plan: JobPlan, work: dict[str, float], stores: tuple[SimStore, SimStore]
+    ) -> None:
+        self.sim, self.cfg, self.plan, self.work = sim, cfg, plan, work
+        self.state, self.output = stores
+        self.tally = _Tally()
+        self.slots = 0
+        self.over = False  # set by the launcher once its job is done: the hosts stop
+        self.cluster: Cluster
+        self.current: dict[int, PodWorker] = {}
+
+    def commit_extra(self, name: str) -> dict[str, Any]:
+        return {"sha256": hashlib.sha256(name.encode()).hexdigest()}
+
+    def spawn(self, cluster: Cluster, slots: int) -> None:
+        self.cluster, self.slots = cluster, slots
+        for slot in range(slots):
+            self.sim.spawn(self._host, slot, name=f"host-{slot}")
+            self.sim.spawn(self._beats, slot, name=f"beats-{slot}")
+
+    def _host(self, slot: int) -> None:
+        while not self.over:
+            pod = next((p for p in self.cluster.every if p.slot == slot and _ready(p)), None)
+            if pod is None:
+                self.sim.sleep(HOST_POLL_S)
+                continue
+            assert pod.scheduled_s is not None
+            self.sim.sleep(max(0.0, pod.scheduled_s + self.cluster.pod_start_s - self.sim.now()))
+            if pod.killed:
+                pod.started_s = -1.0  # never ran
+                continue
+            pod.started_s = self.sim.now()
+            worker = PodWorker(PodRun(self, pod), slot, incarnation=pod.name.replace("pool-", "i"))
+            self.current[slot] = worker
+            try:
+                worker.main()
+            except Killed:
+                worker.terminate()
+            else:
+                self.cluster.exited(pod)
+            del self.current[slot]
+
+    def _beats(self, slot: int) -> None:
+        interval = self.cfg.lease_ttl_s / 4
+        while not self.over:
+            self.sim.sleep(interval)
+            worker = self.current.get(slot)
+            if worker is not None and not worker.stopped:
+                worker.beat()
+
+
+def _ready(pod: Pod) -> bool:
+    return pod.scheduled_s is not None and pod.started_s is None
