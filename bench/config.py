@@ -66,8 +66,10 @@ PROFILES = {
         name="quick",
         single=TextData(rows=2048, files=2, row_group_rows=256),
         chain=TextData(rows=1024, files=2, row_group_rows=256),
-        device_single=TextData(rows=4096, files=2, row_group_rows=256, seed=8),
-        device_chain=TextData(rows=2048, files=2, row_group_rows=256, seed=9),
+        # 32 and 24 batches: a pipeline over k devices needs about k batches to fill, and the
+        # fixed start must stay small beside the devices' time for overlap to show.
+        device_single=TextData(rows=8192, files=4, row_group_rows=256, seed=8),
+        device_chain=TextData(rows=6144, files=3, row_group_rows=256, seed=9),
         repeats=2,
         bound_repeats=1,
         # Quick tries Ray's fused chain on the CPU chain and its split chain on the device chain,
@@ -79,8 +81,8 @@ PROFILES = {
         name="full",
         single=TextData(rows=8192, files=4, row_group_rows=1024),
         chain=TextData(rows=4096, files=4, row_group_rows=512),
-        device_single=TextData(rows=8192, files=4, row_group_rows=1024, seed=8),
-        device_chain=TextData(rows=4096, files=4, row_group_rows=512, seed=9),
+        device_single=TextData(rows=16384, files=4, row_group_rows=1024, seed=8),
+        device_chain=TextData(rows=12288, files=4, row_group_rows=1024, seed=9),
         repeats=3,
         bound_batches=8,
         max_shard_rows=2048,

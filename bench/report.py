@@ -475,12 +475,17 @@ def render_standing(results_dir: pathlib.Path) -> str:
     return "\n".join(rows) + '\n\n"not run": that result file has no such figure (an older harness).'
 
 
+# The benchmarks this page documents (others, e.g. bench.scale and bench.elastic, have docs of their own).
+PAGE_BENCHES = ("bench.run", "bench.resume", "bench.smallfiles")
+
+
 def render_durations(results_dir: pathlib.Path) -> str:
-    """docgen block ``durations``: how long each benchmark command took on its last recorded run."""
+    """docgen block ``durations``: how long each of this page's benchmarks took on its last recorded run."""
     rows = ["| command | result file | finished | took | load average before |", "|---|---|---|---:|---:|"]
     for path in sorted(results_dir.glob("*.json")):
         report = json.loads(path.read_text())
-        if not report.get("command") or report.get("wall_s") is None:
+        module = str(report.get("command", "")).removeprefix("python -m ").split(" ")[0]
+        if module not in PAGE_BENCHES or report.get("wall_s") is None:
             continue
         load = report.get("load_avg_before")
         load_text = f"{load[0] if isinstance(load, list) else load}" if load is not None else "?"
