@@ -91,6 +91,16 @@ bench-quick: $(STAMP) $(BENCH_STAMP)
 bench: $(STAMP) $(BENCH_STAMP)
 	$(PY) -m bench.run
 
+# Rewrite every generated block of docs/benchmarks.md from bench/results (bench/docgen.py);
+# make bench-docs-check fails when the page is stale (tests/test_bench_docgen.py does the same).
+.PHONY: bench-docs bench-docs-check
+
+bench-docs: $(STAMP)
+	$(PY) -m bench.docgen
+
+bench-docs-check: $(STAMP)
+	$(PY) -m bench.docgen --check
+
 # Kill a job at half its rows and rerun it: antbatch's resume against Ray Data's row-id
 # checkpointing, and both from scratch (docs/benchmarks.md, "Resume after a kill").
 .PHONY: bench-resume
