@@ -145,7 +145,15 @@ class LatencyFileSystem(fsspec.AbstractFileSystem):
     ) -> Any:
         path = self._strip_protocol(path)
         if "r" in mode:
-            return LatencyFile(self, path, mode, block_size=block_size or self.blocksize, cache_options=cache_options)
+            cache_type = kwargs.get("cache_type", "readahead")  # as s3fs: "none" fetches exactly what is read
+            return LatencyFile(
+                self,
+                path,
+                mode,
+                block_size=block_size or self.blocksize,
+                cache_type=cache_type,
+                cache_options=cache_options,
+            )
         if mode in ("wb", "xb"):
             return _LatencyWriter(self, path)
         raise ValueError(f"latency filesystem: unsupported mode {mode!r}")

@@ -5,7 +5,8 @@ would otherwise pay the store's first-byte latency once per file, one after the 
 the reader starts a shard (the worker reads the next claimed shard while the current one is
 scored), the cache starts fetching every file of the shard that is small enough, up to
 ``concurrency`` at once and ``max_bytes`` in all, and the reader takes each file from it when
-its turn comes. Larger files stream as before.
+its turn comes. Larger files, and pieces that are some row groups of a file, stream
+(``reader.open_piece``, with no read-ahead into the file's other row groups).
 
 Entries are keyed by the file's path, size and version (ETag or mtime) as the plan recorded
 them, so a file rewritten since planning is never served from an entry of the old one, and
@@ -34,6 +35,7 @@ import fsspec
 import fsspec.asyn
 
 from airflow_antbatch.store import with_connection_pool
+from airflow_antbatch.worker.reader import open_piece
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -126,7 +128,7 @@ class NearCache:
             return
         with self._lock:
             self.stats.misses += 1
-        with fsspec.open(piece.path, "rb", **self.storage_options) as handle:
+        with open_piece(piece, self.storage_options) as handle:
             yield handle
 
     def close(self) -> None:

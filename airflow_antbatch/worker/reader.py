@@ -15,6 +15,10 @@ from airflow_antbatch.errors import InputError, StoreError
 from airflow_antbatch.store import is_transport_error
 from airflow_antbatch.text_sample import odd_quotes
 
+# The bytes of row groups fetched at once: pyarrow's largest coalesced read (32 MiB), so a
+# window costs one GET where its row groups lie together, as a shard's do.
+PREBUFFER_BYTES = 32 * 2**20
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from contextlib import AbstractContextManager
@@ -43,7 +47,7 @@ def iter_batches(
     options = storage_options or {}
     for piece in shard.pieces:
         try:
-            with opener(piece) if opener else fsspec.open(piece.path, "rb", **options) as handle:
+            with opener(piece) if opener else open_piece(piece, options) as handle:
                 yield from _read_piece(handle, piece, fmt, batch_size, columns)
         except FileNotFoundError as exc:
             raise InputError(f"shard {shard.shard_id}: input file {piece.path} disappeared after planning") from exc
@@ -56,12 +60,55 @@ def iter_batches(
             raise StoreError(f"shard {shard.shard_id}: reading {piece.path} failed: {exc}") from exc
 
 
+def open_piece(piece: Piece, storage_options: dict[str, Any]) -> AbstractContextManager[BinaryIO]:
+    """The piece's file, straight from the store.
+
+    Row groups of a Parquet file are opened with no read-ahead (``cache_type="none"``): the
+    reader asks for exactly their bytes (``_read_row_groups``), where a read-ahead block (5 MiB
+    in fsspec, 50 MiB in s3fs) would run on into the next row groups, which other shards own
+    and may have committed.
+    """
+    fs, path = fsspec.core.url_to_fs(piece.path, **storage_options)
+    extra = {"cache_type": "none"} if piece.row_groups is not None else {}
+    handle: AbstractContextManager[BinaryIO] = fs.open(path, "rb", **extra)
+    return handle
+
+
+def _read_row_groups(handle: BinaryIO, piece: Piece, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """The piece's row groups, each window of them fetched as few ranges of exactly their column
+    chunks (pyarrow's ``pre_buffer`` coalesces them), a window of ``PREBUFFER_BYTES`` at most
+    (or one row group) at a time so that memory stays bounded on a large piece.
+
+    Besides, pyarrow reads the file's last 64 KiB for the footer, as any Parquet reader does.
+    """
+    parquet = pq.ParquetFile(handle, pre_buffer=True)
+    meta = parquet.metadata
+    groups = list(piece.row_groups) if piece.row_groups is not None else list(range(meta.num_row_groups))
+    for window in _windows(meta, groups):
+        yield from parquet.iter_batches(batch_size=batch_size, row_groups=window)
+
+
+def _windows(meta: pq.FileMetaData, groups: list[int]) -> Iterator[list[int]]:
+    """``groups`` in runs of at most ``PREBUFFER_BYTES`` of column chunks (a larger group alone)."""
+    window: list[int] = []
+    window_bytes = 0
+    for group in groups:
+        row_group = meta.row_group(group)
+        size = sum(row_group.column(c).total_compressed_size for c in range(row_group.num_columns))
+        if window and window_bytes + size > PREBUFFER_BYTES:
+            yield window
+            window, window_bytes = [], 0
+        window.append(group)
+        window_bytes += size
+    if window:
+        yield window
+
+
 def _read_piece(
     handle: BinaryIO, piece: Piece, fmt: str, batch_size: int, columns: ExpectedColumns | None
 ) -> Iterator[pa.RecordBatch]:
     if fmt == "parquet":
-        groups = list(piece.row_groups) if piece.row_groups is not None else None
-        yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size, row_groups=groups)
+        yield from _read_row_groups(handle, piece, batch_size)
         return
     if fmt not in ("jsonl", "csv"):
         raise InputError(f"unknown input format {fmt!r} for {piece.path}")

@@ -6,6 +6,7 @@ import io
 import json
 import pathlib
 import tempfile
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -17,7 +18,12 @@ from airflow_antbatch.errors import InputError
 from airflow_antbatch.planning import plan_job
 from airflow_antbatch.shards import Piece, Shard
 from airflow_antbatch.spec import JobSpec
+from airflow_antbatch.worker import reader
+from airflow_antbatch.worker.near_cache import CacheOptions, NearCache
 from airflow_antbatch.worker.reader import iter_batches, read_line_range
+from bench import resume as bench_resume
+from bench.latencyfs import READ_LOG_ENV
+from tests.conftest import write_transactions
 
 _lines = st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"") + b"\n"), max_size=40)
 
@@ -105,3 +111,82 @@ def test_a_csv_value_spanning_lines_fails_a_range_naming_the_file_and_keeps_samp
         JobSpec(input_uri=str(path), output_uri=str(tmp_path / "out"), model="m:f", max_shard_rows=100)
     ).plan
     assert len(plan.shards) == 1 and plan.shard(0).pieces[0].byte_range is None
+
+
+@pytest.fixture
+def read_log(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[tuple[str, int, int]]]:
+    """Every GET of the ``latency://`` store from now on, (path, first byte, length); clears it when read."""
+    directory = tmp_path / "gets"
+    directory.mkdir()
+    monkeypatch.setenv(READ_LOG_ENV, str(directory))
+
+    def drain() -> list[tuple[str, int, int]]:
+        gets = bench_resume.read_log(str(directory))
+        for log in directory.iterdir():
+            log.unlink()
+        return gets
+
+    return drain
+
+
+def _footer_apart(logged: list[tuple[str, int, int]], size: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(first byte, length) of the footer reads (the file's last 64 KiB at most) and of the others."""
+    footer = [(s, n) for _, s, n in logged if s + n == size and n <= 64 * 1024]
+    return footer, [(s, n) for _, s, n in logged if (s, n) not in footer]
+
+
+@pytest.mark.parametrize("through", ["store", "near cache"])
+def test_a_parquet_shard_fetches_its_row_groups_and_no_byte_of_the_others(
+    tmp_path: pathlib.Path, read_log: Callable[[], list[tuple[str, int, int]]], through: str
+) -> None:
+    """The bytes are counted at the filesystem: the benchmark's object-store double, whose reads
+    go through fsspec's buffered files as s3fs's do. Besides the footer (the file's last 64 KiB,
+    read as every Parquet reader does), a shard reads its own row groups' bytes, each once."""
+    table = write_transactions(tmp_path / "in", files=1, rows_per_file=24_000, row_group_size=3_000)
+    [local] = (tmp_path / "in").iterdir()
+    options = {"first_byte_s": 0}
+    spec = JobSpec(
+        input_uri=f"latency://{tmp_path / 'in'}",
+        output_uri=str(tmp_path / "out"),
+        model="m:f",
+        max_shard_rows=6_000,
+        storage_options=options,
+    )
+    plan = plan_job(spec).plan
+    assert len(plan.shards) == 4
+    ranges = bench_resume.row_group_ranges(str(local))
+    size = local.stat().st_size
+    assert ranges[-2][0] < size - 64 * 1024  # the footer read lies within the last shard's row groups
+    cache = NearCache(options, CacheOptions(max_file_bytes=size))
+    opener = cache.open if through == "near cache" else None
+    read_log()
+    ids = []
+    for shard in plan.shards:
+        [piece] = shard.pieces
+        assert piece.row_groups is not None
+        batches = list(iter_batches(shard, "parquet", 1_000, options, opener=opener))
+        ids += [i for b in batches for i in b.column("txn_id").to_pylist()]
+        assert [b.num_rows for b in batches] == [1_000] * 6
+        footer, gets = _footer_apart(read_log(), size)
+        start, end = ranges[piece.row_groups[0]][0], ranges[piece.row_groups[-1]][1]
+        assert len(footer) == 1
+        assert all(start <= s and s + n <= end for s, n in gets), (shard.shard_id, gets, (start, end))
+        assert len(gets) == 1 and gets[0][1] == end - start  # in one GET: the groups lie together
+    assert ids == table["txn_id"].to_pylist()
+    assert (cache.stats.misses, cache.stats.hits) == ((4, 0) if opener else (0, 0))  # streamed, not fetched whole
+
+
+def test_a_large_piece_is_fetched_a_window_of_row_groups_at_a_time(
+    tmp_path: pathlib.Path, read_log: Callable[[], list[tuple[str, int, int]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory stays bounded on a piece of many row groups: each window is fetched when its turn comes."""
+    table = write_transactions(tmp_path / "in", files=1, rows_per_file=12_000, row_group_size=3_000)
+    [local] = (tmp_path / "in").iterdir()
+    ranges = bench_resume.row_group_ranges(str(local))
+    monkeypatch.setattr(reader, "PREBUFFER_BYTES", ranges[0][1] - ranges[0][0] + 1)  # one row group a window
+    piece = Piece(f"latency://{local}", local.stat().st_size, 12_000, row_groups=(0, 1, 2, 3))
+    read_log()
+    batches = list(iter_batches(Shard("00000-00000000", (piece,)), "parquet", 1_000, {"first_byte_s": 0}))
+    assert pa.Table.from_batches(batches)["txn_id"].to_pylist() == table["txn_id"].to_pylist()
+    footer, gets = _footer_apart(read_log(), local.stat().st_size)
+    assert len(footer) == 1 and gets == [(a, b - a) for a, b in ranges]
