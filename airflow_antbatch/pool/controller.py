@@ -95,20 +95,22 @@ class PoolController:
         live = [p for p in pods if not p.deleting]
         if status.finished:
             return self._end(Decision(0, "the job is finished: every pod goes"), live, done=True)
+        beats = _Beats.of(status.workers)
         lost = [p for p in pods if p.name not in self._handled and _lost(p)]
-        verdict = self._image_verdict(live, elapsed_s) or self._count_failures(lost, status.workers)
+        verdict = self._image_verdict(live, elapsed_s) or self._count_failures(lost, beats)
         if verdict is not None:
             return self._end(Decision(0, verdict), live, fail=verdict)
         self._handled.update(p.name for p in lost)
         finished = [p.name for p in live if p.phase in ("Failed", "Succeeded")]
         alive = [p for p in live if p.phase in ("Pending", "Running") and not _lost(p)]
-        occupied = {p.slot for p in pods if p.name not in finished and p not in lost}
+        gone = set(finished) | {p.name for p in lost}
+        occupied = {p.slot for p in pods if p.name not in gone}
         replace = sorted({p.slot for p in lost} - occupied)
-        orphaned = {s: len(w.leases) for s in replace if (w := _worker_of(s, status.workers))}
-        snapshot = _snapshot(alive, replace, orphaned, status, now_s, elapsed_s)
+        orphaned = {s: len(w.leases) for s in replace if (w := beats.last.get(worker_id(s)))}
+        snapshot = _snapshot(alive, replace, orphaned, status, beats, (now_s, elapsed_s))
         decision = decide(snapshot, self.settings, self.decisions[-1] if self.decisions else None)
         self._remember(decision)
-        create, delete = _reconcile(decision.wanted, alive, replace, orphaned, occupied, status, self.settings)
+        create, delete = _reconcile(decision.wanted, alive, (replace, orphaned), occupied, beats, self.settings)
         return TickPlan(tuple(create), tuple(finished + delete), decision, snapshot=snapshot)
 
     def _end(self, decision: Decision, live: list[PodView], *, done: bool = False, fail: str | None = None) -> TickPlan:
@@ -130,7 +132,7 @@ class PoolController:
                 return f"pod {p.name} (slot {p.slot}) cannot pull its image: {p.reason} for {elapsed_s - since:.0f} s"
         return None
 
-    def _count_failures(self, lost: Iterable[PodView], workers: Sequence[WorkerStatus]) -> str | None:
+    def _count_failures(self, lost: Iterable[PodView], beats: _Beats) -> str | None:
         """Update each slot's streak of failures in a row; a verdict once one reaches the limit."""
         for p in lost:
             reason = _reason(p)
@@ -138,7 +140,7 @@ class PoolController:
                 return f"pod {p.name} (slot {p.slot}) is in CrashLoopBackOff (exit code {p.exit_code})"
             if p.reason in CAPACITY_REASONS:
                 continue
-            worker = _worker_of(p.slot, workers)
+            worker = beats.last.get(worker_id(p.slot))
             token = worker.token if worker is not None else ""
             last, times, last_token = self._streaks.get(p.slot, ("", 0, ""))
             if token != last_token and worker is not None and worker.shards_committed > 0:
@@ -184,20 +186,33 @@ def _reason(p: PodView) -> str:
     return f"exit code {p.exit_code}" if p.exit_code is not None else "Failed"
 
 
-def _worker_of(slot: int, workers: Sequence[WorkerStatus], *, live: bool = False) -> WorkerStatus | None:
-    """The slot's freshest heartbeat (``live``: of a process that has not exited). A pod is not
-    named in its heartbeat, so a pod that has not beaten yet may be shown its predecessor's:
-    the callers only ever err towards keeping a pod."""
-    wid = worker_id(slot)
-    mine = [w for w in workers if w.worker_id == wid and not (live and w.state in EXITED_STATES)]
-    return min(mine, key=lambda w: w.last_beat_age_s) if mine else None
+@dataclasses.dataclass(frozen=True)
+class _Beats:
+    """Each worker id's freshest heartbeat, and its freshest of a process that has not exited:
+    one pass over the workers per tick (a pool of 2,000 pods must not cost pods x workers).
 
+    A pod is not named in its heartbeat, so a pod that has not beaten yet may be shown its
+    slot's predecessor's: every use errs towards keeping a pod."""
 
-def _holds_leases(slot: int, workers: Sequence[WorkerStatus]) -> bool:
-    """Whether the slot's running worker holds a lease; a pod not heard from yet counts as holding
-    none (it claims nothing a scale-down would lose)."""
-    worker = _worker_of(slot, workers, live=True)
-    return worker is not None and bool(worker.leases)
+    last: dict[str, WorkerStatus]
+    live: dict[str, WorkerStatus]
+
+    @classmethod
+    def of(cls, workers: Iterable[WorkerStatus]) -> _Beats:
+        last: dict[str, WorkerStatus] = {}
+        live: dict[str, WorkerStatus] = {}
+        for w in workers:
+            for table, counts in ((last, True), (live, w.state not in EXITED_STATES)):
+                seen = table.get(w.worker_id)
+                if counts and (seen is None or w.last_beat_age_s < seen.last_beat_age_s):
+                    table[w.worker_id] = w
+        return cls(last, live)
+
+    def busy(self, slot: int) -> bool:
+        """Whether the slot's running worker holds a try (a lease, or a backup in flight); a pod
+        not heard from yet holds none, so a scale-down loses nothing with it."""
+        w = self.live.get(worker_id(slot))
+        return w is not None and (bool(w.leases) or w.current_shard is not None)
 
 
 def _snapshot(
@@ -205,21 +220,22 @@ def _snapshot(
     replace: list[int],
     orphaned: dict[int, int],
     status: JobStatus,
-    now_s: float,
-    elapsed_s: float,
+    beats: _Beats,
+    clock: tuple[float, float],
 ) -> PoolSnapshot:
+    """The tick's counts; ``clock`` is (now_s, elapsed_s)."""
     running = [p for p in alive if p.phase == "Running"]
     stuck = [p.age_s for p in alive if p.phase == "Pending" and p.unschedulable]
     rates = [w.rows_per_s for w in status.workers if w.state == "running" and w.rows_per_s > 0]
-    idle = sum(1 for p in running if not _holds_leases(p.slot, status.workers))
+    idle = sum(1 for p in running if not beats.busy(p.slot))
     if status.rows_planned is not None:
         remaining = max(0, status.rows_planned - status.rows_committed)
     else:  # rows unknown until planned with counts: the committed shards' mean size
         left = status.planned - status.committed - status.failed
         remaining = status.rows_committed * left // status.committed if status.committed else 0
     return PoolSnapshot(
-        now_s=now_s,
-        elapsed_s=elapsed_s,
+        now_s=clock[0],
+        elapsed_s=clock[1],
         pending_shards=status.pending,
         leased_shards=status.leased,
         remaining_rows=remaining,
@@ -236,16 +252,18 @@ def _snapshot(
 def _reconcile(
     wanted: int,
     alive: list[PodView],
-    replace: list[int],
-    orphaned: dict[int, int],
+    replacing: tuple[list[int], dict[int, int]],
     occupied: set[int],
-    status: JobStatus,
+    beats: _Beats,
     settings: PoolSettings,
 ) -> tuple[list[int], list[str]]:
-    """Slots to create and pods to delete so that ``wanted`` pods run (NOTE [pool controller])."""
+    """Slots to create and pods to delete so that ``wanted`` pods run (NOTE [pool controller]).
+    ``replacing``: the slots of lost pods, and the leases their workers held."""
+    replace, orphaned = replacing
     excess = len(alive) + len(replace) - wanted
     if excess <= 0:
-        free = [s for s in range(settings.max_workers) if s not in occupied and s not in replace]
+        taken = occupied.union(replace)
+        free = [s for s in range(settings.max_workers) if s not in taken]
         return replace + free[:-excess], []
     # Replacements whose predecessor held nothing are the cheapest to drop: never created.
     spare = [s for s in reversed(replace) if not orphaned.get(s)]
@@ -253,7 +271,7 @@ def _reconcile(
     excess -= len(dropped)
     waiting = sorted((p for p in alive if p.phase == "Pending"), key=lambda p: (not p.unschedulable, p.age_s))
     idle = sorted(
-        (p for p in alive if p.phase == "Running" and not _holds_leases(p.slot, status.workers)),
+        (p for p in alive if p.phase == "Running" and not beats.busy(p.slot)),
         key=lambda p: -p.slot,
     )
     delete = [p.name for p in (waiting + idle)[: max(0, excess)]]

@@ -32,7 +32,8 @@ from airflow_antbatch.errors import SpecError
 
 DEADLINE_HEADROOM = 1.25  # a deadline pool is sized for rows / (rate x time left) x this
 DEADLINE_SLACK = 1.25  # ... and keeps up to this much more than that rather than shrink
-ENDGAME_SHARDS = 10.0  # this many mean shards from the deadline (a straggler can take 10), every remaining shard goes in flight
+# This many mean shards from the deadline, every remaining shard goes in flight: a straggler can take 10.
+ENDGAME_SHARDS = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,15 +108,15 @@ def decide(snapshot: PoolSnapshot, settings: PoolSettings, previous: Decision | 
         return Decision(0, "every shard is committed or failed: no pod wanted")
     cap = s.work_cap
     target, why = _target(s, settings)
-    if s.unschedulable > 0 and target > s.pods:
-        old = s.oldest_unschedulable_s is not None and s.oldest_unschedulable_s >= settings.unschedulable_timeout_s
-        if old:
-            target = min(target, s.running + 1)
+    if s.unschedulable > 0:
+        waited = s.oldest_unschedulable_s or 0.0
+        if waited >= settings.unschedulable_timeout_s and target > s.running + 1:
+            target = s.running + 1
             why = (
-                f"{s.unschedulable} pod(s) unschedulable for {s.oldest_unschedulable_s:.0f} s "
-                f"(>= {settings.unschedulable_timeout_s:.0f} s): keep one pending probe, let the other extras go"
+                f"{s.unschedulable} pod(s) unschedulable for {waited:.0f} s (>= "
+                f"{settings.unschedulable_timeout_s:.0f} s): keep one pending probe, let the other extras go ({why})"
             )
-        else:
+        elif target > s.pods:
             target = s.pods
             why = f"{s.unschedulable} pod(s) unschedulable: the cluster is full, adding none ({why})"
     wanted = min(max(target, settings.min_workers), settings.max_workers)
@@ -136,7 +137,8 @@ def _target(s: PoolSnapshot, settings: PoolSettings) -> tuple[int, str]:
         shard_s = s.remaining_rows / shards / rate if shards else 0.0
         if left <= ENDGAME_SHARDS * shard_s:
             return settings.max_workers, (
-                f"deadline in {left:.0f} s, within {ENDGAME_SHARDS:.0f} shards of {shard_s:.0f} s: every remaining shard in flight"
+                f"deadline in {left:.0f} s, within {ENDGAME_SHARDS:.0f} shards of {shard_s:.0f} s: "
+                "every remaining shard in flight"
             )
         need = math.ceil(s.remaining_rows * DEADLINE_HEADROOM / (rate * (left - shard_s)))
         why = (
