@@ -31,6 +31,7 @@ RENDERERS: dict[str, str] = {
     "durations": "bench.report:render_durations",
     "results": "bench.report:render_results",
     "standing": "bench.report:render_standing",
+    "resume": "bench.resume_report:render",
 }
 
 BLOCK = re.compile(r"(<!-- generated:([\w.-]+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.DOTALL)

@@ -449,12 +449,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2,048 rows instead of 8,192 (a few minutes)")
     parser.add_argument("--systems", default="antbatch,ray", help="comma-separated subset of antbatch,ray")
     parser.add_argument("--work", default=os.environ.get("ANTBATCH_BENCH_WORK", "/tmp/antbatch-bench"))
-    parser.add_argument("--out", default=os.path.join(RESULTS, "resume.json"))
-    parser.add_argument("--no-report", action="store_true", help="do not rewrite the section of docs/benchmarks.md")
+    parser.add_argument("--out", help="default: bench/results/resume.json (resume-quick.json with --quick)")
+    parser.add_argument("--no-report", action="store_true", help="do not rewrite docs/benchmarks.md (bench.docgen)")
     parser.add_argument("--keep", action="store_true", help="keep this run's outputs, logs and read logs")
     args = parser.parse_args(argv)
 
     profile = RESUME_PROFILES["quick" if args.quick else "full"]
+    args.out = args.out or os.path.join(RESULTS, "resume-quick.json" if args.quick else "resume.json")
     systems = set(args.systems.split(","))
     with_ray = "ray" in systems and os.path.exists(RAY_PYTHON)
     if "ray" in systems and not with_ray:
@@ -494,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     report["wall_s"] = round(time.time() - began, 1)
     report["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
-    from bench.resume_report import bars, text_table, write_doc
+    from bench import docgen
+    from bench.resume_report import bars, text_table
 
     report["bars"] = bars(report)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -505,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     if not args.no_report:
-        write_doc(report, os.path.relpath(args.out, REPO))
+        return docgen.main(["--results", os.path.dirname(os.path.abspath(args.out))])
     return 0
 
 

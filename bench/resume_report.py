@@ -1,20 +1,22 @@
-"""The resume benchmark's table, bars and doc section, from its result JSON.
+"""The resume benchmark's table, bars and doc section, from its result files.
 
-``python -m bench.resume_report bench/results/resume.json`` rewrites what lies between
-``<!-- resume:begin -->`` and ``<!-- resume:end -->`` in docs/benchmarks.md (appended to the
-doc if the markers are missing); ``bench.resume`` calls it after every run.
+``render(results_dir)`` is the ``resume`` renderer of ``bench.docgen``: ``python -m
+bench.docgen`` rewrites the block from ``bench/results/resume*.json`` (``bench.resume`` runs it
+after every run). ``python -m bench.resume_report RESULT_JSON`` prints one result's table and bars.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bench.report import DOC, REPO, replace_section, result_argument
+from bench.report import REPO, result_argument
 
-BEGIN, END = "<!-- resume:begin -->", "<!-- resume:end -->"
+if TYPE_CHECKING:
+    import pathlib
+
+PRIMARY = "resume.json"  # the full profile's result: the section's main table
 SYSTEMS = {"antbatch": "antbatch", "ray": "Ray Data"}
 RERUNS = {"resume": "resume", "scratch": "from scratch"}
 
@@ -132,21 +134,57 @@ def _splits(report: dict[str, Any]) -> list[str]:
     return out
 
 
-def markdown(report: dict[str, Any], source: str) -> str:
+def resume_reports(results_dir: pathlib.Path) -> list[tuple[str, dict[str, Any]]]:
+    """(file name, report) of every resume result in ``results_dir``, the primary first."""
+    paths = sorted(results_dir.glob("resume*.json"), key=lambda p: (p.name != PRIMARY, p.name))
+    return [(path.name, json.loads(path.read_text())) for path in paths]
+
+
+def render(results_dir: pathlib.Path) -> str:
+    """docgen block ``resume``: the primary result in full, every other one's table, kill and bars."""
+    reports = resume_reports(results_dir)
+    if not reports:
+        return "No result file of `python -m bench.resume` yet."
+    (name, report), others = reports[0], reports[1:]
+    return markdown(report, os.path.relpath(results_dir / name, REPO), others)
+
+
+def _rereads(report: dict[str, Any]) -> list[str]:
+    """Why antbatch's resumed rerun read committed bytes, or why it read none."""
+    ours = report.get("antbatch", {}).get("resume")
+    if ours is None:
+        return []
+    if ours["reads"]["committed_bytes_reread"] == 0:
+        return [
+            "antbatch's resumed rerun reads no byte of committed input: a shard fetches exactly its",
+            "row groups' column chunks, in one GET where they lie together (pyarrow's pre-buffering",
+            "coalesces them; the file is opened with no read-ahead, `reader.open_piece`), besides each",
+            "file's footer: its last 64 KiB, read as every Parquet reader reads it, counted apart above",
+            "(where the footer read holds bytes of a committed last row group, they are metadata reads).",
+        ]
+    return [
+        "Where committed bytes are re-read, the cause is the transfer unit, not a re-scored shard:",
+        "this run's reader (before issue 16) read a shard's Parquet file through fsspec's read-ahead",
+        "(5 MiB blocks here, 50 MiB in s3fs), which runs on past the last row group asked for into",
+        "the next ones, committed or not. Readers since then fetch only the planned row groups.",
+    ]
+
+
+def markdown(report: dict[str, Any], source: str, others: list[tuple[str, dict[str, Any]]]) -> str:
     data = report["data"]
     git = report["git"]
     load = [" / ".join(f"{x:.1f}" for x in report[k]) for k in ("load_avg_before", "load_avg_after")]
     changed = " with local changes to airflow_antbatch/" if git.get("airflow_antbatch_modified") else ""
     parts = [
-        BEGIN,
-        "",
         "## Resume after a kill (issue 6)",
         "",
         "```bash",
-        "make bench-resume               # python -m bench.resume         -> bench/results/resume.json (8,192 rows)",
-        "python -m bench.resume --quick  # 2,048 rows: 5 minutes here with the machine shared (load 10-20)",
-        "python -m bench.resume_report bench/results/resume.json   # rewrite this section",
+        "make bench-resume               # python -m bench.resume         -> bench/results/resume.json",
+        "python -m bench.resume --quick  # a quarter of the rows          -> bench/results/resume-quick.json",
+        "python -m bench.docgen          # rewrite this section from bench/results/resume*.json",
         "```",
+        "",
+        "How long each took on its last run: the table at the top of this page.",
         "",
         "**What runs.** The *single* workload (tokenize -> the small transformer -> top_k), its",
         "generated Parquet input read through `latency://`. Each system runs the job, and the harness",
@@ -186,7 +224,7 @@ def markdown(report: dict[str, Any], source: str) -> str:
         "rather than read-ahead past the end of a pending row group. *Duplicates / missing*: the",
         "output directory as a reader sees it (bookkeeping under `_` left out), joined on `id`.",
         "",
-        f"Generated by `python -m bench.resume_report {source}` from a run of `{report['command']}` finished "
+        f"Generated by `python -m bench.docgen` from `{source}`, a run of `{report['command']}` finished "
         f"{report['finished_at']} in {report['wall_s']:.0f} s, antbatch at commit `{git['commit']}`{changed}. "
         f"{data['rows']:,} rows in {data['files']} files of {data['row_group_rows']}-row row groups "
         f"({_mb(data['input_bytes'])} MB); antbatch shards of {report['max_shard_rows']} rows, batches of "
@@ -195,15 +233,7 @@ def markdown(report: dict[str, Any], source: str) -> str:
         "",
         *table(report),
         "",
-        "Where committed bytes are re-read, the cause is the transfer unit, not a re-scored shard:",
-        "no GET starts in committed input, but a shard's read of a Parquet file goes through",
-        "fsspec's read-ahead (5 MiB blocks here, 50 MiB in s3fs), which runs on past the last row",
-        "group asked for into the next ones, committed or not. (The near cache fetches only pieces",
-        "that are whole files, so it adds none.) Whether that happens depends on where the kill",
-        "falls: the worker takes shards in plan order from an offset set by its id, so with 2 row",
-        "groups (shards) per file (full) the committed half is whole files, and with 4 (quick) it is",
-        "not, and one block covers a whole quick file. Reading only the planned row groups' byte",
-        "ranges would end it; that is not done yet.",
+        *_rereads(report),
         "Ray reads every row group again and filters afterwards.",
         "",
         "At the kill:",
@@ -219,23 +249,19 @@ def markdown(report: dict[str, Any], source: str) -> str:
         "",
         *(f"- `{k}`: {'met' if v else '**not met**'}" for k, v in report["bars"].items()),
         "",
-        *_others(source),
-        END,
+        *_others(others),
     ]
     return "\n".join(parts)
 
 
-def _others(source: str) -> list[str]:
+def _others(others: list[tuple[str, dict[str, Any]]]) -> list[str]:
     """Every other resume result file's table and bars, so the doc shows each layout measured."""
     out = []
-    for path in sorted(glob.glob(os.path.join(REPO, "bench", "results", "resume*.json"))):
-        if os.path.abspath(path) == os.path.abspath(os.path.join(REPO, source)):
-            continue
-        with open(path) as handle:
-            other = json.load(handle)
+    for name, other in others:
         data = other["data"]
         out += [
-            f"### Also: `{os.path.relpath(path, REPO)}` (`{other['command']}`, finished {other['finished_at']})",
+            f"### Also: `{name}` (`{other['command']}`, finished {other['finished_at']}, antbatch at "
+            f"`{other['git']['commit']}`)",
             "",
             f"{data['rows']:,} rows in {data['files']} files of {data['row_group_rows']}-row row groups; antbatch "
             f"shards of {other['max_shard_rows']} rows; load average before "
@@ -245,19 +271,16 @@ def _others(source: str) -> list[str]:
             "",
             *_kills(other),
             "",
+            *_rereads(other),
+            "",
             "Bars: " + ", ".join(f"`{k}` {'met' if v else '**not met**'}" for k, v in other["bars"].items()) + ".",
             "",
         ]
     return out
 
 
-def write_doc(report: dict[str, Any], source: str, path: str = DOC) -> None:
-    replace_section(path, BEGIN, END, markdown(report, source), append=True)
-
-
 def main(argv: list[str] | None = None) -> int:
-    source, report = result_argument(argv, "bench.resume_report")
-    write_doc(report, source)
+    _, report = result_argument(argv, "bench.resume_report")
     print(text_table(report))
     return 0
 
