@@ -128,3 +128,19 @@ bench-scale-quick: $(STAMP)
 
 bench-scale: $(STAMP)
 	$(PY) -m bench.scale
+
+# Stragglers (issue 16): 4 workers, one throttled 2x (and again 5x), with dynamic dispatch and
+# speculative backups, without backups, and static; about 1 minute. bench/results/straggler.json.
+.PHONY: bench-straggler
+
+bench-straggler: $(STAMP)
+	$(PY) -m bench.straggler
+
+# The GPU check (issue 16, docs/benchmarks.md "GPU"): on a lent GPU machine, with that machine's
+# own python3 (torch with CUDA, pyarrow, fsspec, numpy; no venv, no Airflow), at most 8 minutes.
+# Results: $OUT/gpu.json when OUT is set, else bench/results/gpu.json. `make test` runs its
+# --dry-run on the CPU (tests/test_bench_gpu.py).
+.PHONY: gpu-check
+
+gpu-check:
+	PYTHONPATH=. python3 -m bench.gpu
