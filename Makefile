@@ -136,6 +136,15 @@ bench-scale: $(STAMP)
 bench-straggler: $(STAMP)
 	$(PY) -m bench.straggler
 
+# Elastic pool (issue 14, docs/benchmarks.md "Elastic pool"): the mapped fan-out against the pool
+# (the real PoolController) on bench/elastic_trace.json, simulated time, under a minute.
+# bench/results/elastic.json; docs/benchmarks-elastic.png is drawn in bench/.venv-ray.
+.PHONY: bench-elastic
+
+bench-elastic: $(STAMP)
+	$(PY) -m bench.elastic
+	$(PY) -m bench.docgen
+
 # The GPU check (issue 16, docs/benchmarks.md "GPU"): on a lent GPU machine, with that machine's
 # own python3 (torch with CUDA, pyarrow, fsspec, numpy; no venv, no Airflow), at most 8 minutes.
 # Results: $OUT/gpu.json when OUT is set, else bench/results/gpu.json. `make test` runs its

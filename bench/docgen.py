@@ -32,6 +32,7 @@ RENDERERS: dict[str, str] = {
     "results": "bench.report:render_results",
     "standing": "bench.report:render_standing",
     "resume": "bench.resume_report:render",
+    "elastic": "bench.elastic_report:render",
 }
 
 BLOCK = re.compile(r"(<!-- generated:([\w.-]+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.DOTALL)

@@ -137,16 +137,24 @@ class _Job:
 
     def measure(self, real_s: float) -> dict[str, Any]:
         pods = self.cluster.every
-        held = [
-            (p.ended_s if p.ended_s is not None else self.end_s) - p.scheduled_s
+        held = {
+            p.name: (p.ended_s if p.ended_s is not None else self.end_s) - p.scheduled_s
             for p in pods
             if p.scheduled_s is not None
-        ]
+        }
+        starting = sum(min(held[p.name], self.trace.pod_start_s) for p in pods if p.name in held)
+        working = sum(p.working_s for p in pods)
         committed = Ledger(self.state, self.plan).sweep().committed
         wins = self.fleet.tally.committed
         return {
             "makespan_s": round(self.end_s, 1),
-            "pod_seconds": round(sum(held), 1),
+            "pod_seconds": round(sum(held.values()), 1),
+            # what the pods held their slots for: starting (image, model), on shards, idle
+            "pod_seconds_by_use": {
+                "starting": round(starting, 1),
+                "working": round(working, 1),
+                "idle": round(sum(held.values()) - starting - working, 1),
+            },
             "lost": len(set(self.plan.shard_ids) - committed),
             "duplicated": sum(n - 1 for n in wins.values() if n > 1),
             "pod_starts": sum(1 for p in pods if p.started_s is not None and p.started_s >= 0),

@@ -51,6 +51,7 @@ class Pod:
     phase: str = "Pending"
     reason: str | None = None
     killed: bool = False
+    working_s: float = 0.0  # on shards (committed or cut short); the rest of its life it started or idled
 
     def view(self, now: float) -> PodView:
         return PodView(
@@ -171,7 +172,7 @@ class PodRun:
 class PodWorker(_Worker):
     """``bench.scale._Worker`` as one pod of a slot: worker id ``slot-{slot}``, a fresh incarnation."""
 
-    def __init__(self, run: PodRun, slot: int, incarnation: str) -> None:
+    def __init__(self, run: PodRun, slot: int, incarnation: str, pod: Pod) -> None:
         super().__init__(run, slot)  # type: ignore[arg-type]  # PodRun has what _Worker reads of a run
         # The slot's worker id, not bench.scale's "worker-{index}": rebuilt with the same settings.
         self.identity = WorkerIdentity(worker_id(slot), incarnation=incarnation)
@@ -183,10 +184,14 @@ class PodWorker(_Worker):
             rng=random.Random(zlib.crc32(f"{run.cfg.seed}/{incarnation}".encode())),
         )
         self.lease: Lease | None = None
+        self.pod = pod
 
     def process(self, lease: Lease) -> None:
-        self.lease = lease
-        super().process(lease)
+        self.lease, started = lease, self.run.sim.now()
+        try:
+            super().process(lease)
+        finally:
+            self.pod.working_s += self.run.sim.now() - started
         self.lease = None
 
     def terminate(self) -> None:
@@ -232,7 +237,7 @@ class Fleet:
                 pod.started_s = -1.0  # never ran
                 continue
             pod.started_s = self.sim.now()
-            worker = PodWorker(PodRun(self, pod), slot, incarnation=pod.name.replace("pool-", "i"))
+            worker = PodWorker(PodRun(self, pod), slot, pod.name.replace("pool-", "i"), pod)
             self.current[slot] = worker
             try:
                 worker.main()

@@ -43,24 +43,31 @@ def markdown(r: dict[str, Any]) -> str:
         f"{trace['max_workers']} workers, pods start {trace['pod_start_s']:.0f} s after they are scheduled, "
         f"the pool ticks every {setup['tick_s']:.0f} s; simulated time.",
         "",
-        "| run | makespan | pod-seconds | pod starts | most pods | lost | duplicated |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| run | makespan | pod-seconds | starting / on shards / idle | pod starts | most pods | lost | duplicated |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, label in (*RUNS, ("deadline", f"pool, deadline {d['deadline_s']:.0f} s")):
         x = r[key]
+        use = " / ".join(_num(x["pod_seconds_by_use"][k]) for k in ("starting", "working", "idle"))
         lines.append(
-            f"| {label} | {x['makespan_s']:.0f} s | {_num(x['pod_seconds'])} | {x['pod_starts']} | {x['max_pods']} "
-            f"| {x['lost']} | {x['duplicated']} |"
+            f"| {label} | {x['makespan_s']:.0f} s | {_num(x['pod_seconds'])} | {use} | {x['pod_starts']} "
+            f"| {x['max_pods']} | {x['lost']} | {x['duplicated']} |"
         )
-    p = r["pool"]
+    p, mp = r["pool"], r["mapped_patient"]
+    overhead = {k: r[k]["pod_seconds"] - r[k]["pod_seconds_by_use"]["working"] for k in ("pool", "mapped_patient")}
     lines += [
         "",
         f"Pool against mapped: makespan {p['makespan_s'] / r['mapped']['makespan_s']:.2f}x, "
         f"pod-seconds {p['pod_seconds'] / r['mapped']['pod_seconds']:.2f}x; against mapped with a patient "
         f"startup timeout: {p['makespan_s'] / r['mapped_patient']['makespan_s']:.2f}x and "
         f"{p['pod_seconds'] / r['mapped_patient']['pod_seconds']:.2f}x. "
+        f"Beyond the shards themselves (cut-short tries included), the pool held its pods "
+        f"{_num(overhead['pool'])} pod-seconds against the patient mapped run's {_num(overhead['mapped_patient'])} "
+        f"({overhead['pool'] / overhead['mapped_patient']:.2f}x); time on shards was "
+        f"{mp['pod_seconds_by_use']['working'] / mp['pod_seconds']:.0%} of the mapped run's pod-seconds. "
         f"Deadline run: {'met' if d['met'] else 'missed'} ({d['makespan_s']:.0f} s of {d['deadline_s']:.0f} s) "
-        f"with at most {d['max_pods']} pods (min_workers {d['min_workers']}; "
+        f"with {d['pod_seconds'] / d['makespan_s']:.1f} pods on average and at most {d['max_pods']} "
+        f"(min_workers {d['min_workers']}; "
         f"{d['workers_needed_at_full_speed']} would do at full speed).",
         "",
         "| reaction | " + " | ".join(label for _, label in RUNS) + " |",
