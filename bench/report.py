@@ -2,9 +2,9 @@
 
 The ``render_*`` functions are bench/docgen.py's renderers: each reads ``bench/results`` (quick.json
 in full, the other files of this harness summarised) and returns one generated block of
-docs/benchmarks.md. ``python -m bench.report bench/results/quick.json`` prints the table, draws
-docs/benchmarks.png and rewrites the doc's blocks. matplotlib is needed for the PNG only (it
-lives in bench/.venv-ray, never in the product's dependencies).
+docs/benchmarks.md. ``python -m bench.report bench/results/quick.json`` prints the table and
+draws docs/benchmarks.png; it needs matplotlib (which lives in bench/.venv-ray, never in the
+product's dependencies).
 """
 
 from __future__ import annotations
@@ -562,14 +562,13 @@ def result_argument(argv: list[str] | None, prog: str) -> tuple[str, dict[str, A
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench import docgen
-
+    """Print a result file's table and draw docs/benchmarks.png from its folder's result files
+    (the doc's text is bench.docgen's job)."""
     source, report = result_argument(argv, "bench.report")
     print(text_table(report))
-    results_dir = pathlib.Path(REPO, source).parent
-    plot([r for _, r in harness_reports(results_dir)])
+    plot([r for _, r in harness_reports(pathlib.Path(REPO, source).parent)])
     print(f"drew {os.path.relpath(PNG, REPO)}")
-    return docgen.main(["--results", str(results_dir)])
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Generates the data, then for each repeat runs every system on every workload, each in a fresh
 process watched by a process-tree monitor, in an order that rotates from repeat to repeat
 (interleaved, so drift in the machine's load hits every system alike). Then the straggler
-job. Medians go into ``bench/results/{quick,full}.json``; the table is printed, and
-docs/benchmarks.md and docs/benchmarks.png are rewritten from the JSON (``bench.report``).
+job. Medians go into ``bench/results/{quick,full}.json``; the table is printed, docs/benchmarks.png
+is redrawn (``bench.report``) and docs/benchmarks.md's generated blocks rewritten (``bench.docgen``).
 """
 
 from __future__ import annotations
@@ -439,7 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     if not args.no_report:
+        from bench import docgen
+
         render(out_path)
+        docgen.main([])
     return 0
 
 
