@@ -18,8 +18,9 @@ create a pod for and the pod names to delete, one API request each, nothing else
   ``IMAGE_PULL_GRACE_S`` (at once for an invalid image name), when a pod is in
   CrashLoopBackOff, or when one slot's pods fail with the same reason ``crash_loop_limit``
   times in a row without committing a shard. Capacity losses never count toward that streak.
-- A fail or done plan lists every pod for deletion: the caller deletes them, then fails or
-  succeeds.
+- A job stopped by ``same_error_limit`` fails the task. A fail or done plan lists every pod
+  for deletion: the caller deletes them, then fails or succeeds (done: the shards are all
+  committed or failed for good; finalize says which).
 
 The little it remembers (failure streaks per slot, pods already handled, when an image pull
 first failed, the last decisions) is plain data: ``to_dict``/``from_dict`` carry it across a
@@ -93,6 +94,9 @@ class PoolController:
         self._handled &= names
         self._image_pull = {n: t for n, t in self._image_pull.items() if n in names}
         live = [p for p in pods if not p.deleting]
+        if status.stopped is not None:
+            stopped = f"the job was stopped: {status.stopped}"
+            return self._end(Decision(0, stopped), live, fail=stopped)
         if status.finished:
             return self._end(Decision(0, "the job is finished: every pod goes"), live, done=True)
         beats = _Beats.of(status.workers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -181,6 +182,13 @@ def test_a_finished_job_deletes_every_pod() -> None:
     assert plan.done and plan.fail is None
     assert set(plan.delete) == {"pool-0", "pool-1"} and plan.create == ()
     assert plan.decision.wanted == 0
+
+
+def test_a_stopped_job_fails_the_task_and_deletes_every_pod() -> None:
+    stopped = dataclasses.replace(status(5, busy(0)), stopped="shard 00001: CUDA error (same_error_limit)")
+    plan = PoolController(POOL).tick([pod(0), pod(1)], stopped, 0.0, 0.0)
+    assert plan.fail is not None and "CUDA error" in plan.fail and not plan.done
+    assert set(plan.delete) == {"pool-0", "pool-1"}
 
 
 def test_a_steady_tick_over_2000_pods_asks_for_nothing_and_is_cheap() -> None:
