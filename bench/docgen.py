@@ -33,6 +33,8 @@ RENDERERS: dict[str, str] = {
     "standing": "bench.report:render_standing",
     "resume": "bench.resume_report:render",
     "elastic": "bench.elastic_report:render",
+    "straggler": "bench.straggler_report:render",
+    "gpu": "bench.gpu_report:render",
 }
 
 BLOCK = re.compile(r"(<!-- generated:([\w.-]+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.DOTALL)
