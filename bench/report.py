@@ -85,6 +85,8 @@ def text_table(report: dict[str, Any]) -> str:
 def _headline(report: dict[str, Any], workloads: tuple[str, ...] = CPU_WORKLOADS) -> list[str]:
     """Each system at its best (the variant that won in brackets), the ceiling, and antbatch's ratios."""
     device = workloads == DEVICE_WORKLOADS
+    if not any(w in report for w in workloads):
+        return []
     rows = [
         "| workload | naive loop (best) | antbatch (best) | Ray Data (best) | Ray Data, steady state | "
         + ("" if device else "bound | ")
@@ -427,7 +429,7 @@ def harness_reports(results_dir: pathlib.Path) -> list[tuple[str, dict[str, Any]
     for path in sorted(results_dir.glob("*.json"), key=lambda p: (p.name != PRIMARY, p.name)):
         report = json.loads(path.read_text())
         # Only this harness's results: smallfiles*.json, resume*.json, ... have reports of their own.
-        if "config" in report and "single" in report:
+        if "config" in report and any(w in report for w in WORKLOADS):
             found.append((path.name, report))
     return found
 
