@@ -18,6 +18,8 @@ WORKER_SIDE = [
     "airflow_antbatch.merge",
     "airflow_antbatch.object_reader",
     "airflow_antbatch.planning",
+    "airflow_antbatch.pool.controller",
+    "airflow_antbatch.pool.policy",
     "airflow_antbatch.progress",
     "airflow_antbatch.spec",
     "airflow_antbatch.status_view",
