@@ -7,6 +7,7 @@ Under the state root (default ``<output>/_antbatch``), per job attempt::
 
     attempt-NNN/plan.arrow                       the JobPlan, written once by the planner
     attempt-NNN/done.json                        every shard committed or failed (create-if-absent)
+    attempt-NNN/pool.json                        the elastic pool's status and controller memory, overwritten
     attempt-NNN/workers/<token>.json             one heartbeat per worker process, overwritten
     attempt-NNN/idle/<token>                     that process has nothing left to claim
     attempt-NNN/claims/<hh>/<shard>/<epoch>.json     a lease on one try (create-if-absent)
@@ -30,6 +31,7 @@ MANIFEST_NAME = "_SUCCESS"  # under the output root: the committed files, writte
 PLAN_URI_KEY = "plan_uri"  # the XCom key under which the plan task publishes the plan's URI
 PLAN_FILE = "plan.arrow"
 DONE_FILE = "done.json"
+POOL_FILE = "pool.json"  # written by the pool's reconcile loop (triggers/pool.py), read by the UI page
 WORKERS_DIR = "workers"
 IDLE_DIR = "idle"
 CLAIMS_DIR = "claims"

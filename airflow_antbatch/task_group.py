@@ -8,7 +8,9 @@ worker. A launcher is an operator class that takes the mapped kwargs ``plan_uri`
 the same ``antbatch worker`` command, and may offer ``launcher_defaults(max_workers=...)`` for
 its own defaults; a pod launcher registers beside ``local`` without changing the builder. The
 registry holds import paths, so that parsing a DAG imports only the launcher it uses (a pod
-launcher pulls in the kubernetes client).
+launcher pulls in the kubernetes client). A launcher class with ``launches_pool = True``
+(``kubernetes-pool``) owns the whole fan-out in one task that decides success from the ledger:
+the group is then ``plan -> pool -> finalize``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ SMALL_OBJECT_BYTES = 2**20
 LAUNCHERS: dict[str, str] = {
     "local": "airflow_antbatch.operators.local_worker:LocalBatchWorkerOperator",
     "kubernetes": "airflow_antbatch.operators.kubernetes_worker:KubernetesBatchWorkerOperator",
+    "kubernetes-pool": "airflow_antbatch.operators.kubernetes_pool:ElasticBatchInferenceOperator",
 }
 
 
@@ -162,30 +165,46 @@ def elastic_batch_inference(
             min_shards_per_worker=min_shards_per_worker,
             force_rerun=force_rerun,
         )
+        plan_uri = f"{{{{ ti.xcom_pull(task_ids='{plan.task_id}', key='{PLAN_URI_KEY}') }}}}"
         defaults = getattr(worker_cls, "launcher_defaults", None)
         launcher_kwargs = {**(defaults(max_workers=max_workers) if defaults else {}), **(worker_kwargs or {})}
-        workers = worker_cls.partial(
-            task_id="worker",
-            storage_options=storage_options,
-            retries=worker_retries,
-            retry_delay=worker_retry_delay,
-            map_index_template="{{ task.worker_id }}",
-            **launcher_kwargs,
-        ).expand_kwargs(plan.output)
-        plan_uri = f"{{{{ ti.xcom_pull(task_ids='{plan.task_id}', key='{PLAN_URI_KEY}') }}}}"
-        sensor = ShardLedgerSensor(
-            task_id="wait_for_shards",
-            plan_uri=plan_uri,
-            storage_options=storage_options,
-            poke_interval=poke_interval,
-            timeout=sensor_timeout,
-            deferrable=deferrable_sensor,  # False: poke mode, holding a worker slot while it waits
-            # Runs when every worker task has ended, failed ones included, as long as the plan
-            # succeeded (a failed plan marks it upstream_failed instead of running it).
-            trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS,
-            # It starts after the workers ended: shards left with no live worker are abandoned.
-            stall_timeout=max(3 * lease_ttl_s, 2 * poke_interval),
-        )
+        first: Any  # the fan-out's first and last task
+        if getattr(worker_cls, "launches_pool", False):
+            # One task owns the whole fan-out and succeeds from the ledger: no mapping, no sensor.
+            first = last = worker_cls(
+                task_id="pool",
+                plan_uri=plan_uri,
+                storage_options=storage_options,
+                max_workers=max_workers,
+                retries=worker_retries,
+                retry_delay=worker_retry_delay,
+                **launcher_kwargs,
+            )
+        else:
+            workers = worker_cls.partial(
+                task_id="worker",
+                storage_options=storage_options,
+                retries=worker_retries,
+                retry_delay=worker_retry_delay,
+                map_index_template="{{ task.worker_id }}",
+                **launcher_kwargs,
+            ).expand_kwargs(plan.output)
+            sensor = ShardLedgerSensor(
+                task_id="wait_for_shards",
+                plan_uri=plan_uri,
+                storage_options=storage_options,
+                poke_interval=poke_interval,
+                timeout=sensor_timeout,
+                deferrable=deferrable_sensor,  # False: poke mode, holding a worker slot while it waits
+                # Runs when every worker task has ended, failed ones included, as long as the plan
+                # succeeded (a failed plan marks it upstream_failed instead of running it).
+                trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS,
+                # It starts after the workers ended: shards left with no live worker are abandoned.
+                stall_timeout=max(3 * lease_ttl_s, 2 * poke_interval),
+            )
+            workers >> sensor
+            plan >> sensor
+            first, last = workers, sensor
         if output_asset is True:
             output_asset = output_root_asset(output_uri)
         finalize = FinalizeBatchInferenceOperator(
@@ -196,6 +215,6 @@ def elastic_batch_inference(
         )
         if merge is not None:
             merge >> plan
-        plan >> workers >> sensor >> finalize
-        plan >> sensor
+        plan >> first
+        last >> finalize
     return group

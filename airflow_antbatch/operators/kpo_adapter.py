@@ -12,8 +12,9 @@ worker pod failing at night. pyproject caps the provider below its next major re
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook
 from airflow.providers.cncf.kubernetes.kubernetes_helper_functions import generic_api_retry
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.providers.cncf.kubernetes.pod_generator import make_safe_label_value
@@ -35,6 +36,8 @@ CONTRACT: dict[tuple[type, str], tuple[str, ...] | None] = {
     (KubernetesPodOperator, "trigger_reentry"): ("context", "event"),
     (KubernetesPodOperator, "get_or_create_pod"): ("pod_request_obj", "context"),
     (KubernetesPodOperator, "build_pod_request_obj"): ("context", "dry_run"),
+    (KubernetesPodOperator, "convert_config_file_to_dict"): (),
+    (KubernetesPodOperator, "_config_dict"): None,  # set by convert_config_file_to_dict
     (PodManager, "read_pod"): ("pod",),
     (PodManager, "delete_pod"): ("pod",),
 }
@@ -53,6 +56,12 @@ class PodOperatorAdapter(KubernetesPodOperator):
         labels: dict[str, str] = self._get_ti_pod_labels(context, include_try_number=include_try_number)
         return labels
 
+    def kube_config_dict(self) -> dict[str, Any] | None:
+        """``config_file`` (or ``$KUBECONFIG``) as a dict, for a trigger that may run on another machine."""
+        self.convert_config_file_to_dict()  # type: ignore[no-untyped-call]
+        config: dict[str, Any] | None = self._config_dict
+        return config
+
     @property
     def killed(self) -> bool:
         """The task was killed (``on_kill`` ran): the provider's cleanup then does nothing."""
@@ -61,6 +70,7 @@ class PodOperatorAdapter(KubernetesPodOperator):
 
 __all__ = [
     "CONTRACT",
+    "AsyncKubernetesHook",
     "KubernetesPodOperator",
     "PodNotFoundException",
     "PodOperatorAdapter",

@@ -123,12 +123,7 @@ class KubernetesBatchWorkerOperator(PodOperatorAdapter):
         self.cpu_budget = cpu_budget
         self.preprocess_workers = preprocess_workers
         self.torch_threads = torch_threads
-        secrets = credential_keys(storage_options or {}) + _literal_credentials(self.env_vars)
-        if secrets:
-            raise ValueError(
-                f"{self.task_id}: credentials {secrets} would be written into the pod spec; "
-                "reference a Kubernetes secret (env_from, secrets) or use workload identity instead"
-            )
+        refuse_literal_credentials(self.task_id, storage_options, self.env_vars)
 
     # -- the pod ---------------------------------------------------------------------------
 
@@ -330,6 +325,16 @@ def cpu_budget_of(resources: k8s.V1ResourceRequirements | None) -> int | None:
 def plan_label(plan_uri: str) -> str:
     """A label value naming the job attempt: the plan URI is too long and has '/' and ':'."""
     return hashlib.sha256(plan_uri.encode()).hexdigest()[:16]
+
+
+def refuse_literal_credentials(task_id: str, storage_options: Mapping[str, Any] | None, env_vars: Any) -> None:
+    """A pod spec is readable by anyone who can list pods: no credential goes into it literally."""
+    secrets = credential_keys(storage_options or {}) + _literal_credentials(env_vars)
+    if secrets:
+        raise ValueError(
+            f"{task_id}: credentials {secrets} would be written into the pod spec; "
+            "reference a Kubernetes secret (env_from, secrets) or use workload identity instead"
+        )
 
 
 def _literal_credentials(env_vars: Any) -> list[str]:

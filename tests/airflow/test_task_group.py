@@ -91,7 +91,9 @@ def test_a_job_needs_a_model_or_a_chain_but_not_both(kwargs: dict[str, Any], mes
 
 
 def test_an_unknown_launcher_names_the_available_ones() -> None:
-    with pytest.raises(ValueError, match="unknown launcher 'k8s'; available launchers: kubernetes, local"):
+    with pytest.raises(
+        ValueError, match="unknown launcher 'k8s'; available launchers: kubernetes, kubernetes-pool, local"
+    ):
         _build(launcher="k8s")
 
 
