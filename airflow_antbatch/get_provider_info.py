@@ -36,6 +36,7 @@ def get_provider_info() -> dict[str, Any]:
                 "integration-name": INTEGRATION,
                 "python-modules": [
                     "airflow_antbatch.operators.finalize",
+                    "airflow_antbatch.operators.kubernetes_pool",
                     "airflow_antbatch.operators.kubernetes_worker",
                     "airflow_antbatch.operators.local_worker",
                     "airflow_antbatch.operators.merge",
@@ -52,7 +53,7 @@ def get_provider_info() -> dict[str, Any]:
         "triggers": [
             {
                 "integration-name": INTEGRATION,
-                "python-modules": ["airflow_antbatch.triggers.ledger"],
+                "python-modules": ["airflow_antbatch.triggers.ledger", "airflow_antbatch.triggers.pool"],
             }
         ],
         # The progress page; Airflow reads this key only with [core] lazy_discover_providers off,
