@@ -26,7 +26,11 @@ MANIFEST_FORMAT = "airflow-antbatch/manifest"
 
 
 def finalize_job(plan_uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check that the job is complete and write (or rewrite, identically) its manifest."""
+    """Check that the job is complete and write (or rewrite, identically) its manifest.
+
+    ``storage_options`` reach the ledger, and go over the spec's for the output (an Airflow
+    connection's credentials, which the spec never holds).
+    """
     ledger = Ledger.open(plan_uri, storage_options)
     plan = ledger.plan
     records = {r.shard_id: r for r in ledger.commit_records()}
@@ -39,7 +43,8 @@ def finalize_job(plan_uri: str, storage_options: dict[str, Any] | None = None) -
             f"({status.failed} failed for good, {status.leased} leased, {status.pending} pending)"
             + (f"; failures: {sample}" if sample else "")
         )
-    output = AtomicStore(plan.spec.output_uri, dict(plan.spec.storage_options))
+    options = {**plan.spec.storage_options, **(storage_options or {})}
+    output = AtomicStore(plan.spec.output_uri, options)
     present = set(output.list("", recursive=False))
     files: list[dict[str, Any]] = []
     for shard_id in plan.shard_ids:
@@ -68,7 +73,7 @@ def finalize_job(plan_uri: str, storage_options: dict[str, Any] | None = None) -
             output.uri(records[s].quarantine_file or "") for s in plan.shard_ids if records[s].quarantine_file
         ],
     }
-    previous = read_manifest(plan.spec.output_uri, storage_options)
+    previous = read_manifest(plan.spec.output_uri, options)
     if previous is None or any(previous.get(k) != v for k, v in manifest.items()):
         manifest["finalized_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         output.put(MANIFEST_NAME, json.dumps(manifest, indent=1).encode())

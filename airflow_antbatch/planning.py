@@ -67,17 +67,20 @@ class PlanResult:
     reused: bool
 
 
-def plan_job(spec: JobSpec, *, force: bool = False) -> PlanResult:
+def plan_job(spec: JobSpec, *, force: bool = False, storage_options: dict[str, Any] | None = None) -> PlanResult:
     """Write the job's plan once; reuse it when the input is unchanged; refuse a changed one.
 
     ``force`` starts a fresh attempt (new shard ids and output names) even if a plan exists.
+    ``storage_options`` go over the spec's for this process's own reads and writes, and are
+    not written into the plan: an Airflow connection's credentials, which workers never get.
     """
-    fmt, files = list_input(spec)
-    columns = input_columns(fmt, files, dict(spec.storage_options))
+    options = {**spec.storage_options, **(storage_options or {})}
+    fmt, files = list_input(spec, options)
+    columns = input_columns(fmt, files, options)
     check_passthrough_columns(spec, columns, files[0].path)
     fingerprint = plan_fingerprint(spec, fmt, files)
-    text = None if fmt == "parquet" else _sample(files, dict(spec.storage_options), fmt)
-    store = AtomicStore(spec.state_root, dict(spec.storage_options))
+    text = None if fmt == "parquet" else _sample(files, options, fmt)
+    store = AtomicStore(spec.state_root, options)
     attempt, existing = _latest_plan(store)
     if existing is not None and not force:
         if existing.fingerprint == fingerprint:
@@ -177,9 +180,11 @@ def result_settings(spec: JobSpec) -> dict[str, Any]:
 # -- listing ---------------------------------------------------------------------------------
 
 
-def list_input(spec: JobSpec) -> tuple[str, list[InputFile]]:
-    """The input's format and its files, sorted, with Parquet row-group sizes read."""
-    fs, _ = fsspec.core.url_to_fs(spec.input_uris[0], **spec.storage_options)
+def list_input(spec: JobSpec, storage_options: dict[str, Any] | None = None) -> tuple[str, list[InputFile]]:
+    """The input's format and its files, sorted, with Parquet row-group sizes read (through
+    ``storage_options``, default the spec's)."""
+    options = spec.storage_options if storage_options is None else storage_options
+    fs, _ = fsspec.core.url_to_fs(spec.input_uris[0], **options)
     infos: dict[str, dict[str, Any]] = {}
     for uri in spec.input_uris:
         infos.update(_list_one(fs, uri, spec.input_format))

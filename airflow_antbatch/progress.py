@@ -86,7 +86,8 @@ class JobProgress:
     def __init__(self, plan_uri: str, storage_options: dict[str, Any] | None = None) -> None:
         self.ledger = Ledger.open(plan_uri, storage_options)
         spec = self.ledger.plan.spec
-        self.output = AtomicStore(spec.output_uri, dict(spec.storage_options))
+        # The caller's options (an Airflow connection's credentials) go over the spec's.
+        self.output = AtomicStore(spec.output_uri, {**spec.storage_options, **(storage_options or {})})
         self._quarantine_rows: dict[str, int] = {}  # file name -> rows (files never change)
         self._reasons: dict[str, dict[str, int]] = {}
 

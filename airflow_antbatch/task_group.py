@@ -91,6 +91,7 @@ def elastic_batch_inference(
     merge_small_files: bool | str = False,
     merge_output_uri: str | None = None,
     merge_kwargs: Mapping[str, Any] | None = None,
+    conn_id: str | None = None,
 ) -> TaskGroup:
     """Build the job's task group inside the current DAG and return it.
 
@@ -121,6 +122,12 @@ def elastic_batch_inference(
     ``input_uri`` is under ``SMALL_OBJECT_BYTES``, and otherwise lets the job read the input as
     it is (the format is then inferred from the file names). ``merge_kwargs`` go to the merge
     operator (``target_pack_bytes``, ``concurrency``, ``max_unreadable``, ``list_file``, ``reader``).
+
+    ``conn_id`` (or URIs such as ``s3://conn_id@bucket/in/``) is the Airflow connection that
+    merge, plan, the sensor, finalize and the UI page reach the stores through; the sensor
+    and finalize learn it from the plan URI that the plan task pushes. Workers never get it:
+    they authenticate with the Kubernetes secrets or workload identity of ``worker_kwargs``
+    (the local launcher: with the Airflow worker's environment).
     """
     if merge_small_files not in (False, True, "auto"):
         raise ValueError(f"merge_small_files must be True, False or 'auto', got {merge_small_files!r}")
@@ -134,6 +141,7 @@ def elastic_batch_inference(
                 output_uri=merge_output_uri or f"{output_uri.rstrip('/')}/_packs",
                 storage_options=storage_options,
                 small_object_bytes=SMALL_OBJECT_BYTES if merge_small_files == "auto" else None,
+                conn_id=conn_id,
                 **(merge_kwargs or {}),
             )
             input_uri = f"{{{{ ti.xcom_pull(task_ids='{merge.task_id}', key='{INPUT_URI_KEY}') }}}}"
@@ -164,6 +172,7 @@ def elastic_batch_inference(
             max_workers=max_workers,
             min_shards_per_worker=min_shards_per_worker,
             force_rerun=force_rerun,
+            conn_id=conn_id,
         )
         plan_uri = f"{{{{ ti.xcom_pull(task_ids='{plan.task_id}', key='{PLAN_URI_KEY}') }}}}"
         defaults = getattr(worker_cls, "launcher_defaults", None)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import (
     Asset,
+    BaseHook,
     BaseOperator,
     BaseOperatorLink,
     BaseSensorOperator,
@@ -28,6 +29,7 @@ from airflow.sdk import (
     TriggerRule,
 )
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
+from airflow.sdk.io import get_fs, has_fs
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 try:
@@ -41,12 +43,14 @@ if TYPE_CHECKING:
     from airflow.api_fastapi.core_api.security import requires_access_dag, requires_authenticated
     from airflow.models.xcom import XComModel
     from airflow.plugins_manager import AirflowPlugin
+    from airflow.providers.openlineage.extractors import OperatorLineage
     from airflow.sdk.types import TaskInstanceKey
 
 # name -> module, imported by ``__getattr__`` when a role module first asks for the name.
 _LAZY = {
     "AirflowPlugin": "airflow.plugins_manager",
     "DagAccessEntity": "airflow.api_fastapi.auth.managers.models.resource_details",
+    "OperatorLineage": "airflow.providers.openlineage.extractors",  # the openlineage extra
     "SessionDep": "airflow.api_fastapi.common.db.common",
     "TaskInstanceKey": "airflow.sdk.types",
     "XComModel": "airflow.models.xcom",
@@ -75,12 +79,14 @@ __all__ = [
     "AirflowPlugin",
     "AirflowSkipException",
     "Asset",
+    "BaseHook",
     "BaseOperator",
     "BaseOperatorLink",
     "BaseSensorOperator",
     "BaseTrigger",
     "Context",
     "DagAccessEntity",
+    "OperatorLineage",
     "Param",
     "PokeReturnValue",
     "SessionDep",
@@ -91,6 +97,8 @@ __all__ = [
     "XComModel",
     "conf",
     "default_deferrable",
+    "get_fs",
+    "has_fs",
     "requires_access_dag",
     "requires_authenticated",
 ]

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from airflow_antbatch.hooks.storage import reach, split_conn_id
 from airflow_antbatch.version_compat import Asset, BaseOperator
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from airflow_antbatch.version_compat import Context
+    from airflow_antbatch.version_compat import Context, OperatorLineage
 
 
 def output_root_asset(output_uri: str) -> Asset:
@@ -30,7 +31,7 @@ def output_root_asset(output_uri: str) -> Asset:
     static = output_uri.split("{{", 1)[0]
     if static != output_uri:
         static = static.rsplit("/", 1)[0]  # drop the partly templated segment (ds=...)
-    static = static.rstrip("/")
+    static = split_conn_id(static.rstrip("/"))[0]  # an Asset names data, not how Airflow reaches it
     if static.startswith("/"):
         static = f"file://{static}"
     scheme, sep, rest = static.partition("://")
@@ -49,21 +50,33 @@ class FinalizeBatchInferenceOperator(BaseOperator):
     output; XCom carries only what downstream tasks need to find and trust it. Each Asset in
     ``outlets`` gets an event whose ``extra`` is that summary plus the manifest's
     ``finalized_at`` (unchanged when a rerun of a finished job rewrote nothing).
+
+    The ledger and the output are reached through ``conn_id``, or the connection that
+    ``plan_uri`` names (``s3://conn_id@bucket/...``, as the plan task pushes it), when given.
     """
 
     template_fields: Sequence[str] = ("plan_uri",)
     ui_color = "#e8fef0"
 
-    def __init__(self, *, plan_uri: str, storage_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        plan_uri: str,
+        storage_options: dict[str, Any] | None = None,
+        conn_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.plan_uri = plan_uri
         self.storage_options = storage_options
+        self.conn_id = conn_id
+        self._summary: dict[str, Any] | None = None  # this try's, for OpenLineage
 
     def execute(self, context: Context) -> dict[str, Any]:
         from airflow_antbatch.finalize import finalize_job
         from airflow_antbatch.layout import MANIFEST_NAME
 
-        manifest = finalize_job(self.plan_uri, self.storage_options)
+        manifest = finalize_job(*reach(self.plan_uri, self.conn_id, self.storage_options))
         output_uri = manifest["output"]
         summary = {
             "manifest_uri": f"{output_uri}/{MANIFEST_NAME}",
@@ -84,4 +97,17 @@ class FinalizeBatchInferenceOperator(BaseOperator):
             if isinstance(outlet, Asset):
                 extra = {**summary, "finalized_at": manifest.get("finalized_at")}
                 context["outlet_events"][outlet].extra.update(extra)
+        self._summary = summary
         return summary
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> OperatorLineage[Any, Any]:
+        """The job's inputs, models and output with its row and file counts, for OpenLineage.
+
+        See :mod:`airflow_antbatch.operators.lineage`; the spec is read back from the plan.
+        """
+        from airflow_antbatch.ledger import Ledger
+        from airflow_antbatch.operators.lineage import job_lineage
+
+        summary = self._summary or task_instance.xcom_pull(task_ids=self.task_id)
+        spec = Ledger.open(*reach(self.plan_uri, self.conn_id, self.storage_options)).plan.spec
+        return job_lineage(spec, written=summary)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from airflow_antbatch.hooks.storage import job_connection, join_conn_id, storage_options
 from airflow_antbatch.version_compat import BaseOperator
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ class SmallFileMergeOperator(BaseOperator):
     :param concurrency: objects read at once.
     :param max_unreadable: objects that may vanish or fail before the merge fails.
     :param storage_options: fsspec options (no credentials: use the environment or a connection).
+    :param conn_id: the Airflow connection to read and write through (or name it in the URIs:
+        ``s3://conn_id@bucket/...``); the pushed ``input_uri`` names it, for the plan task.
     :param small_object_bytes: merge only if the median object is smaller than this; otherwise
         the task passes its one source on as the job's input (the builder's ``"auto"``).
     :param reader: what reads the objects: ``"auto"`` (obstore on S3 where s3fs's options
@@ -54,9 +57,11 @@ class SmallFileMergeOperator(BaseOperator):
         storage_options: dict[str, Any] | None = None,
         small_object_bytes: int | None = None,
         reader: Reader = "auto",
+        conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.conn_id = conn_id
         self.sources = [sources] if isinstance(sources, str) else list(sources)
         self.output_uri = output_uri
         self.list_file = list_file
@@ -79,11 +84,16 @@ class SmallFileMergeOperator(BaseOperator):
             "concurrency": self.concurrency,
             "max_unreadable": self.max_unreadable,
         }
+        sources = {f"sources[{i}]": uri for i, uri in enumerate(self.sources)}
+        conn_id, uris = job_connection(
+            self.conn_id, {**sources, "output_uri": self.output_uri, "list_file": self.list_file or None}
+        )
+        output_uri, list_file = str(uris.pop("output_uri")), uris.pop("list_file")
         result = merge_small_files(
-            self.sources,
-            self.output_uri,
-            list_file=self.list_file or None,
-            storage_options=self.storage_options,
+            [str(uri) for uri in uris.values()],
+            output_uri,
+            list_file=list_file,
+            storage_options=storage_options(conn_id, output_uri, self.storage_options),
             small_object_bytes=self.small_object_bytes,
             reader=self.reader,
             **{k: v for k, v in limits.items() if v is not None},
@@ -95,7 +105,7 @@ class SmallFileMergeOperator(BaseOperator):
                 self.small_object_bytes,
                 self.sources[0],
             )
-            context["ti"].xcom_push(key=INPUT_URI_KEY, value=self.sources[0])
+            context["ti"].xcom_push(key=INPUT_URI_KEY, value=join_conn_id(str(uris["sources[0]"]), conn_id))
             return result.to_dict()
         self.log.info(
             "Packed %d objects (%d bytes) into %d packs under %s: %d written now, %d kept from an earlier try; "
@@ -112,5 +122,5 @@ class SmallFileMergeOperator(BaseOperator):
         )
         for path, why in result.unreadable[:20]:
             self.log.warning("Skipped %s: %s", path, why)
-        context["ti"].xcom_push(key=INPUT_URI_KEY, value=result.output_uri)
+        context["ti"].xcom_push(key=INPUT_URI_KEY, value=join_conn_id(result.output_uri, conn_id))
         return result.to_dict()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from airflow_antbatch.errors import PlanConflictError, SpecError
+from airflow_antbatch.hooks.storage import job_connection, join_conn_id, storage_options
 from airflow_antbatch.layout import PLAN_URI_KEY
 from airflow_antbatch.spec import JobSpec, ModelStage
 from airflow_antbatch.version_compat import AirflowFailException, BaseOperator
@@ -12,7 +13,7 @@ from airflow_antbatch.version_compat import AirflowFailException, BaseOperator
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from airflow_antbatch.version_compat import Context
+    from airflow_antbatch.version_compat import Context, OperatorLineage
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off", "", "none"})
@@ -28,6 +29,11 @@ class PlanBatchInferenceOperator(BaseOperator):
     when the DAG is parsed, and the URI and import-path fields are templated. ``stages`` (a
     chain of models: dicts or :class:`~airflow_antbatch.spec.ModelStage`) replaces ``model``;
     it is kept as dicts, so that the import paths inside are templated too.
+
+    ``conn_id`` (or URIs such as ``s3://conn_id@bucket/in/``) names the Airflow connection
+    that this task reads the input and writes the ledger through
+    (:mod:`airflow_antbatch.hooks.storage`); the plan, and the workers, get the URIs without it.
+    The plan URI pushed to XCom names it again, for the sensor, finalize and the UI page.
     """
 
     template_fields: Sequence[str] = (
@@ -69,9 +75,11 @@ class PlanBatchInferenceOperator(BaseOperator):
         max_workers: int = 4,
         min_shards_per_worker: int = 1,
         force_rerun: bool | str = False,
+        conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.conn_id = conn_id
         for name, value in (("max_workers", max_workers), ("min_shards_per_worker", min_shards_per_worker)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -107,25 +115,42 @@ class PlanBatchInferenceOperator(BaseOperator):
         self.force_rerun = force_rerun
         self.job_spec()  # a bad setting fails when the DAG is parsed, not at 2 a.m.
 
+    def connection(self) -> tuple[str | None, dict[str, str | None]]:
+        """The job's connection and its URIs without it (see :func:`~airflow_antbatch.hooks.storage.job_connection`)."""
+        inputs = [self.input_uri] if isinstance(self.input_uri, str) else self.input_uri
+        uris = {"output_uri": self.output_uri, "state_uri": self.state_uri}
+        return job_connection(self.conn_id, {**{f"input_uri[{i}]": u for i, u in enumerate(inputs)}, **uris})
+
     def job_spec(self) -> JobSpec:
-        """The JobSpec from the (rendered, at run time) fields."""
+        """The JobSpec from the (rendered, at run time) fields, its URIs without the connection."""
+        _, uris = self.connection()
+        output_uri, state_uri = str(uris.pop("output_uri")), uris.pop("state_uri")
+        inputs = tuple(str(uri) for uri in uris.values())
         return JobSpec(
-            input_uri=self.input_uri if isinstance(self.input_uri, str) else tuple(self.input_uri),
-            output_uri=self.output_uri,
+            input_uri=inputs[0] if isinstance(self.input_uri, str) else inputs,
+            output_uri=output_uri,
             model=self.model,
             stages=tuple(ModelStage.from_value(stage, i) for i, stage in enumerate(self.stages)),
             preprocess=self.preprocess,
             postprocess=self.postprocess,
-            state_uri=self.state_uri,
+            state_uri=state_uri,
             **self.options,
         )
+
+    def get_openlineage_facets_on_start(self) -> OperatorLineage[Any, Any]:
+        """The job's inputs and models, for OpenLineage (see :mod:`airflow_antbatch.operators.lineage`)."""
+        from airflow_antbatch.operators.lineage import job_lineage
+
+        return job_lineage(self.job_spec())
 
     def execute(self, context: Context) -> list[dict[str, str]]:
         from airflow_antbatch.planning import plan_job
 
         force = as_bool(self.force_rerun, "force_rerun")
+        spec, conn_id = self.job_spec(), self.connection()[0]
         try:
-            result = plan_job(self.job_spec(), force=force)
+            options = storage_options(conn_id, spec.output_uri, spec.storage_options)
+            result = plan_job(spec, force=force, storage_options=options)
         except (SpecError, PlanConflictError) as exc:
             raise AirflowFailException(str(exc)) from exc  # a retry cannot fix the settings
         shards = len(result.plan.shards)
@@ -134,7 +159,7 @@ class PlanBatchInferenceOperator(BaseOperator):
         else:
             why = " (force_rerun)" if force else ""
             self.log.info("Wrote plan %s: %d shards, attempt %d%s", result.plan_uri, shards, result.plan.attempt, why)
-        context["ti"].xcom_push(key=PLAN_URI_KEY, value=result.plan_uri)
+        context["ti"].xcom_push(key=PLAN_URI_KEY, value=join_conn_id(result.plan_uri, conn_id))
         workers = worker_count(shards, self.max_workers, self.min_shards_per_worker)
         self.log.info("Fanning out to %d workers (max_workers %d)", workers, self.max_workers)
         return [

@@ -13,8 +13,12 @@ Routes::
     GET /api/dags/{dag_id}/runs/{run_id}/manifest  the output's _SUCCESS manifest
     GET /api/manifest?plan_uri=...
 
-Stores that need options (an S3 endpoint, a profile) get them from ``ANTBATCH_STORAGE_OPTIONS``
-in the API server's environment, as the CLI does; credentials come from the environment too.
+A job run through an Airflow connection is read through it: the plan task pushes its plan URI
+naming the connection (``s3://conn_id@bucket/...``), and a ``plan_uri`` query may name one the
+same way (:mod:`airflow_antbatch.hooks.storage`). Options that every store needs (an S3
+endpoint, a profile) come from ``ANTBATCH_STORAGE_OPTIONS`` in the API server's environment, as
+the CLI takes them, and go over the connection's; without a connection, credentials come from
+the API server's environment.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from sqlalchemy import select
 
 from airflow_antbatch.errors import AntBatchError
 from airflow_antbatch.finalize import read_manifest
+from airflow_antbatch.hooks.storage import join_conn_id, reach, split_conn_id
 from airflow_antbatch.layout import PLAN_URI_KEY
 from airflow_antbatch.planning import resolve_plan_uri
 from airflow_antbatch.plugins.links import PAGE_ROUTE
@@ -71,7 +76,7 @@ class _Jobs:
         with self._lock:
             entry = self._jobs.pop(plan_uri, None)
             if entry is None:
-                entry = (threading.Lock(), JobProgress(plan_uri, storage_options()))
+                entry = (threading.Lock(), JobProgress(*reach(plan_uri, base=storage_options())))
             self._jobs[plan_uri] = entry
             while len(self._jobs) > self._size:
                 self._jobs.popitem(last=False)
@@ -126,9 +131,16 @@ def _answer(read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         raise HTTPException(502, str(exc)) from exc
 
 
+def _latest(plan_uri: str) -> str:
+    """The plan behind a ``plan_uri`` query (see :func:`resolve_plan_uri`), naming the same connection."""
+    uri, options = reach(plan_uri, base=storage_options())
+    return join_conn_id(resolve_plan_uri(uri, options), split_conn_id(plan_uri)[1])
+
+
 def _manifest(plan_uri: str) -> dict[str, Any]:
-    output_uri = JobProgress(plan_uri, storage_options()).output.url
-    manifest = read_manifest(output_uri, storage_options())
+    uri, options = reach(plan_uri, base=storage_options())
+    output_uri = JobProgress(uri, options).output.url
+    manifest = read_manifest(output_uri, options)
     if manifest is None:
         raise HTTPException(404, f"no manifest at {output_uri}/_SUCCESS yet: the job has not been finalized")
     return manifest
@@ -149,7 +161,7 @@ def create_app() -> FastAPI:
 
     @app.get("/api/job", dependencies=_read_any_job)
     def job(plan_uri: Annotated[str, Query(min_length=1)]) -> dict[str, Any]:
-        return _answer(lambda: jobs.view(resolve_plan_uri(plan_uri, storage_options())))
+        return _answer(lambda: jobs.view(_latest(plan_uri)))
 
     @app.get("/api/dags/{dag_id}/runs/{run_id}/manifest", dependencies=_read_run)
     def run_manifest(dag_id: str, run_id: str, session: SessionDep, task_id: str | None = None) -> dict[str, Any]:
@@ -158,6 +170,6 @@ def create_app() -> FastAPI:
 
     @app.get("/api/manifest", dependencies=_read_any_job)
     def manifest(plan_uri: Annotated[str, Query(min_length=1)]) -> dict[str, Any]:
-        return _answer(lambda: _manifest(resolve_plan_uri(plan_uri, storage_options())))
+        return _answer(lambda: _manifest(_latest(plan_uri)))
 
     return app

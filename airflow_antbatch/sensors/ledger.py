@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_antbatch.errors import StoreError
 from airflow_antbatch.failure_report import failure_sample, shard_failures
+from airflow_antbatch.hooks.storage import reach
 from airflow_antbatch.plugins.links import AntBatchJobLink
 from airflow_antbatch.version_compat import (
     AirflowException,
@@ -89,6 +90,8 @@ class LedgerWatch:
 
     :param store_patience: seconds of store errors to ride out per read; None: as the
         workers do, ``max(120 s, 4 lease TTLs)`` (120 s until the plan is read).
+    :param conn_id: the Airflow connection to read through (or the one ``plan_uri`` names),
+        looked up on the first read: in the triggerer, for the trigger.
     """
 
     def __init__(
@@ -98,9 +101,11 @@ class LedgerWatch:
         *,
         store_patience: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        conn_id: str | None = None,
     ) -> None:
         self.plan_uri = plan_uri
         self.storage_options = storage_options
+        self.conn_id = conn_id
         self.store_patience = store_patience
         self.beats = BeatWatch(clock)
         self.stop = threading.Event()  # set to give up retrying (the trigger's cleanup)
@@ -139,7 +144,7 @@ class LedgerWatch:
         from airflow_antbatch.ledger import Ledger
 
         if self._ledger is None:
-            self._ledger = Ledger.open(self.plan_uri, self.storage_options)
+            self._ledger = Ledger.open(*reach(self.plan_uri, self.conn_id, self.storage_options))
         return self._ledger.status()
 
 
@@ -159,6 +164,8 @@ class ShardLedgerSensor(BaseSensorOperator):
 
     :param plan_uri: the plan written by the plan task (templated: usually its XCom).
     :param storage_options: fsspec options for the ledger's store (no credentials).
+    :param conn_id: the Airflow connection to read the ledger through; default the one that
+        ``plan_uri`` names (``s3://conn_id@bucket/...``, as the plan task pushes it), if any.
     :param stall_timeout: a worker counts as running while its heartbeat's beat counter moved
         within this many seconds, as the sensor's own clock measures it; with none running,
         unfinished work is abandoned and the sensor fails. None waits for ``timeout`` instead.
@@ -188,11 +195,13 @@ class ShardLedgerSensor(BaseSensorOperator):
         stall_timeout: float | None = None,
         store_patience: float | None = None,
         deferrable: bool | None = None,
+        conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.plan_uri = plan_uri
         self.storage_options = storage_options
+        self.conn_id = conn_id
         self.stall_timeout = stall_timeout
         self.store_patience = store_patience
         self._watch: LedgerWatch | None = None  # one per task try: beats seen across pokes
@@ -210,6 +219,7 @@ class ShardLedgerSensor(BaseSensorOperator):
             trigger=ShardLedgerTrigger(
                 plan_uri=self.plan_uri,
                 storage_options=self.storage_options,
+                conn_id=self.conn_id,
                 poll_interval=self.poke_interval,
                 stall_timeout=self.stall_timeout,
                 store_patience=self.store_patience,
@@ -236,7 +246,9 @@ class ShardLedgerSensor(BaseSensorOperator):
         if not self.plan_uri or self.plan_uri == "None":
             raise AirflowFailException("no plan URI: the plan task did not push one (did it succeed?)")
         if self._watch is None or self._watch.plan_uri != self.plan_uri:
-            self._watch = LedgerWatch(self.plan_uri, self.storage_options, store_patience=self.store_patience)
+            self._watch = LedgerWatch(
+                self.plan_uri, self.storage_options, store_patience=self.store_patience, conn_id=self.conn_id
+            )
         watch = self._watch
         status = watch.read()
         self.log.info("%s", progress_line(status))

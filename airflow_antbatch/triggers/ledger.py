@@ -36,6 +36,9 @@ class ShardLedgerTrigger(BaseTrigger):
     :param plan_uri: the job attempt's plan, as the sensor rendered it.
     :param storage_options: fsspec options of the ledger's store (no credentials: they are
         persisted in the Airflow database with the trigger).
+    :param conn_id: the Airflow connection to read the ledger through (default: the one
+        ``plan_uri`` names), by name only: it is looked up here, in the triggerer, on the first
+        read, so that no secret is persisted with the trigger.
     :param poll_interval: seconds between two ledger reads.
     :param stall_timeout: as the sensor's: fail when work is left and no running worker's beat
         moved for this long, by this trigger's clock; None waits for the deadline instead.
@@ -53,15 +56,17 @@ class ShardLedgerTrigger(BaseTrigger):
         stall_timeout: float | None = None,
         store_patience: float | None = None,
         deadline: float | None = None,
+        conn_id: str | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # BaseTrigger is untyped
         self.plan_uri = plan_uri
         self.storage_options = storage_options
+        self.conn_id = conn_id
         self.poll_interval = poll_interval
         self.stall_timeout = stall_timeout
         self.store_patience = store_patience
         self.deadline = deadline
-        self._watch = LedgerWatch(plan_uri, storage_options, store_patience=store_patience)
+        self._watch = LedgerWatch(plan_uri, storage_options, store_patience=store_patience, conn_id=conn_id)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -73,6 +78,7 @@ class ShardLedgerTrigger(BaseTrigger):
                 "stall_timeout": self.stall_timeout,
                 "store_patience": self.store_patience,
                 "deadline": self.deadline,
+                "conn_id": self.conn_id,
             },
         )
 

@@ -134,6 +134,7 @@ def test_serialize_is_plain_values_and_round_trips(ledger: Ledger) -> None:
         stall_timeout=30.0,
         store_patience=300.0,
         deadline=1_800_000_000.0,
+        conn_id="lake_s3",
     )
     classpath, kwargs = trigger.serialize()
     assert classpath == "airflow_antbatch.triggers.ledger.ShardLedgerTrigger"
@@ -144,6 +145,7 @@ def test_serialize_is_plain_values_and_round_trips(ledger: Ledger) -> None:
         "stall_timeout": 30.0,
         "store_patience": 300.0,
         "deadline": 1_800_000_000.0,
+        "conn_id": "lake_s3",  # the connection's name: it is looked up in the triggerer
     }
     module, _, name = classpath.rpartition(".")
     again = getattr(importlib.import_module(module), name)(**kwargs)
