@@ -52,6 +52,14 @@ chaos: $(STAMP)
 clean:
 	rm -rf .demo .pytest_cache .mypy_cache .ruff_cache
 
+# The option tables of README.md and docs/user-guide.md, made from JobSpec's fields and the
+# builder's own options (scripts/option_tables.py); tests/airflow/test_job_options.py fails
+# when they are stale.
+.PHONY: docs-options
+
+docs-options: $(STAMP)
+	$(PY) -m scripts.option_tables
+
 # The built wheel installed as users install it (docs/worker-images.md): into a fresh venv
 # holding only Airflow and the cncf-kubernetes provider, and into one without Airflow. It takes
 # minutes of pip, so `make test` leaves it out. docker-lint: hadolint on the worker images.

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 from airflow_antbatch import exit_codes
 from airflow_antbatch.errors import AntBatchError
 from airflow_antbatch.object_reader import READERS
-from airflow_antbatch.spec import AUTOCAST_DTYPES, JobSpec, ModelStage
+from airflow_antbatch.options import add_flags, flag_help, from_args
+from airflow_antbatch.options import count_at_least as _count
+from airflow_antbatch.spec import JobSpec, ModelStage
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
     from types import FrameType
 
 log = logging.getLogger("airflow_antbatch.cli")
@@ -69,26 +71,12 @@ def parse_stage(text: str) -> ModelStage:
     return ModelStage(**fields)
 
 
-def _count(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``, so a bad count fails before any work starts."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, nargs="+", help="input URI(s): a file, a directory or a glob")
-    p.add_argument("--output", required=True, help="output URI: one Parquet file per shard lands here")
+    """The job options' flags: made from JobSpec's fields, but for the few spelt here."""
+    p.add_argument("--input", required=True, nargs="+", help=flag_help("input_uri"))
+    p.add_argument("--output", required=True, help=flag_help("output_uri"))
     models = p.add_mutually_exclusive_group(required=True)
-    models.add_argument("--model", help="'pkg.module:factory' or a saved TorchScript/.pt2 URL")
+    models.add_argument("--model", help=flag_help("model"))
     models.add_argument(
         "--stage",
         dest="stages",
@@ -97,29 +85,8 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
         metavar="name=N,model=M[,KEY=VALUE...]",
         help=f"one model of a chain, in chain order (repeatable); keys: {', '.join(_STAGE_KEYS)}",
     )
-    p.add_argument("--format", choices=["parquet", "jsonl", "csv"], help="input format (default: from extensions)")
-    p.add_argument("--preprocess", help="'pkg.module:fn', fn(RecordBatch) -> model input")
-    p.add_argument("--postprocess", help="'pkg.module:fn', fn(output, RecordBatch) -> dict of columns")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--id-column", help="column copied to the output to join predictions back")
-    p.add_argument("--keep-column", action="append", default=[], help="another column to copy (repeatable)")
-    p.add_argument("--max-shard-rows", type=int, default=100_000)
-    p.add_argument("--target-shard-mb", type=float, default=128.0)
-    p.add_argument("--lease-ttl", type=float, default=60.0, help="seconds before a silent worker's shards are taken")
-    p.add_argument("--max-attempts", type=int, default=3, help="tries per shard before it fails for good")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--autocast-dtype", choices=AUTOCAST_DTYPES, help="run the models under torch.autocast")
-    p.add_argument("--compile", metavar="BACKEND", help="torch.compile the models with this backend (e.g. inductor)")
-    p.add_argument(
-        "--quarantine-limit", type=_count(0), default=10, help="bad records per shard set aside before the shard fails"
-    )
-    p.add_argument(
-        "--same-error-limit",
-        type=_count(1),
-        default=5,
-        help="stop the job once a worker sees one error on this many shards in a row (default 5)",
-    )
-    p.add_argument("--state", help="ledger root (default: OUTPUT/_antbatch)")
+    p.add_argument("--keep-column", action="append", default=[], help=flag_help("keep_columns") + " (repeatable)")
+    add_flags(p)
     p.add_argument("--force", action="store_true", help="start a fresh attempt even if a plan exists")
 
 
@@ -129,23 +96,9 @@ def _spec_from_args(args: argparse.Namespace) -> JobSpec:
         output_uri=args.output,
         model=args.model,
         stages=tuple(args.stages or ()),
-        input_format=args.format,
-        preprocess=args.preprocess,
-        postprocess=args.postprocess,
-        batch_size=args.batch_size,
-        id_column=args.id_column,
         keep_columns=tuple(args.keep_column),
-        max_shard_rows=args.max_shard_rows,
-        target_shard_bytes=int(args.target_shard_mb * 2**20),
-        lease_ttl_s=args.lease_ttl,
-        max_shard_attempts=args.max_attempts,
-        device=args.device,
-        autocast_dtype=args.autocast_dtype,
-        compile=args.compile,
-        quarantine_limit=args.quarantine_limit,
-        same_error_limit=args.same_error_limit,
-        state_uri=args.state,
         storage_options=args.storage_options,
+        **from_args(args),
     )
 
 

@@ -56,6 +56,9 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_antbatch.triggers.ledger", "airflow_antbatch.triggers.pool"],
             }
         ],
+        # Connections of the amazon, google and microsoft-azure providers, turned into fsspec
+        # options: the provider defines no connection type of its own.
+        "hooks": [{"integration-name": INTEGRATION, "python-modules": ["airflow_antbatch.hooks.storage"]}],
         # The progress page; Airflow reads this key only with [core] lazy_discover_providers off,
         # so the distribution also declares the plugin under the airflow.plugins entry point.
         "plugins": [{"name": "antbatch", "plugin-class": "airflow_antbatch.plugins.plugin.AntBatchPlugin"}],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from airflow_antbatch import layout
@@ -71,36 +71,141 @@ class ModelStage:
         return stage
 
 
+@dataclasses.dataclass(frozen=True)
+class OptionDoc:
+    """How a JobSpec field is offered to DAG authors and CLI users.
+
+    The builder's and the plan operator's parameters, the CLI's flags and the docs' option
+    tables are all made from these (``airflow_antbatch/options.py``), so an option is added
+    by adding a field here.
+    """
+
+    help: str
+    templated: bool = False  # rendered by Jinja in the plan task (URIs and import paths)
+    flag: str | None = ""  # the CLI flag: "" is --the-field-name; None: the CLI spells it by hand
+    aliases: tuple[str, ...] = ()  # older CLI spellings, still accepted
+    minimum: int | None = None  # checked here (ints) and by the CLI's argument parser
+    shown_default: str | None = None  # the default as the docs show it, where repr would not do
+    accepts: str | None = None  # the parameter annotation, where wider than the field's type
+
+
+OPTION_KEY = "antbatch_option"
+
+
+def _option(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None, **doc: Any) -> Any:
+    metadata = {OPTION_KEY: OptionDoc(**doc)}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class JobSpec:
-    """What to score, with which model, and where the results and the ledger live."""
+    """What to score, with which model, and where the results and the ledger live.
 
-    input_uri: str | tuple[str, ...]
-    output_uri: str
-    model: str | None = None
-    stages: tuple[ModelStage, ...] = ()
-    input_format: str | None = None
-    preprocess: str | None = None
-    postprocess: str | None = None
-    batch_size: int = 256
-    id_column: str | None = None
-    keep_columns: tuple[str, ...] = ()
-    state_uri: str | None = None
-    lease_ttl_s: float = 60.0
-    max_shard_rows: int = 100_000
-    target_shard_bytes: int = 128 * 2**20
-    max_shard_attempts: int = 3
-    device: str = "cpu"
-    autocast_dtype: str | None = None
-    compile: str | None = None
-    quarantine_limit: int = 10
-    # The job stops once one worker sees the same error (type and message) on this many shards
-    # in a row with no commit between: a broken hook or model fails every shard alike.
-    same_error_limit: int = 5
-    # Speculative backup tries at the tail: an idle worker races a much slower worker's shard,
-    # and the first commit wins (docs/adr/0002-ledger-protocol.md, "Backups").
-    backup_tries: bool = True
-    storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    Every field but ``spec_version`` is a job option: its ``OptionDoc`` says how it is offered.
+    """
+
+    input_uri: str | tuple[str, ...] = _option(
+        help="a file, a directory, a glob, or a list of them (Parquet, JSONL or CSV)",
+        templated=True,
+        flag=None,
+        accepts="str | Sequence[str]",
+    )
+    output_uri: str = _option(help="where one Parquet file per shard and `_SUCCESS` go", templated=True, flag=None)
+    model: str | None = _option(
+        None,
+        help="`pkg.mod:factory` or a saved model URL (`.pt2` torch.export, `.pt` TorchScript); give it or `stages`",
+        templated=True,
+        flag=None,
+    )
+    stages: tuple[ModelStage, ...] = _option(
+        (),
+        help="a chain of models instead of `model`: dicts or `ModelStage`s, in chain order (see Model chains)",
+        templated=True,
+        flag=None,
+        accepts="Sequence[Mapping[str, Any] | ModelStage]",
+    )
+    input_format: str | None = _option(
+        None, help="`parquet`, `jsonl` or `csv`", aliases=("--format",), shown_default="from the file names"
+    )
+    preprocess: str | None = _option(
+        None,
+        help="`pkg.mod:fn`, fn(RecordBatch) -> model input",
+        templated=True,
+        shown_default="numeric columns as one float32 matrix",
+    )
+    postprocess: str | None = _option(
+        None,
+        help="`pkg.mod:fn`, fn(output, RecordBatch) -> dict of columns",
+        templated=True,
+        shown_default="the output as column `prediction`",
+    )
+    batch_size: int = _option(256, help="rows per model call", minimum=1)
+    id_column: str | None = _option(None, help="an input column copied next to the predictions, to join them back")
+    keep_columns: tuple[str, ...] = _option(
+        (), help="more input columns copied to the output", flag=None, accepts="Sequence[str]"
+    )
+    state_uri: str | None = _option(
+        None, help="where the ledger lives", templated=True, aliases=("--state",), shown_default="`OUT/_antbatch`"
+    )
+    lease_ttl_s: float = _option(
+        60.0, help="seconds of silent heartbeat before a worker's shards are taken over", aliases=("--lease-ttl",)
+    )
+    max_shard_rows: int = _option(
+        100_000,
+        help="rows per shard at most. Parquet: counted, and cut between row groups (a bigger row group "
+        "is a shard alone). JSONL and CSV: estimated from the first 64 KiB of up to 8 files spread over "
+        "the listing (files that small are counted); small files are packed whole and bigger ones cut "
+        "into byte ranges at line starts, so that a shard holds about this many rows and may span "
+        "files; CSV whose sample holds a quoted value spanning lines is not cut",
+        minimum=1,
+    )
+    target_shard_bytes: int = _option(
+        128 * 2**20,
+        help="input bytes per shard at most, cut as for `max_shard_rows`",
+        minimum=1,
+        shown_default="128 MiB",
+    )
+    max_shard_attempts: int = _option(
+        3,
+        help="failed tries before a shard fails for good (and the job with it)",
+        minimum=1,
+        aliases=("--max-attempts",),
+    )
+    device: str = _option("cpu", help="the torch device the models run on (a stage may set its own)")
+    autocast_dtype: str | None = _option(
+        None, help="run every model under `torch.autocast` (`bfloat16` or `float16`); a stage may set its own"
+    )
+    compile: str | None = _option(
+        None, help="`torch.compile` every model with this backend (e.g. `inductor`); a stage may set its own"
+    )
+    quarantine_limit: int = _option(
+        10,
+        help="records per shard that kill their preprocess process twice go to `OUT/_quarantine/` "
+        "(listed in the manifest) instead of failing the shard; one more fails it",
+        minimum=0,
+    )
+    # A broken hook or model fails every shard alike.
+    same_error_limit: int = _option(
+        5,
+        help="the job stops once a worker sees the same error (type and message) on this many shards in "
+        "a row with no commit between: every worker stops claiming and the run fails naming the error "
+        "once, instead of trying every shard `max_shard_attempts` times",
+        minimum=1,
+    )
+    backup_tries: bool = _option(
+        True,
+        help="an idle worker races a much slower worker's last shards with a backup try, and the first "
+        "commit wins (docs/adr/0002-ledger-protocol.md, Backups)",
+    )
+    storage_options: Mapping[str, Any] = _option(
+        factory=dict,
+        help="fsspec options without credentials (e.g. an S3 endpoint)",
+        flag=None,
+        accepts="Mapping[str, Any] | None",
+        shown_default="none",
+    )
     spec_version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -109,7 +214,7 @@ class JobSpec:
             object.__setattr__(self, "input_uri", tuple(self.input_uri))
         if isinstance(self.keep_columns, list):
             object.__setattr__(self, "keep_columns", tuple(self.keep_columns))
-        object.__setattr__(self, "storage_options", dict(self.storage_options))
+        object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
         if isinstance(self.stages, list | tuple):
             object.__setattr__(self, "stages", tuple(ModelStage.from_value(v, i) for i, v in enumerate(self.stages)))
         _validate(self)
@@ -218,13 +323,14 @@ def _validate(spec: JobSpec) -> None:
         raise SpecError(
             f"job spec field 'input_format' must be one of {list(INPUT_FORMATS)}, got {spec.input_format!r}"
         )
-    for name in ("batch_size", "max_shard_rows", "target_shard_bytes", "max_shard_attempts", "same_error_limit"):
-        _check_type(name, getattr(spec, name), int)
-        _check_positive(name, getattr(spec, name))
-    _check_type("quarantine_limit", spec.quarantine_limit, int)
+    for field in dataclasses.fields(spec):
+        minimum = option_doc(field).minimum if OPTION_KEY in field.metadata else None
+        value = getattr(spec, field.name)
+        if minimum is not None:
+            _check_type(field.name, value, int)
+            if value < minimum:
+                raise SpecError(f"job spec field '{field.name}' must be >= {minimum}, got {value!r}")
     _check_type("backup_tries", spec.backup_tries, bool)
-    if spec.quarantine_limit < 0:
-        raise SpecError(f"job spec field 'quarantine_limit' must be >= 0, got {spec.quarantine_limit!r}")
     _check_autocast("job spec field 'autocast_dtype'", spec.autocast_dtype)
     _check_non_empty("compile", spec.compile)
     _check_type("lease_ttl_s", spec.lease_ttl_s, (int, float))
@@ -241,6 +347,12 @@ def _validate(spec: JobSpec) -> None:
             f"job spec field 'storage_options' holds credentials {secrets}: pass them through the "
             "environment (Kubernetes secret, Airflow connection), not the spec"
         )
+
+
+def option_doc(field: dataclasses.Field[Any]) -> OptionDoc:
+    """The field's ``OptionDoc``."""
+    doc: OptionDoc = field.metadata[OPTION_KEY]
+    return doc
 
 
 def credential_keys(storage_options: Mapping[str, Any]) -> list[str]:

@@ -23,13 +23,14 @@ from airflow_antbatch.layout import PLAN_URI_KEY
 from airflow_antbatch.operators.finalize import FinalizeBatchInferenceOperator, output_root_asset
 from airflow_antbatch.operators.merge import INPUT_URI_KEY, SmallFileMergeOperator
 from airflow_antbatch.operators.plan import PlanBatchInferenceOperator
+from airflow_antbatch.options import resolve, with_job_options
 from airflow_antbatch.sensors.ledger import ShardLedgerSensor
+from airflow_antbatch.spec import OptionDoc
 from airflow_antbatch.version_compat import TaskGroup, TriggerRule
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Mapping
 
-    from airflow_antbatch.spec import ModelStage
     from airflow_antbatch.version_compat import Asset, BaseOperator
 
 # "auto" merges when the median object is smaller than this: below it, first-byte latency
@@ -44,6 +45,59 @@ LAUNCHERS: dict[str, str] = {
 }
 
 
+# The builder's own options (beyond the job options, which JobSpec documents): the docs'
+# option tables are made from these and the builder's signature (scripts/option_tables.py).
+BUILDER_OPTIONS: dict[str, OptionDoc] = {
+    "launcher": OptionDoc(
+        "how workers run: `local` = one `antbatch worker` subprocess per mapped task, `kubernetes` = "
+        "one pod per mapped task, `kubernetes-pool` = one task that owns a pool of worker pods and "
+        "succeeds from the ledger (see Kubernetes)"
+    ),
+    "max_workers": OptionDoc(
+        "fan-out: `max(1, min(max_workers, shards // min_shards_per_worker))` workers (a pod "
+        "launcher's pool: at most this many pods)"
+    ),
+    "min_shards_per_worker": OptionDoc("shards each worker gets at least, so a small night gets few workers"),
+    "worker_retries": OptionDoc(
+        "Airflow retries of a worker task: a retried worker skips committed shards and takes its own "
+        "old claims back at once"
+    ),
+    "worker_retry_delay": OptionDoc("the delay between those retries", shown_default="10 s"),
+    "poke_interval": OptionDoc("how often the ledger sensor checks the ledger", shown_default="10 s"),
+    "sensor_timeout": OptionDoc(
+        "how long the sensor waits; it also fails when shards are left and no worker runs for 3 lease TTLs",
+        shown_default="24 h",
+    ),
+    "deferrable_sensor": OptionDoc(
+        "True: the sensor waits in the triggerer (`ShardLedgerTrigger`), not in a worker slot, logging "
+        "shards committed, rows/s and ETA each `poke_interval`; False pokes; None follows the "
+        "deployment's `[operators] default_deferrable` (False unless set; it used to be True)"
+    ),
+    "output_asset": OptionDoc(
+        "finalize emits an Airflow Asset: True = the output's static root, or an `Asset` of yours, or False for none"
+    ),
+    "force_rerun": OptionDoc(
+        'start a fresh attempt that recomputes everything (a template such as `"{{ params.force_rerun }}"` works)'
+    ),
+    "worker_kwargs": OptionDoc(
+        "to the launcher's operator: for `local` `cpu_budget`, `preprocess_workers`, `torch_threads`; "
+        "for pods an image, resources, secrets"
+    ),
+    "merge_small_files": OptionDoc(
+        'pack small objects into Parquet packs first (True, or `"auto"`: when the median object is '
+        "under 1 MiB; see Many small files)"
+    ),
+    "merge_output_uri": OptionDoc("where the packs go", shown_default="`OUT/_packs`"),
+    "merge_kwargs": OptionDoc(
+        "to the merge operator: `target_pack_bytes`, `concurrency`, `max_unreadable`, `list_file`, `reader`"
+    ),
+    "conn_id": OptionDoc(
+        "the Airflow connection that merge, plan, the sensor, finalize and the UI page reach the stores "
+        "through (or URIs such as `s3://conn_id@bucket/in/`); workers never get it"
+    ),
+}
+
+
 def launcher_operator(name: str) -> type[BaseOperator]:
     """The worker operator class registered as launcher ``name``."""
     if name not in LAUNCHERS:
@@ -53,30 +107,10 @@ def launcher_operator(name: str) -> type[BaseOperator]:
     return cls
 
 
+@with_job_options
 def elastic_batch_inference(
     group_id: str = "batch_inference",
     *,
-    input_uri: str | Sequence[str],
-    output_uri: str,
-    model: str | None = None,
-    stages: Sequence[Mapping[str, Any] | ModelStage] = (),
-    preprocess: str | None = None,
-    postprocess: str | None = None,
-    input_format: str | None = None,
-    id_column: str | None = None,
-    keep_columns: Sequence[str] = (),
-    batch_size: int = 256,
-    max_shard_rows: int = 100_000,
-    target_shard_bytes: int = 128 * 2**20,
-    lease_ttl_s: float = 60.0,
-    max_shard_attempts: int = 3,
-    device: str = "cpu",
-    autocast_dtype: str | None = None,
-    compile: str | None = None,
-    quarantine_limit: int = 10,
-    same_error_limit: int = 5,
-    storage_options: dict[str, Any] | None = None,
-    state_uri: str | None = None,
     launcher: str = "local",
     max_workers: int = 4,
     min_shards_per_worker: int = 1,
@@ -92,10 +126,13 @@ def elastic_batch_inference(
     merge_output_uri: str | None = None,
     merge_kwargs: Mapping[str, Any] | None = None,
     conn_id: str | None = None,
+    **job: Any,
 ) -> TaskGroup:
     """Build the job's task group inside the current DAG and return it.
 
-    Job fields are validated now (a typo fails DAG parsing, not the nightly run); URIs and
+    ``job`` holds the job options, JobSpec's fields (listed in this function's signature and
+    in the docs' option tables, made from JobSpec). They are validated now (a typo fails DAG
+    parsing, not the nightly run); URIs, import paths and
     ``force_rerun`` may be Jinja templates such as ``"s3://lake/x/ds={{ ds }}/"`` or
     ``"{{ params.force_rerun }}"``. Give ``model`` for one model or ``stages`` for a chain.
     ``worker_kwargs`` go to the launcher's operator (e.g. an image or resources for a pod
@@ -132,6 +169,8 @@ def elastic_batch_inference(
     if merge_small_files not in (False, True, "auto"):
         raise ValueError(f"merge_small_files must be True, False or 'auto', got {merge_small_files!r}")
     worker_cls = launcher_operator(launcher)
+    job = resolve(job, "elastic_batch_inference")
+    input_uri, output_uri, storage_options = job["input_uri"], job["output_uri"], job["storage_options"]
     with TaskGroup(group_id=group_id) as group:
         merge = None
         if merge_small_files:
@@ -144,31 +183,11 @@ def elastic_batch_inference(
                 conn_id=conn_id,
                 **(merge_kwargs or {}),
             )
-            input_uri = f"{{{{ ti.xcom_pull(task_ids='{merge.task_id}', key='{INPUT_URI_KEY}') }}}}"
-            input_format = "parquet" if merge_small_files is True else None
+            job["input_uri"] = f"{{{{ ti.xcom_pull(task_ids='{merge.task_id}', key='{INPUT_URI_KEY}') }}}}"
+            job["input_format"] = "parquet" if merge_small_files is True else None
         plan = PlanBatchInferenceOperator(
             task_id="plan",
-            input_uri=input_uri,
-            output_uri=output_uri,
-            model=model,
-            stages=stages,
-            preprocess=preprocess,
-            postprocess=postprocess,
-            input_format=input_format,
-            id_column=id_column,
-            keep_columns=keep_columns,
-            batch_size=batch_size,
-            max_shard_rows=max_shard_rows,
-            target_shard_bytes=target_shard_bytes,
-            lease_ttl_s=lease_ttl_s,
-            max_shard_attempts=max_shard_attempts,
-            device=device,
-            autocast_dtype=autocast_dtype,
-            compile=compile,
-            quarantine_limit=quarantine_limit,
-            same_error_limit=same_error_limit,
-            storage_options=storage_options,
-            state_uri=state_uri,
+            **job,
             max_workers=max_workers,
             min_shards_per_worker=min_shards_per_worker,
             force_rerun=force_rerun,
@@ -209,7 +228,7 @@ def elastic_batch_inference(
                 # succeeded (a failed plan marks it upstream_failed instead of running it).
                 trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS,
                 # It starts after the workers ended: shards left with no live worker are abandoned.
-                stall_timeout=max(3 * lease_ttl_s, 2 * poke_interval),
+                stall_timeout=max(3 * job["lease_ttl_s"], 2 * poke_interval),
             )
             workers >> sensor
             plan >> sensor

@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING, Any
 from airflow_antbatch.errors import PlanConflictError, SpecError
 from airflow_antbatch.hooks.storage import job_connection, join_conn_id, storage_options
 from airflow_antbatch.layout import PLAN_URI_KEY
+from airflow_antbatch.options import job_options, resolve, templated, with_job_options
 from airflow_antbatch.spec import JobSpec, ModelStage
 from airflow_antbatch.version_compat import AirflowFailException, BaseOperator
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Sequence
 
     from airflow_antbatch.version_compat import Context, OperatorLineage
 
@@ -36,80 +37,43 @@ class PlanBatchInferenceOperator(BaseOperator):
     The plan URI pushed to XCom names it again, for the sensor, finalize and the UI page.
     """
 
-    template_fields: Sequence[str] = (
-        "input_uri",
-        "output_uri",
-        "state_uri",
-        "model",
-        "stages",
-        "preprocess",
-        "postprocess",
-        "force_rerun",
-    )
+    template_fields: Sequence[str] = (*templated(), "force_rerun")
+    # Templated job options this class reads itself (``__init__`` sets every templated one).
+    input_uri: str | list[str]
+    output_uri: str
+    state_uri: str | None
+    stages: list[dict[str, Any]]
     ui_color = "#e8f0fe"
 
+    @with_job_options
     def __init__(
         self,
         *,
-        input_uri: str | Sequence[str],
-        output_uri: str,
-        model: str | None = None,
-        stages: Sequence[Mapping[str, Any] | ModelStage] = (),
-        preprocess: str | None = None,
-        postprocess: str | None = None,
-        input_format: str | None = None,
-        id_column: str | None = None,
-        keep_columns: Sequence[str] = (),
-        batch_size: int = 256,
-        max_shard_rows: int = 100_000,
-        target_shard_bytes: int = 128 * 2**20,
-        lease_ttl_s: float = 60.0,
-        max_shard_attempts: int = 3,
-        device: str = "cpu",
-        autocast_dtype: str | None = None,
-        compile: str | None = None,
-        quarantine_limit: int = 10,
-        same_error_limit: int = 5,
-        storage_options: Mapping[str, Any] | None = None,
-        state_uri: str | None = None,
         max_workers: int = 4,
         min_shards_per_worker: int = 1,
         force_rerun: bool | str = False,
         conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
+        names = {o.name for o in job_options()}
+        job = resolve({k: kwargs.pop(k) for k in list(kwargs) if k in names}, type(self).__name__)
         super().__init__(**kwargs)
         self.conn_id = conn_id
         for name, value in (("max_workers", max_workers), ("min_shards_per_worker", min_shards_per_worker)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        self.input_uri = input_uri if isinstance(input_uri, str) else list(input_uri)
-        self.output_uri = output_uri
-        self.state_uri = state_uri
-        self.model = model
+        input_uri, stages = job["input_uri"], job["stages"]
+        job["input_uri"] = input_uri if isinstance(input_uri, str) else list(input_uri)
         # Set fields only: the task's rendered view shows what the DAG author wrote.
-        self.stages = [
+        job["stages"] = [
             {k: v for k, v in ModelStage.from_value(stage, i).to_dict().items() if v is not None}
             for i, stage in enumerate(stages)
         ]
-        self.preprocess = preprocess
-        self.postprocess = postprocess
-        self.options: dict[str, Any] = {
-            "input_format": input_format,
-            "id_column": id_column,
-            "keep_columns": tuple(keep_columns),
-            "batch_size": batch_size,
-            "max_shard_rows": max_shard_rows,
-            "target_shard_bytes": target_shard_bytes,
-            "lease_ttl_s": lease_ttl_s,
-            "max_shard_attempts": max_shard_attempts,
-            "device": device,
-            "autocast_dtype": autocast_dtype,
-            "compile": compile,
-            "quarantine_limit": quarantine_limit,
-            "same_error_limit": same_error_limit,
-            "storage_options": dict(storage_options or {}),
-        }
+        for name in templated():  # attributes, for Jinja to render
+            setattr(self, name, job.pop(name))
+        job["keep_columns"] = tuple(job["keep_columns"])
+        job["storage_options"] = dict(job["storage_options"] or {})
+        self.options: dict[str, Any] = job
         self.max_workers = max_workers
         self.min_shards_per_worker = min_shards_per_worker
         self.force_rerun = force_rerun
@@ -126,16 +90,14 @@ class PlanBatchInferenceOperator(BaseOperator):
         _, uris = self.connection()
         output_uri, state_uri = str(uris.pop("output_uri")), uris.pop("state_uri")
         inputs = tuple(str(uri) for uri in uris.values())
-        return JobSpec(
+        rendered = {name: getattr(self, name) for name in templated()}
+        rendered.update(
             input_uri=inputs[0] if isinstance(self.input_uri, str) else inputs,
             output_uri=output_uri,
-            model=self.model,
             stages=tuple(ModelStage.from_value(stage, i) for i, stage in enumerate(self.stages)),
-            preprocess=self.preprocess,
-            postprocess=self.postprocess,
             state_uri=state_uri,
-            **self.options,
         )
+        return JobSpec(**rendered, **self.options)
 
     def get_openlineage_facets_on_start(self) -> OperatorLineage[Any, Any]:
         """The job's inputs and models, for OpenLineage (see :mod:`airflow_antbatch.operators.lineage`)."""
@@ -144,13 +106,15 @@ class PlanBatchInferenceOperator(BaseOperator):
         return job_lineage(self.job_spec())
 
     def execute(self, context: Context) -> list[dict[str, str]]:
-        from airflow_antbatch.planning import plan_job
+        from airflow_antbatch.planning import SHARDS_PER_WORKER, plan_job
 
         force = as_bool(self.force_rerun, "force_rerun")
         spec, conn_id = self.job_spec(), self.connection()[0]
         try:
             options = storage_options(conn_id, spec.output_uri, spec.storage_options)
-            result = plan_job(spec, force=force, storage_options=options)
+            result = plan_job(
+                spec, force=force, storage_options=options, min_shards=SHARDS_PER_WORKER * self.max_workers
+            )
         except (SpecError, PlanConflictError) as exc:
             raise AirflowFailException(str(exc)) from exc  # a retry cannot fix the settings
         shards = len(result.plan.shards)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import importlib
 import importlib.util
 import json
 import uuid
@@ -160,6 +161,14 @@ def test_azure_without_its_provider_resolves_from_the_connections_fields(
     plain, conn_id = split_conn_id(url)
     store = AtomicStore(plain, storage_options(conn_id, plain))
     assert store.create("a.json", b"1") and not store.create("a.json", b"2") and store.read("a.json") == b"1"
+
+
+def test_the_provider_info_names_the_module() -> None:
+    from airflow_antbatch.get_provider_info import get_provider_info
+
+    [entry] = get_provider_info()["hooks"]
+    [module] = entry["python-modules"]
+    assert importlib.import_module(module).storage_options is storage_options
 
 
 def test_an_undefined_connection_is_an_error_that_names_it() -> None:
