@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import statistics
 import threading
 import zlib
 from collections import deque
@@ -51,6 +52,9 @@ MAX_SLOT_PROBES = 8  # other slots' first runs a worker tries, for workers that 
 # A backup is started only when the backer expects to finish the shard in under 1/BACKUP_GAIN of
 # the time its holder still needs: at 2, workers of equal speed never back each other up.
 BACKUP_GAIN = 2.0
+# A worker's pace is the median of its last few shard intervals: robust to one slow shard
+# (skewed data is as slow for a backup, so it must not make its worker look slow).
+PACE_SHARDS = 5
 
 
 @dataclasses.dataclass
@@ -131,7 +135,7 @@ class Claimer:
         self._seen_beats: list[dict[str, Any]] = []  # busy workers' heartbeats read by this round's steals
         self._started_at: float | None = None  # by the ledger's clock: the first claim
         self._settled_at: float | None = None  # the last shard this worker finished
-        self._settled = 0
+        self._intervals: deque[float] = deque(maxlen=PACE_SHARDS)  # seconds between its last settles
         self._handled: set[str] = set()  # tokens whose run and leases were taken over (or hold none)
         self._read_victims: dict[str, str] = {}  # token -> heartbeat version last read to steal
         self._splits: dict[tuple[str, int], int] = {}  # (victim, run end) -> where a thief split it
@@ -180,8 +184,9 @@ class Claimer:
         with self._lock:
             self._held.pop(lease.shard_id, None)
             if done:
-                self._settled += 1
-                self._settled_at = self.ledger.clock()
+                now = self.ledger.clock()
+                self._intervals.append(now - (self._settled_at or self._started_at or now))
+                self._settled_at = now
             else:  # after the run: a broken hook then shows on fresh shards first
                 self._later.append(lease.shard_id)
 
@@ -205,10 +210,8 @@ class Claimer:
             }
 
     def _shard_seconds(self) -> float | None:
-        """Seconds per shard this worker has taken so far (its throughput, pipelining included)."""
-        if not self._settled or self._started_at is None or self._settled_at is None:
-            return None
-        return (self._settled_at - self._started_at) / self._settled
+        """This worker's recent seconds per shard (its throughput, pipelining included)."""
+        return statistics.median(self._intervals) if self._intervals else None
 
     # -- claiming -------------------------------------------------------------------------------
 
@@ -242,8 +245,8 @@ class Claimer:
         the heartbeats this round's steals read (no read of its own). Only by a worker that
         holds nothing else, knows its own pace, and expects to finish in under 1/BACKUP_GAIN of
         the time the holder still needs: one backup per try, one per worker at a time."""
-        mine = self._shard_seconds()
         with self._lock:
+            mine = self._shard_seconds()
             if not self._backups or mine is None or self._held:
                 return None
         best: tuple[float, str, int] | None = None

@@ -10,8 +10,13 @@ exactly once and that the job is declared done only then.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import random
+import signal
+import subprocess
+import time
 import uuid
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings
@@ -19,9 +24,15 @@ from hypothesis import strategies as st
 
 from airflow_antbatch import layout
 from airflow_antbatch.ledger import Lease, Ledger, WorkerIdentity
+from airflow_antbatch.planning import plan_job
 from airflow_antbatch.shards import JobPlan
+from airflow_antbatch.spec import JobSpec
 from airflow_antbatch.store import AtomicStore
 from airflow_antbatch.worker.claims import Claimer, first_run
+from airflow_antbatch.worker.local import worker_command
+from tests.chaos.check import check_job
+from tests.chaos.harness import worker_env
+from tests.conftest import TABULAR, write_transactions
 from tests.test_ledger import TTL, FakeClock, make_plan
 
 POLL = TTL / 4
@@ -332,3 +343,52 @@ def test_a_worker_killed_mid_backup_leaves_every_shard_committed_once(dies: str)
     assert sorted(committed) == sorted(sim.plan.shard_ids)
     expected = {"backer": 0, "holder": 1, "both": 2}[dies]  # the holder's try, the backup, a takeover
     assert committed[queued.shard_id] == expected
+
+
+@pytest.mark.parametrize("kill", ["SIGKILL the backer", "SIGTERM the holder"])
+def test_real_workers_killed_mid_backup_commit_every_row_once(kill: str, tmp_path: pathlib.Path) -> None:
+    """Two `antbatch worker` processes, one 10x slower per batch: once the fast one has started a
+    backup of the slow one's try, one of them is killed, and the job still holds every row once."""
+    table = write_transactions(tmp_path / "in", files=2, rows_per_file=150, row_group_size=25)
+    spec = JobSpec(
+        input_uri=str(tmp_path / "in"),
+        output_uri=str(tmp_path / "out"),
+        model="tests.slow_model:build_slow_model",
+        preprocess=f"{TABULAR}:preprocess",
+        postprocess=f"{TABULAR}:postprocess",
+        id_column="txn_id",
+        batch_size=25,
+        max_shard_rows=25,  # 12 shards of one batch: 6 in each worker's slot, longer than a start-up
+        lease_ttl_s=2.0,
+    )
+    plan_uri = plan_job(spec).plan_uri
+    claims = tmp_path / "out" / layout.STATE_DIR / "attempt-000" / layout.CLAIMS_DIR
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(name: str, slot: str, delay: str) -> None:
+        command = worker_command(plan_uri, name, slot=slot, preprocess_workers=0, torch_threads=1)
+        env = {**worker_env(), "ANTBATCH_TEST_BATCH_DELAY": delay}
+        procs[name] = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_for_claim(marker: bytes) -> None:
+        deadline = time.monotonic() + 90
+        while not any(marker in p.read_bytes() for p in claims.glob("*/*/*.json")):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values()), marker
+            time.sleep(0.01)
+
+    try:
+        start("holder", "0/2", "1.0")
+        start("backer", "1/2", "0.1")
+        wait_for_claim(b'"backup": true')
+        victim, signum = ("backer", signal.SIGKILL) if kill.startswith("SIGKILL") else ("holder", signal.SIGTERM)
+        procs[victim].send_signal(signum)
+        for proc in procs.values():
+            proc.wait(timeout=90)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert procs["holder" if victim == "backer" else "backer"].returncode == 0
+    verdict = check_job(plan_uri, {}, Counter(table.column("txn_id").to_pylist()))
+    assert verdict.exactly_once and verdict.orphans == 0, verdict
