@@ -18,6 +18,7 @@ it returns. A failed shard's rows, or any row once the worker stops, are dropped
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import logging
@@ -191,7 +192,7 @@ class Claims:
 # -- the stages --------------------------------------------------------------------------------
 
 
-class Stage:
+class Stage(abc.ABC):
     """One step of the pipeline, run by ``Pipeline`` in a thread of its own once wired."""
 
     def __init__(self, name: str, flow: Flow) -> None:
@@ -204,8 +205,9 @@ class Stage:
     def wire(self, inbox: Inbox, outbox: Channel | None) -> None:
         self._inbox, self._outbox = inbox, outbox
 
+    @abc.abstractmethod
     def run(self) -> None:
-        raise NotImplementedError
+        """Take items until DONE, forward it, and return (NOTE [pipeline shutdown])."""
 
     def get(self, timeout: float | None = None) -> Any:
         assert self._inbox is not None, f"stage {self.name!r} is not wired"
@@ -271,8 +273,9 @@ class ReadStage(Stage):
 class MapStage(Stage):
     """A stage that turns each chunk into items (``apply``) and passes everything else on."""
 
+    @abc.abstractmethod
     def apply(self, chunk: Chunk) -> list[Any]:
-        raise NotImplementedError
+        """What the chunk becomes: chunks, quarantined records or scored tables."""
 
     def run(self) -> None:
         while True:
