@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import importlib
-import importlib.util
 import json
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,8 @@ from airflow_antbatch.hooks.storage import (
 )
 from airflow_antbatch.ledger import Ledger
 from airflow_antbatch.store import AtomicStore
-from tests.airflow.conftest import DAGS_FOLDER, TABULAR, FakeTaskInstance
+from tests.airflow.conftest import TABULAR, FakeTaskInstance
+from tests.airflow.test_dag_e2e import _load_dag
 from tests.cloud_servers import _CLOUD_VARS_TO_CLEAR, AZURITE_ACCOUNT, AZURITE_KEY, BUCKET
 from tests.conftest import write_transactions
 from tests.s3_servers import _AWS_VARS_TO_CLEAR, ACCESS_KEY, REGION, SECRET_KEY
@@ -225,16 +225,6 @@ def cluster(tmp_path: pathlib.Path, subprocess_env: dict[str, str]) -> Iterator[
     assert not cluster.kubelet.errors, cluster.kubelet.errors
 
 
-def _load_dag() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "under_test_antbatch_connection", DAGS_FOLDER / "antbatch_connection_dags.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.antbatch_connection()
-
-
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
 def test_a_dag_whose_airflow_tasks_reach_s3_only_through_the_connection(
@@ -258,7 +248,7 @@ def test_a_dag_whose_airflow_tasks_reach_s3_only_through_the_connection(
     monkeypatch.setenv("ANTBATCH_TEST_S3_ENDPOINT", lake.endpoint_url)
     monkeypatch.setenv("ANTBATCH_TEST_KUBECONFIG", str(cluster.kubeconfig))
 
-    run = _load_dag().test()
+    run = _load_dag("antbatch_connection_dags.py", "antbatch_connection").test()
     assert run.state == "success", {ti.task_id: ti.state for ti in run.get_task_instances()}
     options = storage_options(CONN, prefix, lake.storage_options)
     summary = run.get_task_instance("batch_inference.finalize").xcom_pull(task_ids="batch_inference.finalize")
