@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from airflow_antbatch.errors import InputError, StoreError
 from airflow_antbatch.store import is_transport_error
-from airflow_antbatch.text_sample import odd_quotes
+from airflow_antbatch.text_sample import SAMPLE_BYTES, odd_quotes
 
 # The bytes of row groups fetched at once: pyarrow's largest coalesced read (32 MiB), so a
 # window costs one GET where its row groups lie together, as a shard's do.
@@ -148,10 +148,18 @@ def _text_range(handle: BinaryIO, piece: Piece, fmt: str) -> bytes | None:
             f"CSV file {piece.path} has a quoted value spanning lines in bytes {start}-{end}, so it cannot be "
             "read in byte ranges: raise max_shard_rows and target_shard_bytes above the file's rows and size"
         )
-    if start == 0:
-        return lines  # the header is the range's first line
-    handle.seek(0)
-    return handle.readline() + lines
+    return lines if start == 0 else header_line(handle) + lines  # at 0 the header is the first line
+
+
+def header_line(handle: BinaryIO) -> bytes:
+    """The file's first line. An fsspec file's is fetched on its own, in one small GET: through
+    the handle it would cost a read-ahead block (50 MiB on S3) besides the range's own."""
+    fs, path = getattr(handle, "fs", None), getattr(handle, "path", None)
+    head: bytes = fs.cat_file(path, 0, SAMPLE_BYTES) if fs is not None and path is not None else b""
+    if b"\n" in head:
+        return head[: head.index(b"\n") + 1]
+    handle.seek(0)  # no fsspec file, or a header longer than the sample
+    return handle.readline()
 
 
 def read_line_range(handle: BinaryIO, start: int, end: int) -> bytes:

@@ -8,6 +8,7 @@ import pathlib
 import tempfile
 from collections.abc import Callable
 
+import fsspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
@@ -18,9 +19,10 @@ from airflow_antbatch.errors import InputError
 from airflow_antbatch.planning import plan_job
 from airflow_antbatch.shards import Piece, Shard
 from airflow_antbatch.spec import JobSpec
+from airflow_antbatch.text_sample import SAMPLE_BYTES
 from airflow_antbatch.worker import reader
 from airflow_antbatch.worker.near_cache import CacheOptions, NearCache
-from airflow_antbatch.worker.reader import iter_batches, read_line_range
+from airflow_antbatch.worker.reader import header_line, iter_batches, read_line_range
 from bench import resume as bench_resume
 from bench.latencyfs import READ_LOG_ENV
 from tests.conftest import write_transactions
@@ -111,6 +113,18 @@ def test_a_csv_value_spanning_lines_fails_a_range_naming_the_file_and_keeps_samp
         JobSpec(input_uri=str(path), output_uri=str(tmp_path / "out"), model="m:f", max_shard_rows=100)
     ).plan
     assert len(plan.shards) == 1 and plan.shard(0).pieces[0].byte_range is None
+
+
+@pytest.mark.parametrize("header_bytes", [10, SAMPLE_BYTES + 10])
+@pytest.mark.parametrize("through", ["fsspec", "plain handle"])
+def test_a_csv_range_reads_its_files_header_line(tmp_path: pathlib.Path, header_bytes: int, through: str) -> None:
+    """Through fsspec the header is one small read of its own; a header longer than the sample,
+    or a handle that is not an fsspec file, is read through the handle."""
+    header = ",".join(f"c{i}" for i in range(header_bytes // 4)).encode() + b"\n"
+    path = tmp_path / "wide.csv"
+    path.write_bytes(header + b"1,2\n3,4\n")
+    with fsspec.open(str(path), "rb") if through == "fsspec" else io.BytesIO(path.read_bytes()) as handle:
+        assert header_line(handle) == header
 
 
 @pytest.fixture
