@@ -215,6 +215,24 @@ def test_the_plan_reads_through_the_connection_and_gives_workers_no_secret(
         assert SECRET_KEY not in text and ACCESS_KEY not in text and f"{CONN}@" not in text
 
 
+def test_the_merge_reads_and_writes_through_the_connection(lake: S3Server) -> None:
+    from airflow_antbatch.operators.merge import SmallFileMergeOperator
+
+    prefix = f"s3://{lake.bucket}/{uuid.uuid4().hex}"
+    objects = AtomicStore(f"{prefix}/objs", storage_options(CONN, prefix, lake.storage_options))
+    for i in range(5):
+        objects.put(f"{i}.bin", bytes([i]) * 100)
+    ti = FakeTaskInstance()
+    result = SmallFileMergeOperator(
+        task_id="merge",
+        sources=join_conn_id(f"{prefix}/objs/", CONN),
+        output_uri=join_conn_id(f"{prefix}/packs", CONN),
+        storage_options=lake.storage_options,
+    ).execute(ti.context())
+    assert (result["objects"], result["unreadable"]) == (5, [])
+    assert split_conn_id(str(ti.xcom["input_uri"])) == (result["output_uri"], CONN)  # for the plan task
+
+
 @pytest.fixture
 def cluster(tmp_path: pathlib.Path, subprocess_env: dict[str, str]) -> Iterator[KubeCluster]:
     from tests.kube_cluster import run_kube_cluster
