@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from types import FrameType
 
+    from airflow_antbatch.worker.loop import WorkerSummary
+
 log = logging.getLogger("airflow_antbatch.cli")
 
 
@@ -127,9 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(p)
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("run", help="plan, run N local workers side by side, finalize")
+    p = sub.add_parser("run", help="plan, run local workers (one by default, in this process), finalize")
     _add_spec_args(p)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--workers",
+        type=_count(1),
+        default=1,
+        help="workers side by side (default 1: it runs in this process and scales its own preprocess "
+        "processes and torch threads to the cores; more split the cores between worker subprocesses)",
+    )
     _add_worker_args(p, budget_default="the CPUs available divided by --workers")
     p.add_argument("--json", action="store_true")
 
@@ -230,23 +238,11 @@ def _slot(text: str) -> tuple[int, int]:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from airflow_antbatch.worker.near_cache import CacheOptions
-    from airflow_antbatch.worker.run import run_worker
 
-    stop = threading.Event()
-
-    def on_term(signum: int, _frame: FrameType | None) -> None:
-        log.warning("signal %d: no new claims; releasing the shard in hand", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_term)
-    summary = run_worker(
+    summary = _worker_here(
+        args,
         args.spec,
         args.worker_id,
-        storage_options=args.storage_options,
-        stop=stop,
-        cpu_budget=args.cpu_budget,
-        preprocess_workers=args.preprocess_workers,
-        torch_threads=args.torch_threads,
         cache=CacheOptions(max_bytes=int(args.cache_mb * 2**20), directory=args.cache_dir),
         progress_interval_s=args.progress_interval,
         slot=args.slot,
@@ -258,6 +254,33 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             json.dump(doc, handle)
     else:
         print(json.dumps(doc))
+    return _worker_exit_code(summary)
+
+
+def _worker_here(args: argparse.Namespace, plan_uri: str, worker_id: str, **options: Any) -> WorkerSummary:
+    """Run one worker in this process; SIGTERM stops its claims and gives back what it holds."""
+    from airflow_antbatch.worker.run import run_worker
+
+    stop = threading.Event()
+
+    def on_term(signum: int, _frame: FrameType | None) -> None:
+        log.warning("signal %d: no new claims; releasing the shard in hand", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    return run_worker(
+        plan_uri,
+        worker_id,
+        storage_options=args.storage_options,
+        stop=stop,
+        cpu_budget=args.cpu_budget,
+        preprocess_workers=args.preprocess_workers,
+        torch_threads=args.torch_threads,
+        **options,
+    )
+
+
+def _worker_exit_code(summary: WorkerSummary) -> int:
     if summary.outcome == "preempted":
         return exit_codes.PREEMPTED
     return exit_codes.SHARDS_FAILED if summary.failed_for_good or summary.stopped_job else exit_codes.OK
@@ -265,32 +288,43 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from airflow_antbatch.finalize import finalize_job
-    from airflow_antbatch.planning import plan_job
+    from airflow_antbatch.planning import SHARDS_PER_WORKER, plan_job
     from airflow_antbatch.worker.local import available_cpus, run_local_workers
+    from airflow_antbatch.worker.run import pool_size, start_preprocess_server
 
-    if args.workers < 1:
-        raise AntBatchError(f"--workers must be >= 1, got {args.workers}")
-    result = plan_job(_spec_from_args(args), force=args.force)
+    spec = _spec_from_args(args)
+    in_process = args.workers == 1
+    if in_process:
+        # Its torch import runs on another core while this process plans and loads the model.
+        pool = pool_size(args.cpu_budget or available_cpus(), args.preprocess_workers)
+        start_preprocess_server(spec.preprocess, pool)
+    result = plan_job(spec, force=args.force, min_shards=SHARDS_PER_WORKER * args.workers)
     # Progress goes to stderr so that stdout holds only the result (plain JSON with --json).
     verb = "reused" if result.reused else "wrote"
     print(f"{verb} plan {result.plan_uri}: {len(result.plan.shards)} shards", file=sys.stderr)
-    ids = [f"worker-{i}" for i in range(args.workers)]
-    # Workers that share the machine each get their share: spinning OpenMP threads of one
-    # worker on another's cores make inference many times slower.
-    budget = args.cpu_budget or max(1, available_cpus() // args.workers)
-    results = run_local_workers(
-        result.plan_uri,
-        ids,
-        storage_options=args.storage_options,
-        cpu_budget=budget,
-        preprocess_workers=args.preprocess_workers,
-        torch_threads=args.torch_threads,
-    )
+    if in_process:
+        # One worker per machine: no second process to start, no second torch import, and the
+        # worker's scaler shares the cores between preprocess processes and torch threads.
+        summary = _worker_here(args, result.plan_uri, "worker-0")
+        code = _worker_exit_code(summary)
+        results: list[dict[str, Any]] = [{"worker_id": "worker-0", "exit_code": code, "summary": summary.to_dict()}]
+    else:
+        # Workers that share the machine each get their share: spinning OpenMP threads of one
+        # worker on another's cores make inference many times slower.
+        results = run_local_workers(
+            result.plan_uri,
+            [f"worker-{i}" for i in range(args.workers)],
+            storage_options=args.storage_options,
+            cpu_budget=args.cpu_budget or max(1, available_cpus() // args.workers),
+            preprocess_workers=args.preprocess_workers,
+            torch_threads=args.torch_threads,
+        )
     for r in results:
         s = r["summary"] or {}
         print(
             f"{r['worker_id']}: exit {r['exit_code']}, committed {s.get('shards_committed', '?')} shards "
-            f"({s.get('rows_committed', '?')} rows), skipped {s.get('shards_skipped', '?')} already committed",
+            f"({s.get('rows_committed', '?')} rows), skipped {s.get('shards_skipped', '?')} already committed; "
+            f"first batch scored {s.get('time_to_first_batch_s', '?')} s after the worker started",
             file=sys.stderr,
         )
     manifest = finalize_job(result.plan_uri, args.storage_options)

@@ -67,10 +67,14 @@ class PlanResult:
     reused: bool
 
 
-def plan_job(spec: JobSpec, *, force: bool = False, storage_options: dict[str, Any] | None = None) -> PlanResult:
+def plan_job(
+    spec: JobSpec, *, force: bool = False, storage_options: dict[str, Any] | None = None, min_shards: int = 1
+) -> PlanResult:
     """Write the job's plan once; reuse it when the input is unchanged; refuse a changed one.
 
     ``force`` starts a fresh attempt (new shard ids and output names) even if a plan exists.
+    ``min_shards``: as many shards as this where the data allows (see :func:`shard_rows`);
+    callers pass ``SHARDS_PER_WORKER`` times their worker count, for dynamic balance.
     ``storage_options`` go over the spec's for this process's own reads and writes, and are
     not written into the plan: an Airflow connection's credentials, which workers never get.
     """
@@ -94,7 +98,9 @@ def plan_job(spec: JobSpec, *, force: bool = False, storage_options: dict[str, A
         attempt=attempt,
         fingerprint=fingerprint,
         input_format=fmt,
-        shards=cut_shards(files, spec.max_shard_rows, spec.target_shard_bytes, text=text),
+        shards=cut_shards(
+            files, shard_rows(files, spec.max_shard_rows, min_shards), spec.target_shard_bytes, text=text
+        ),
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         input_columns=columns,
         columns_from=files[0].path,
@@ -346,6 +352,21 @@ def _parquet_footer(
 
 
 # -- sharding --------------------------------------------------------------------------------
+
+# Shards per worker that planners aim for: a worker that finishes early takes another, so the
+# job ends within about a shard's time of the ideal.
+SHARDS_PER_WORKER = 4
+# A smaller shard costs more in ledger requests and output files than its share of the balance gains.
+MIN_SHARD_ROWS = 10_000
+
+
+def shard_rows(files: list[InputFile], max_rows: int, min_shards: int) -> int:
+    """Rows per shard: ``max_rows``, or fewer where that makes fewer than ``min_shards`` shards,
+    but never under ``MIN_SHARD_ROWS``. Parquet only, whose footers count the rows."""
+    total = sum(rows for f in files for rows, _ in f.row_groups or ())
+    if min_shards <= 1 or not total:
+        return max_rows
+    return min(max_rows, max(MIN_SHARD_ROWS, -(-total // min_shards)))
 
 
 def cut_shards(

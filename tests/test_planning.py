@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from airflow_antbatch import layout
 from airflow_antbatch.errors import InputError, InputNotFoundError, PlanConflictError, SpecError
-from airflow_antbatch.planning import InputFile, cut_shards, list_input, plan_job, resolve_plan_uri
+from airflow_antbatch.planning import InputFile, cut_shards, list_input, plan_job, resolve_plan_uri, shard_rows
 from airflow_antbatch.shards import JobPlan
 from airflow_antbatch.spec import JobSpec, ModelStage
 from airflow_antbatch.text_sample import TextSample
@@ -296,3 +296,27 @@ def test_cut_text_covers_every_byte_once_in_order_and_keeps_estimated_rows_withi
             assert estimated <= max_rows * (1 + 1e-9) and shard.size <= target_bytes
     # Next fit: a shard is closed only when the next piece did not fit or it is 7/8 full.
     assert len(shards) <= 2 * (total_rows / max_rows + total_bytes / target_bytes) * 8 / 7 + 2
+
+
+@pytest.mark.parametrize(
+    ("total", "max_rows", "min_shards", "expected"),
+    [
+        (120_000, 100_000, 4, 30_000),  # the new user's job, one worker: 4 shards, not 100k + 20k
+        (120_000, 20_000, 4, 20_000),  # max_shard_rows still caps
+        (20_000, 100_000, 4, 10_000),  # never under MIN_SHARD_ROWS: a small job stays in few shards
+        (120_000, 100_000, 1, 100_000),  # no aim: as before
+        (0, 100_000, 4, 100_000),  # no row counts (JSONL, CSV): their own estimate rules
+    ],
+)
+def test_shards_are_sized_for_min_shards_where_the_data_allows(
+    total: int, max_rows: int, min_shards: int, expected: int
+) -> None:
+    groups = ((total // 60, 1000),) * 60 if total else None
+    files = [InputFile(f"f{i}", 1000, "v", row_groups=groups if i == 0 else None) for i in range(2)]
+    assert shard_rows(files, max_rows, min_shards) == expected
+
+
+def test_plan_job_cuts_parquet_into_min_shards(tmp_path: pathlib.Path) -> None:
+    write_transactions(tmp_path / "in", files=8, rows_per_file=5_000, row_group_size=5_000)
+    plan = plan_job(_spec(str(tmp_path / "in"), tmp_path / "out"), min_shards=4).plan
+    assert [s.rows for s in plan.shards] == [10_000] * 4

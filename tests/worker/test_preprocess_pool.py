@@ -1,0 +1,89 @@
+"""The preprocess pool on its own: two tasks in each child's pipe, deaths blamed on the right task."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pytest
+import torch
+
+from airflow_antbatch.examples import tabular
+from airflow_antbatch.worker import forkserver
+from airflow_antbatch.worker.preprocess_pool import TASKS_PER_CHILD, Outcome, PreprocessPool
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+HOOK = "tests.fault_hooks:preprocess"  # every pool in this process forks from one server: one hook
+
+
+def _batch(merchants: list[str], first_id: int = 0) -> pa.RecordBatch:
+    n = len(merchants)
+    return pa.RecordBatch.from_pydict(
+        {
+            "txn_id": list(range(first_id, first_id + n)),
+            "amount": [10.0 + i for i in range(n)],
+            "customer_age": [30] * n,
+            "hour": [i % 24 for i in range(n)],
+            "merchant": merchants,
+        }
+    )
+
+
+@pytest.fixture
+def pool() -> Iterator[PreprocessPool]:
+    forkserver.start(HOOK)  # what a worker does first; the pool then forks from the same server
+    pool = PreprocessPool(HOOK, 1)
+    pool.wait_ready()
+    yield pool
+    pool.close()
+
+
+def _drain(pool: PreprocessPool, expected: int, timeout_s: float = 60.0) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    deadline = time.monotonic() + timeout_s
+    while len(outcomes) < expected:
+        assert time.monotonic() < deadline, f"only {len(outcomes)} of {expected} outcomes"
+        outcomes.extend(pool.poll(0.5))
+    return outcomes
+
+
+def test_a_child_holds_the_next_task_while_it_works(pool: PreprocessPool) -> None:
+    for key in range(TASKS_PER_CHILD):
+        assert pool.wants_more()
+        pool.submit(key, _batch(["shop"] * 10, key * 10))
+    pool.poll(0)  # dispatch: both tasks go to the one child
+    assert pool.in_flight == TASKS_PER_CHILD
+    assert pool.wants_more()  # one more may wait in the parent's queue
+    pool.submit(TASKS_PER_CHILD, _batch(["shop"] * 10))
+    assert not pool.wants_more()
+    outcomes = _drain(pool, TASKS_PER_CHILD + 1)
+    assert sorted(o.key for o in outcomes) == [0, 1, 2]
+    batch = _batch(["shop"] * 10)
+    assert torch.equal(next(o for o in outcomes if o.key == 2).output, tabular.preprocess(batch))
+
+
+def test_big_tasks_both_ways_do_not_block_the_pipes(pool: PreprocessPool) -> None:
+    """Batches and results far over a pipe's buffer, two in flight: the child takes tasks off
+    its pipe while it works, so neither side waits on the other for ever."""
+    rows = 20_000  # about 1 MB in, 3 MB out
+    for key in range(4):
+        pool.submit(key, _batch([f"m{i % 97}" for i in range(rows)], key * rows))
+    outcomes = _drain(pool, 4)
+    assert sorted(o.key for o in outcomes) == [0, 1, 2, 3]
+    assert all(o.output.shape[0] == rows for o in outcomes)
+
+
+def test_a_death_is_blamed_on_the_running_task_not_the_waiting_one(pool: PreprocessPool) -> None:
+    """A lone record that kills the child every time is quarantined; the one-row task that waited
+    behind it in the same child is retried unblamed, and scored."""
+    pool.submit(0, _batch(["POISON-exit"]))
+    pool.submit(1, _batch(["shop"], 1))
+    outcomes = {o.key: o for o in _drain(pool, 2)}
+    assert outcomes[0].quarantine_reason is not None
+    assert "exited with code 3" in outcomes[0].quarantine_reason
+    assert outcomes[1].quarantine_reason is None
+    assert outcomes[1].output.shape[0] == 1
+    assert pool.restarts == 2  # the poisoned record got its two tries
