@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from airflow_antbatch import exit_codes, finalize
+from airflow_antbatch import exit_codes, finalize, planning
 from airflow_antbatch.cli import build_parser, main, parse_stage
 from airflow_antbatch.finalize import read_manifest
 from airflow_antbatch.ledger import Ledger
@@ -360,6 +360,50 @@ def test_run_gives_each_local_worker_a_share_of_the_cpus(
         (5, 2, None),
     ]
     assert calls[0]["ids"] == ["worker-0", "worker-1", "worker-2"]
+
+
+def test_run_by_default_runs_one_worker_in_this_process_with_four_shards_to_aim_for(
+    transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory, _ = transactions
+    seen: dict[str, Any] = {}
+
+    def fake_plan_job(spec: Any, **kwargs: Any) -> Any:
+        seen["min_shards"] = kwargs["min_shards"]
+        return real_plan_job(spec, **kwargs)
+
+    def fake_run_worker(plan_uri: str, worker_id: str, **kwargs: Any) -> _Summary:
+        seen.update(kwargs, worker_id=worker_id)
+        return _Summary()
+
+    real_plan_job = planning.plan_job
+    monkeypatch.setattr(planning, "plan_job", fake_plan_job)
+    monkeypatch.setattr(worker_run, "run_worker", fake_run_worker)
+    monkeypatch.setattr(local, "run_local_workers", lambda *_, **__: pytest.fail("no subprocess for one worker"))
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # leave pytest's handlers alone
+    monkeypatch.setattr(finalize, "finalize_job", lambda *_: {"rows": 0, "shards": 0})
+    argv = ["run", "--input", str(directory), "--output", str(tmp_path / "out"), "--model", "m:f"]
+    assert main(argv) == exit_codes.OK
+    assert seen["worker_id"] == "worker-0" and seen["min_shards"] == 4
+    assert (seen["cpu_budget"], seen["preprocess_workers"]) == (None, None)  # the worker sizes itself
+
+
+@pytest.mark.slow
+def test_run_at_defaults_reports_its_time_to_the_first_batch(
+    transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path, subprocess_env: dict[str, str]
+) -> None:
+    directory, table = transactions
+    out = tmp_path / "out"
+    started = time.monotonic()
+    result = _antbatch(
+        *_run_args(directory, out, "--model", f"{TABULAR}:build_model", *HOOKS), "--json", env=subprocess_env
+    )
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    [worker] = json.loads(result.stdout)["workers"]
+    assert worker["exit_code"] == 0
+    assert 0 < worker["summary"]["time_to_first_batch_s"] < took
+    _assert_exactly_once(out, table)
 
 
 @pytest.mark.slow
