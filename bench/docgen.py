@@ -35,6 +35,7 @@ RENDERERS: dict[str, str] = {
     "elastic": "bench.elastic_report:render",
     "straggler": "bench.straggler_report:render",
     "gpu": "bench.gpu_report:render",
+    "newuser": "bench.newuser_report:render_newuser",
 }
 
 BLOCK = re.compile(r"(<!-- generated:([\w.-]+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.DOTALL)

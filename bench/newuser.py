@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> None:
         torch_import = [run_once("torch-import", "", os.path.join(work, "none"), env)["seconds"] for _ in range(3)]
         results = [run_size(rows, systems, repeats, work, env) for rows in sizes]
     doc = {
+        "command": "python -m bench.newuser" + (" --quick" if args.quick else ""),
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "wall_s": round(time.time() - started, 1),
+        "load_avg_before": [round(x, 2) for x in load_before],
         "profile": "quick" if args.quick else "full",
         "repeats": repeats,
         "systems": systems,
@@ -146,9 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         "sizes": results,
         "bars": {"short_vs_loop": 1.0, "long_vs_loop": 1.2, "vs_ray": 1.2, "first_batch_over_torch_import_s": 1.5},
         "machine": machine(),
-        "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
+        "load_avg_after": [round(x, 2) for x in os.getloadavg()],
         "git": git_state(),
-        "took_s": round(time.time() - started, 1),
     }
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as handle:

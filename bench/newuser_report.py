@@ -25,8 +25,8 @@ def render(doc: dict[str, Any]) -> str:
     torch_s = doc["torch_import_s"]
     lines = [
         f"Whole-process seconds, medians of {doc['repeats']} interleaved run(s) ({doc['profile']} profile), "
-        f"{doc['machine']['cpu_count']} CPUs, load average {doc['load_average']['before'][0]} before and "
-        f"{doc['load_average']['after'][0]} after, at {doc['git']['commit']}{_modified(doc)}. "
+        f"{doc['machine']['cpu_count']} CPUs, load average {doc['load_avg_before'][0]} before and "
+        f"{doc['load_avg_after'][0]} after, at {doc['git']['commit']}{_modified(doc)}. "
         f"A bare `import torch` took {torch_s:.2f} s.",
         "",
         "| rows | " + " | ".join(NAMES[s] for s in doc["systems"]) + " | vs loop | vs Ray | first batch |",
