@@ -32,6 +32,8 @@ def test_device_workloads_have_no_bound_and_try_preprocess_in_a_thread() -> None
     assert {"antbatch", "antbatch-pre-thread", "ray-split-chain"} <= set(device)
     quick = [v.name for v in run.variants(PROFILES["quick"], "device_chain", with_ray=True)]
     assert [n for n in quick if n.startswith("ray")] == ["ray-split-chain"]  # the form that overlaps devices
+    cpu_chain = [v.name for v in run.variants(PROFILES["quick"], "chain", with_ray=True)]
+    assert [n for n in cpu_chain if n.startswith("ray")] == ["ray"]
 
 
 def variant(rows_s: float, **extra: Any) -> dict[str, Any]:
