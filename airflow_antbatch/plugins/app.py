@@ -42,6 +42,7 @@ from airflow_antbatch.planning import resolve_plan_uri
 from airflow_antbatch.plugins.links import PAGE_ROUTE
 from airflow_antbatch.progress import JobProgress
 from airflow_antbatch.version_compat import (  # the API server's names, imported on first use
+    AirflowException,
     DagAccessEntity,
     SessionDep,  # noqa: TC001  # FastAPI resolves it at run time
     XComModel,
@@ -122,12 +123,13 @@ def plan_uri_of_run(session: Any, dag_id: str, run_id: str, task_id: str | None)
 
 
 def _answer(read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Ledger errors as one-line HTTP errors: a missing plan is a 404, anything else names the file."""
+    """Ledger errors as one-line HTTP errors: a missing plan is a 404, anything else names the file
+    (or the connection: one that is not defined, a URI naming one wrongly)."""
     try:
         return read()
     except FileNotFoundError as exc:
         raise HTTPException(404, str(exc)) from exc
-    except AntBatchError as exc:
+    except (AntBatchError, AirflowException, ValueError) as exc:
         raise HTTPException(502, str(exc)) from exc
 
 

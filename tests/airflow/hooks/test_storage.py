@@ -320,6 +320,8 @@ def _the_page_reads_the_run_through_the_connection(run: Any, plan_uri: str, rows
         job = client.get(f"/antbatch/api/dags/{run.dag_id}/runs/{run.run_id}/job", headers=headers)
         manifest = client.get(f"/antbatch/api/dags/{run.dag_id}/runs/{run.run_id}/manifest", headers=headers)
         by_uri = client.get("/antbatch/api/job", params={"plan_uri": plan_uri}, headers=headers)
+        nowhere = client.get("/antbatch/api/job", params={"plan_uri": "s3://antbatch_nowhere@b/p"}, headers=headers)
     assert job.status_code == manifest.status_code == by_uri.status_code == 200, (job.text, manifest.text, by_uri.text)
     assert job.json()["succeeded"] is True and job.json()["rows_committed"] == rows
     assert manifest.json()["rows"] == rows and by_uri.json()["committed"] == job.json()["committed"]
+    assert nowhere.status_code == 502 and "antbatch_nowhere" in nowhere.json()["detail"]
