@@ -132,7 +132,7 @@ class Claimer:
         self._held: dict[str, tuple[int, bool]] = {}  # shard -> (epoch, is a backup), in claim order
         self._backups = ledger.plan.spec.backup_tries
         self._backed_up: set[str] = set()  # shards this worker tried to back up: never twice
-        self._seen_beats: list[dict[str, Any]] = []  # busy workers' heartbeats read by this round's steals
+        self._seen_beats: dict[str, tuple[float, dict[str, Any]]] = {}  # token -> (read at, its last heartbeat read)
         self._started_at: float | None = None  # by the ledger's clock: the first claim
         self._settled_at: float | None = None  # the last shard this worker finished
         self._intervals: deque[float] = deque(maxlen=PACE_SHARDS)  # seconds between its last settles
@@ -173,8 +173,10 @@ class Claimer:
             if self._has_work() or self._watch():
                 continue
             # Idle, the wait grows to IDLE_POLLS poll intervals: at a thousand workers, polls
-            # through a long straggler would cost more than the claims.
-            delay, self._delay = self._delay, min(IDLE_POLLS * self._poll, self._delay * 2)
+            # through a long straggler would cost more than the claims. Not while a much slower
+            # worker is busy: one of its tries may soon be worth a backup.
+            longest = self._poll if self._slower_busy() else IDLE_POLLS * self._poll
+            delay, self._delay = min(self._delay, longest), min(longest, self._delay * 2)
             wait(delay)
         return None
 
@@ -222,7 +224,6 @@ class Claimer:
     def _claim_without_waiting(self) -> Lease | None:
         lease = self._from_retries(self._retry) or self._from_run() or self._from_retries(self._later)
         tries = 0
-        self._seen_beats = []
         while lease is None and tries < STEAL_TRIES and (self._steal() or self._probe_slot()):
             lease = self._from_run()
             tries += 1
@@ -240,18 +241,36 @@ class Claimer:
         self.stats.claims += 1
         return lease
 
+    def _slower_busy(self) -> bool:
+        """Whether a busy worker's last heartbeat read gave a pace BACKUP_GAIN times this one's."""
+        with self._lock:
+            mine = self._shard_seconds()
+        if not self._backups or mine is None or self._roster is None:
+            return False
+        busy = set(self._roster.busy) - self._handled
+        return any(
+            t in busy and float(beat.get("shard_s") or 0.0) > BACKUP_GAIN * mine
+            for t, (_, beat) in self._seen_beats.items()
+        )
+
     def _back_up(self) -> Lease | None:
         """A speculative try of the shard that a slower worker will take longest to finish, from
-        the heartbeats this round's steals read (no read of its own). Only by a worker that
-        holds nothing else, knows its own pace, and expects to finish in under 1/BACKUP_GAIN of
-        the time the holder still needs: one backup per try, one per worker at a time."""
+        the last heartbeats its steals read of the workers still busy (no read of its own). Only
+        by a worker that holds nothing else, knows its own pace, and expects to finish in under
+        1/BACKUP_GAIN of the time the holder still needs: one backup per try, one per worker at
+        a time."""
         with self._lock:
             mine = self._shard_seconds()
             if not self._backups or mine is None or self._held:
                 return None
+        busy = set(self._current_roster().busy) - self._handled
+        now = self.ledger.clock()
         best: tuple[float, str, int] | None = None
-        for beat in self._seen_beats:
-            pace, since = beat.get("shard_s"), float(beat.get("since_s") or 0.0)
+        for token, (read_at, beat) in self._seen_beats.items():
+            if token not in busy:
+                continue
+            # Time since its last shard: what it said then, plus what this worker's clock saw since.
+            pace, since = beat.get("shard_s"), float(beat.get("since_s") or 0.0) + now - read_at
             if pace is None:
                 continue
             for place, (shard, epoch, backup) in enumerate(beat.get("queue", ())):
@@ -346,7 +365,7 @@ class Claimer:
             heartbeat = self.ledger.read_heartbeat(token)
             if heartbeat is None:
                 continue
-            self._seen_beats.append(heartbeat)
+            self._seen_beats[token] = (self.ledger.clock(), heartbeat)
             if heartbeat.get("state") in EXITED_STATES:
                 if self._take_over(token, heartbeat):
                     return True
