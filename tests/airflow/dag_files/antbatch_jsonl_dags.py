@@ -25,6 +25,7 @@ def antbatch_jsonl_user_case() -> None:
         id_column="txn_id",
         max_shard_rows=700,
         max_workers=3,
+        worker_kwargs={"torch_threads": 1, "preprocess_workers": 0},  # no process pools: a quick test
         worker_retries=0,
         poke_interval=1,
         sensor_timeout=120,
