@@ -7,7 +7,7 @@ writes (``bench/newuser_loop.py``) and Ray Data (``bench/newuser_ray.py``, in be
 left out when that environment is missing). Systems run one at a time, interleaved, their
 order rotating from repeat to repeat, on 120,000 and 600,000 rows; medians go into
 ``bench/results/newuser.json`` with the ratios, antbatch's time from its start to its first
-scored batch, a bare torch import timed the same way, and the worker's stage timings (where a
+scored batch, a bare ``import torch`` timed in each repeat beside them, and the worker's stage timings (where a
 bar is missed, they say why). Full: 3 repeats, about 6 minutes on a quiet 2-core machine (Ray
 Data takes most of it); ``--quick``: 1 repeat of the short job, about 1 minute.
 """
@@ -102,17 +102,18 @@ def run_size(rows: int, systems: list[str], repeats: int, work: str, env: dict[s
     """Every system on one size, ``repeats`` times, interleaved with a rotating order."""
     input_dir = os.path.join(work, f"input-{rows}")
     write_data(input_dir, rows)
-    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in [*systems, "torch-import"]}
     for repeat in range(repeats):
         order = systems[repeat % len(systems) :] + systems[: repeat % len(systems)]
-        for system in order:
+        for system in [*order, "torch-import"]:  # the bar's yardstick, timed amid the same load
             run = run_once(system, input_dir, os.path.join(work, f"out-{system}"), env)
             if run.get("rows", rows) != rows:
                 raise RuntimeError(f"{system} wrote {run['rows']} rows of {rows}")
             runs[system].append(run)
             print(f"{rows} rows, repeat {repeat + 1}: {system} {run['seconds']:.2f} s", file=sys.stderr)
     medians = {s: statistics.median(r["seconds"] for r in runs[s]) for s in systems}
-    out: dict[str, Any] = {"rows": rows, "files": 60, "median_s": medians, "runs": runs}
+    torch_import = statistics.median(r["seconds"] for r in runs.pop("torch-import"))
+    out: dict[str, Any] = {"rows": rows, "files": 60, "median_s": medians, "torch_import_s": torch_import, "runs": runs}
     antbatch = medians["antbatch"]
     ratios = {"antbatch_vs_loop": round(medians["loop"] / antbatch, 3)}
     if "ray" in medians:
@@ -136,7 +137,6 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="antbatch-newuser-") as work:
-        torch_import = [run_once("torch-import", "", os.path.join(work, "none"), env)["seconds"] for _ in range(3)]
         results = [run_size(rows, systems, repeats, work, env) for rows in sizes]
     doc = {
         "command": "python -m bench.newuser" + (" --quick" if args.quick else ""),
@@ -146,7 +146,6 @@ def main(argv: list[str] | None = None) -> None:
         "profile": "quick" if args.quick else "full",
         "repeats": repeats,
         "systems": systems,
-        "torch_import_s": statistics.median(torch_import),
         "sizes": results,
         "bars": {"short_vs_loop": 1.0, "long_vs_loop": 1.2, "vs_ray": 1.2, "first_batch_over_torch_import_s": 1.5},
         "machine": machine(),

@@ -45,7 +45,9 @@ class LocalBatchWorkerOperator(BaseOperator):
     :param storage_options: fsspec options for the ledger's store (no credentials).
     :param cpu_budget: cores this worker may use for preprocess processes and model threads;
         default ``max(1, CPUs // workers_on_host)``, counted on the machine that runs the task.
-    :param preprocess_workers: a fixed preprocess pool size (0: in a thread); default elastic.
+    :param preprocess_workers: a fixed preprocess pool size (0: in a thread); default elastic, or
+        a thread when the budget is one core (a process there would only take turns with the
+        model thread, after a torch import of its own).
     :param torch_threads: model intra-op threads; default derived from the CPU budget.
     :param workers_on_host: how many local workers may run side by side on one machine.
     :param kill_grace_s: how long a stopped worker gets to release its shard before SIGKILL.

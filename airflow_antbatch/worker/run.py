@@ -77,12 +77,14 @@ def run_worker(
     )
     identity = WorkerIdentity(worker_id)
     log.info(
-        "%s: starting on %s (%d shards planned, %d model stage(s), cpu budget %d)",
+        "%s: starting on %s (%d shards planned, %d model stage(s), cpu budget %d); code loaded %.2fs after "
+        "the process started",
         identity.token,
         plan_uri,
         len(ledger.plan.shards),
         len(code.runners),
         options.cpu_budget,
+        _age(),
     )
     worker = Worker(
         ledger,
@@ -94,6 +96,7 @@ def run_worker(
         progress_interval_s=progress_interval_s,
         slot=slot,
     )
+    log.info("%s: pipeline ready %.2fs after the process started", identity.worker_id, _age())
     summary = worker.run()
     if first_batch.at is not None:
         summary.time_to_first_batch_s = round(first_batch.at - process_started(), 3)
@@ -161,6 +164,10 @@ def process_started() -> float:
     except (OSError, ValueError, IndexError):
         return _IMPORTED
     return time.monotonic() - age
+
+
+def _age() -> float:
+    return time.monotonic() - process_started()
 
 
 _IMPORTED = time.monotonic()
