@@ -14,10 +14,17 @@ import argparse
 import dataclasses
 import functools
 import inspect
-import typing
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from airflow_antbatch.spec import AUTOCAST_DTYPES, INPUT_FORMATS, OPTION_KEY, JobSpec, OptionDoc, option_doc
+from airflow_antbatch.spec import (
+    AUTOCAST_DTYPES,
+    INPUT_FORMATS,
+    OPTION_KEY,
+    JobSpec,
+    OptionDoc,
+    option_doc,
+    plain_field_types,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -70,7 +77,7 @@ def shown_default(default: Any, doc: OptionDoc) -> str:
 @functools.cache
 def job_options() -> tuple[JobOption, ...]:
     """Every option, in JobSpec's field order."""
-    hints = typing.get_type_hints(JobSpec)
+    plain = plain_field_types()
     found = []
     for field in dataclasses.fields(JobSpec):
         if OPTION_KEY not in field.metadata:
@@ -82,14 +89,9 @@ def job_options() -> tuple[JobOption, ...]:
         else:
             default = inspect.Parameter.empty
         doc = option_doc(field)
-        kind = next((t for t in (bool, int, float, str) if t in _members(hints[field.name])), object)
+        kind = plain[field.name][0][0] if field.name in plain else object
         found.append(JobOption(field.name, default, kind, doc.accepts or str(field.type), doc))
     return tuple(found)
-
-
-def _members(hint: Any) -> tuple[Any, ...]:
-    """The types of a union (``str | None`` -> str, NoneType), or the type itself."""
-    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, type(int | None)) else (hint,)
 
 
 def templated() -> tuple[str, ...]:

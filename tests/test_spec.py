@@ -56,6 +56,11 @@ def test_state_root_defaults_beside_output() -> None:
         ({"keep_columns": [1]}, "keep_columns"),
         ({"id_column": "a", "keep_columns": ["a"]}, "keep_columns"),
         ({"storage_options": {"secret": "x"}}, "storage_options"),
+        # Fields of plain types are checked from their type hints, with no line of their own.
+        ({"backup_tries": "yes"}, "backup_tries"),
+        ({"device": 3}, "device"),
+        ({"lease_ttl_s": True}, "lease_ttl_s"),
+        ({"id_column": 1}, "id_column"),
     ],
 )
 def test_invalid_field_is_named(override: dict[str, Any], field: str) -> None:
