@@ -17,8 +17,6 @@ import inspect
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow_antbatch.spec import (
-    AUTOCAST_DTYPES,
-    INPUT_FORMATS,
     OPTION_KEY,
     JobSpec,
     OptionDoc,
@@ -30,8 +28,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
 F = TypeVar("F", bound="Callable[..., Any]")
-# What the parser offers for a field with fixed values (the same JobSpec checks).
-_CHOICES: dict[str, tuple[str, ...]] = {"input_format": INPUT_FORMATS, "autocast_dtype": AUTOCAST_DTYPES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +146,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         else:
             minimum = option.doc.minimum
             kwargs["type"] = count_at_least(minimum) if minimum is not None else option.kind
-            kwargs["choices"] = _CHOICES.get(option.name)
+            kwargs["choices"] = option.doc.choices
         parser.add_argument(*option.flags, **kwargs)
 
 

@@ -88,6 +88,7 @@ class OptionDoc:
     flag: str | None = ""  # the CLI flag: "" is --the-field-name; None: the CLI spells it by hand
     aliases: tuple[str, ...] = ()  # older CLI spellings, still accepted
     minimum: int | None = None  # checked here (ints) and by the CLI's argument parser
+    choices: tuple[str, ...] | None = None  # the values allowed (or None), checked here and by the CLI
     shown_default: str | None = None  # the default as the docs show it, where repr would not do
     accepts: str | None = None  # the parameter annotation, where wider than the field's type
 
@@ -130,7 +131,11 @@ class JobSpec:
         accepts="Sequence[Mapping[str, Any] | ModelStage]",
     )
     input_format: str | None = _option(
-        None, help="`parquet`, `jsonl` or `csv`", aliases=("--format",), shown_default="from the file names"
+        None,
+        help="`parquet`, `jsonl` or `csv`",
+        aliases=("--format",),
+        choices=INPUT_FORMATS,
+        shown_default="from the file names",
     )
     preprocess: str | None = _option(
         None,
@@ -178,7 +183,9 @@ class JobSpec:
     )
     device: str = _option("cpu", help="the torch device the models run on (a stage may set its own)")
     autocast_dtype: str | None = _option(
-        None, help="run every model under `torch.autocast` (`bfloat16` or `float16`); a stage may set its own"
+        None,
+        help="run every model under `torch.autocast` (`bfloat16` or `float16`); a stage may set its own",
+        choices=AUTOCAST_DTYPES,
     )
     compile: str | None = _option(
         None, help="`torch.compile` every model with this backend (e.g. `inductor`); a stage may set its own"
@@ -321,15 +328,12 @@ def _validate(spec: JobSpec) -> None:
     if not spec.output_uri:
         raise SpecError("job spec field 'output_uri' must not be empty")
     _validate_models(spec)
-    if spec.input_format is not None and spec.input_format not in INPUT_FORMATS:
-        raise SpecError(
-            f"job spec field 'input_format' must be one of {list(INPUT_FORMATS)}, got {spec.input_format!r}"
-        )
     for field in dataclasses.fields(spec):
-        minimum = option_doc(field).minimum if OPTION_KEY in field.metadata else None
-        if minimum is not None and getattr(spec, field.name) < minimum:
-            raise SpecError(f"job spec field '{field.name}' must be >= {minimum}, got {getattr(spec, field.name)!r}")
-    _check_autocast("job spec field 'autocast_dtype'", spec.autocast_dtype)
+        doc, value = field.metadata.get(OPTION_KEY), getattr(spec, field.name)
+        if doc is not None and doc.minimum is not None and value < doc.minimum:
+            raise SpecError(f"job spec field '{field.name}' must be >= {doc.minimum}, got {value!r}")
+        if doc is not None and doc.choices is not None and value is not None and value not in doc.choices:
+            raise SpecError(f"job spec field '{field.name}' must be one of {list(doc.choices)}, got {value!r}")
     _check_non_empty("compile", spec.compile)
     _check_positive("lease_ttl_s", spec.lease_ttl_s)
     _check_type("keep_columns", spec.keep_columns, tuple)
