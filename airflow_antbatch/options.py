@@ -5,7 +5,7 @@ keyword arguments: ``with_job_options`` gives them a signature that lists every 
 its annotation and default, for ``help()``, IDEs that read ``inspect.signature`` and Airflow's
 own introspection; ``resolve`` checks the names (a typo is a TypeError naming the options)
 and fills the defaults, and ``JobSpec`` checks the values when the DAG is parsed. The CLI's
-flags come from ``add_flags``/``from_args``, and the docs' tables from ``rows``.
+flags come from ``add_flags``/``from_args``, and the docs' tables from ``table``.
 """
 
 from __future__ import annotations
@@ -47,9 +47,7 @@ class JobOption:
     @property
     def flags(self) -> tuple[str, ...]:
         """The CLI spellings: ``--the-name`` first, then older ones; none when spelt by hand."""
-        if self.doc.flag is None:
-            return ()
-        return (self.doc.flag or "--" + self.name.replace("_", "-"), *self.doc.aliases)
+        return () if self.doc.by_hand else ("--" + self.name.replace("_", "-"), *self.doc.aliases)
 
     def shown_default(self) -> str:
         return shown_default(self.default, self.doc)
@@ -136,7 +134,7 @@ def resolve(job: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    """A flag for every option that is not spelt by hand (``OptionDoc.flag is None``)."""
+    """A flag for every option that the CLI does not spell by hand (``OptionDoc.by_hand``)."""
     for option in job_options():
         if not option.flags:
             continue

@@ -85,7 +85,7 @@ class OptionDoc:
 
     help: str
     templated: bool = False  # rendered by Jinja in the plan task (URIs and import paths)
-    flag: str | None = ""  # the CLI flag: "" is --the-field-name; None: the CLI spells it by hand
+    by_hand: bool = False  # the CLI spells this flag itself (a list, a group of two, a global flag)
     aliases: tuple[str, ...] = ()  # older CLI spellings, still accepted
     minimum: int | None = None  # checked here (ints) and by the CLI's argument parser
     choices: tuple[str, ...] | None = None  # the values allowed (or None), checked here and by the CLI
@@ -113,21 +113,21 @@ class JobSpec:
     input_uri: str | tuple[str, ...] = _option(
         help="a file, a directory, a glob, or a list of them (Parquet, JSONL or CSV)",
         templated=True,
-        flag=None,
+        by_hand=True,
         accepts="str | Sequence[str]",
     )
-    output_uri: str = _option(help="where one Parquet file per shard and `_SUCCESS` go", templated=True, flag=None)
+    output_uri: str = _option(help="where one Parquet file per shard and `_SUCCESS` go", templated=True, by_hand=True)
     model: str | None = _option(
         None,
         help="`pkg.mod:factory` or a saved model URL (`.pt2` torch.export, `.pt` TorchScript); give it or `stages`",
         templated=True,
-        flag=None,
+        by_hand=True,
     )
     stages: tuple[ModelStage, ...] = _option(
         (),
         help="a chain of models instead of `model`: dicts or `ModelStage`s, in chain order (see Model chains)",
         templated=True,
-        flag=None,
+        by_hand=True,
         accepts="Sequence[Mapping[str, Any] | ModelStage]",
     )
     input_format: str | None = _option(
@@ -152,7 +152,7 @@ class JobSpec:
     batch_size: int = _option(256, help="rows per model call", minimum=1)
     id_column: str | None = _option(None, help="an input column copied next to the predictions, to join them back")
     keep_columns: tuple[str, ...] = _option(
-        (), help="more input columns copied to the output", flag=None, accepts="Sequence[str]"
+        (), help="more input columns copied to the output", by_hand=True, accepts="Sequence[str]"
     )
     state_uri: str | None = _option(
         None, help="where the ledger lives", templated=True, aliases=("--state",), shown_default="`OUT/_antbatch`"
@@ -212,7 +212,7 @@ class JobSpec:
     storage_options: Mapping[str, Any] = _option(
         factory=dict,
         help="fsspec options without credentials (e.g. an S3 endpoint)",
-        flag=None,
+        by_hand=True,
         accepts="Mapping[str, Any] | None",
         shown_default="none",
     )
