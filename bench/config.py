@@ -1,12 +1,13 @@
-"""The two profiles of the harness: ``quick`` (under 4 minutes on 2 cores) and ``full``.
+"""The two profiles of the harness: ``quick`` and ``full`` (docs/benchmarks.md, "Commands", says
+how long each took on its last run).
 
 Both run the same systems on the same kind of data; ``full`` has more rows, more repeats and
-tries more Ray Data configurations. On a 2-core machine a batch of 256 rows costs about 0.2 s
-to tokenise and 0.2-0.3 s to score, and every run pays a fixed ~3 s to start a process and
-import torch (~12 s for Ray: ``ray.init``, a warm-up job, shutdown), so ``quick`` keeps each
-timed run to a few seconds (8 batches single, 4 chain) to stay under 4 minutes with two
-repeats; ``full`` (32 and 16 batches, 3 repeats, about 20 minutes) runs long enough for the
-pipeline's start and Ray's actor start to weigh less.
+tries more Ray Data configurations. On a quiet 2-core machine a batch of 256 rows costs about
+0.2 s to tokenise and 0.2-0.3 s to score, and every run pays a fixed ~3 s to start a process
+and import torch (~12 s for Ray: ``ray.init``, a warm-up job, shutdown), so ``quick`` keeps the
+CPU workloads' timed runs to a few seconds (8 batches single, 4 chain); ``full`` (32 and 16
+batches, 3 repeats) runs long enough for the pipeline's start and Ray's actor start to weigh
+less.
 
 The device workloads (*device_single*, *device_chain*) hold simulated devices for a time per
 row sized to the tokenizer's (``bench.run`` measures it first), so a batch's preprocessing

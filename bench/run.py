@@ -332,7 +332,7 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 0.5) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="the quick profile (under 4 minutes)")
+    parser.add_argument("--quick", action="store_true", help="the quick profile (fewer rows and repeats)")
     parser.add_argument("--repeats", type=int, help="override the profile's repeats")
     parser.add_argument(
         "--workloads", default="single,chain,device_single,device_chain,straggler", help="comma-separated subset"
