@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--out", default=os.path.join(RESULTS, "straggler.json"))
     args = parser.parse_args(argv)
-    began = time.time()
+    began, load_before = time.time(), os.getloadavg()[0]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cfg = PROFILES[args.profile].straggler
     with tempfile.TemporaryDirectory(prefix="antbatch-straggler-") as root:
@@ -235,9 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         command=f"python -m bench.straggler --profile {args.profile}",
         profile=args.profile,
         wall_s=round(time.time() - began, 1),
+        load_avg_before=load_before,
         load_avg_after=os.getloadavg()[0],
         finished_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
+    harsh["load_avg_before"] = result["load_avg_before"]
     with open(args.out, "w") as handle:
         json.dump({"straggler": result, "straggler_harsh": harsh}, handle, indent=1)
         handle.write("\n")

@@ -32,7 +32,11 @@ def _row(label: str, entry: dict[str, Any]) -> str:
     # A result from before backups existed: its dynamic run had none.
     keys = ("dynamic_over_ideal", "no_backup_over_ideal") if "backups" in entry else ("-", "dynamic_over_ideal")
     ratios = " | ".join(_ratio(entry, k) for k in (*keys, "static_over_ideal"))
-    return f"| {label} | {job} | {ratios} | {entry.get('backups', '-')} | {wasted} | {entry.get('ideal_s', 0):.2f} s |"
+    load = f"{entry['load_avg_before']:.1f}" if "load_avg_before" in entry else "-"
+    return (
+        f"| {label} | {job} | {ratios} | {entry.get('backups', '-')} | {wasted} | {entry.get('ideal_s', 0):.2f} s "
+        f"| {load} |"
+    )
 
 
 def render(results_dir: pathlib.Path) -> str:
@@ -50,11 +54,12 @@ def render(results_dir: pathlib.Path) -> str:
         [
             "Makespan over the ideal (total rows over the workers' summed speeds, each measured in the static "
             "run), median of the repeats; *backups* and *rows wasted* (rows scored by tries that lost the race "
-            "to commit) are summed over the repeats of the run with backups.",
+            "to commit) are summed over the repeats of the run with backups. On 2 cores, a load average "
+            "above 2 means the figures are noisy.",
             "",
             "| run | job (w0: the throttled worker's slowdown) | dynamic, backups | dynamic, no backups | static "
-            "| backups | rows wasted | ideal |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "| backups | rows wasted | ideal | load average before |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
             *rows,
         ]
     )
