@@ -93,13 +93,14 @@ class SimWorker:
     claimer: Claimer
     beats: int = 0
     committed: int = 0
+    lost: int = 0  # rows of its tries that another try committed first
     lease: Lease | None = None
     finished: bool = False
     wake_at: float = 0.0  # the claimer asked to wait until then
 
     def beat(self, state: str = "running") -> None:
         self.beats += 1
-        stats = {"shards_committed": self.committed, **self.claimer.heartbeat_fields()}
+        stats = {"shards_committed": self.committed, "rows_lost": self.lost, **self.claimer.heartbeat_fields()}
         self.ledger.heartbeat(self.identity, self.beats, state=state, stats=stats)
 
     def step(self) -> None:
@@ -264,6 +265,7 @@ def finish(worker: SimWorker, lease: Lease) -> bool:
     file = layout.output_name(0, lease.shard_id, lease.epoch)
     won = worker.ledger.holds(lease) and worker.ledger.commit(lease, file=file, rows=1)
     worker.committed += won
+    worker.lost += not won
     worker.claimer.settle(lease, done=True)
     worker.beat()
     return won
@@ -299,6 +301,7 @@ def test_an_idle_worker_backs_up_the_try_a_slow_worker_has_not_started_and_the_f
     assert finish(slow, scoring)
     assert slow.ledger.holds(queued)  # a backup does not fence the original out ...
     assert not finish(slow, queued)  # ... it wins the race to the commit
+    assert fast.ledger.status().rows_wasted == 1  # the loser's rows, from its heartbeat
     run_to_end(sim, [slow, fast])
     assert sim.committed() == {**dict.fromkeys(sim.plan.shard_ids, 0), queued.shard_id: 1}
 
