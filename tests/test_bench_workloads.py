@@ -12,8 +12,8 @@ import torch
 
 from bench import workloads
 
-PER_ROW_S = 0.001
-ROWS = 100  # 0.1 s per call
+PER_ROW_S = 0.002
+ROWS = 100  # 0.2 s per call
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_different_devices_overlap() -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    assert time.perf_counter() - started < 1.8 * ROWS * PER_ROW_S  # devices 1 and 2 at once
+    assert time.perf_counter() - started < 1.5 * ROWS * PER_ROW_S  # devices 1 and 2 at once (serially: 2x)
 
 
 @pytest.mark.usefixtures("device_time")
