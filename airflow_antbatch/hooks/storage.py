@@ -22,11 +22,19 @@ Resolution, in this order:
    table is in docs/user-guide.md).
 
 The job's explicit ``storage_options`` win over the connection's, as in ``ObjectStoragePath``.
+
+A process reuses what it resolved for ``OPTIONS_TTL_S``: fsspec keeps every filesystem it
+builds, by its options, for the life of the process (and a provider's ``get_fs`` builds one per
+call), so the API server and the triggerer, which resolve again and again, would otherwise grow
+without bound. One options dict also means one client per store. A connection changed in
+Airflow takes effect within that time.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from airflow_antbatch.version_compat import BaseHook, get_fs, has_fs
@@ -41,6 +49,9 @@ AZURE_SCHEMES = frozenset({"az", "abfs", "abfss", "adl"})
 _AIRFLOW_FS_SCHEME = {"az": "abfs"}
 # Azure's full URLs carry the container where a connection would be: abfs://container@account.dfs...
 _AZURE_HOST_SUFFIX = ".core.windows.net"
+OPTIONS_TTL_S = 600.0
+_resolved: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}  # (conn_id, scheme) -> (when, options)
+_resolved_lock = threading.Lock()
 
 
 def split_conn_id(uri: str) -> tuple[str, str | None]:
@@ -105,13 +116,22 @@ def storage_options(conn_id: str | None, url: str, base: Mapping[str, Any] | Non
 
 
 def connection_options(conn_id: str, url: str) -> dict[str, Any]:
-    """The connection's fsspec options for ``url``'s scheme: through the provider when installed."""
-    conn = BaseHook.get_connection(conn_id)  # raises, naming conn_id, when it is not defined
+    """The connection's fsspec options for ``url``'s scheme: through the provider when installed
+    (the same dict again within ``OPTIONS_TTL_S``)."""
     scheme = url.partition("://")[0] if "://" in url else "file"
-    fs_scheme = _AIRFLOW_FS_SCHEME.get(scheme, scheme)
-    if has_fs(fs_scheme):
-        return dict(get_fs(fs_scheme, conn_id).storage_options)
-    return options_from_fields(scheme, conn.login, conn.password, conn.extra_dejson)
+    key, now = (conn_id, scheme), time.monotonic()
+    with _resolved_lock:
+        when, options = _resolved.get(key, (-OPTIONS_TTL_S, {}))
+    if now - when >= OPTIONS_TTL_S:
+        conn = BaseHook.get_connection(conn_id)  # raises, naming conn_id, when it is not defined
+        fs_scheme = _AIRFLOW_FS_SCHEME.get(scheme, scheme)
+        if has_fs(fs_scheme):
+            options = dict(get_fs(fs_scheme, conn_id).storage_options)
+        else:
+            options = options_from_fields(scheme, conn.login, conn.password, conn.extra_dejson)
+        with _resolved_lock:
+            _resolved[key] = (now, options)
+    return dict(options)
 
 
 def options_from_fields(

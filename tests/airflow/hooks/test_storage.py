@@ -147,6 +147,10 @@ def test_s3_resolves_through_the_amazon_providers_hook_and_only_the_connection_r
     assert store.create("a.json", b"{}") and store.read("a.json") == b"{}"
     with pytest.raises(StoreError, match="Unable to locate credentials"):  # the environment alone has no way in
         AtomicStore(url, dict(lake.storage_options)).read("a.json")
+    # Resolved once per OPTIONS_TTL_S: the same session, so fsspec serves the same client again
+    # instead of keeping one more for the life of the process (the API server, the triggerer).
+    again = storage_options(CONN, url, lake.storage_options)
+    assert again["session"] is options["session"] and AtomicStore(url, again).fs is store.fs
 
 
 def test_azure_without_its_provider_resolves_from_the_connections_fields(
