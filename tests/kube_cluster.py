@@ -78,8 +78,12 @@ KUBELET_TOKEN = "antbatch-test-kubelet"
 TICK_S = 0.1
 # A pod's own terminationGracePeriodSeconds wins; this is the Kubernetes default.
 DEFAULT_GRACE_S = 30.0
+# Requests kmock keeps for matching: more than can be in flight at once (the pool sends 32 at a time).
+_REQUESTS_KEPT = 64
 # Paths the API server proxies to the kubelet.
 _POD_PROXY = re.compile(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/(exec|log)")
+# What the fast pod store serves: list (all or one namespace), create, get, delete, patch (status too).
+_POD_PATHS = re.compile(r"/api/v1(?:/namespaces/([^/]+))?/pods(?:/([^/]+)(/status)?)?")
 
 
 def _now() -> str:
@@ -120,9 +124,14 @@ class ApiServer(kmock.KubernetesEmulator):
     created: list[dict[str, Any]] = attrs.field(factory=list)
     # (bearer token, "METHOD /route") -> requests served, e.g. "GET /api/v1/namespaces/*/pods".
     requests: collections.Counter[tuple[str, str]] = attrs.field(factory=collections.Counter)
+    # Pods in a plain dict instead of kmock's store (see _serve_pod); None: kmock's.
+    fast_pods: dict[tuple[str, str], dict[str, Any]] | None = None
     _versions: Iterator[int] = attrs.field(factory=lambda: itertools.count(1))
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # kmock matches each request to its reactions by scanning every request served so far:
+        # quadratic, minutes at a few thousand pods. Only the ones in flight need keeping.
+        del self._requests[:-_REQUESTS_KEPT]
         token = raw_request.headers.get("Authorization", "").removeprefix("Bearer ")
         self.requests[token, f"{raw_request.method} {route_of(raw_request.path)}"] += 1
         proxied = _POD_PROXY.fullmatch(raw_request.path)
@@ -131,7 +140,44 @@ class ApiServer(kmock.KubernetesEmulator):
             if what == "exec":
                 return await self.kubelet.serve_exec(raw_request, namespace, name)
             return await self.kubelet.serve_log(raw_request, namespace, name)
+        if self.fast_pods is not None and (pods := _POD_PATHS.fullmatch(raw_request.path)):
+            return await self._serve_pod(raw_request, *pods.groups())
         return await super().__call__(raw_request)
+
+    async def _serve_pod(
+        self, request: aiohttp.web.BaseRequest, namespace: str | None, name: str | None, status: str | None
+    ) -> aiohttp.web.Response:
+        """Pods without kmock: its reaction matching costs a scan of recent requests per request,
+        about 0.1 s each here, minutes for thousands of pods. The same admission and selectors."""
+        store = cast("dict[tuple[str, str], dict[str, Any]]", self.fast_pods)
+        if name is None and request.method == "GET":
+            selector = request.query.get("labelSelector", "")
+            items = [
+                pod
+                for (ns, _), pod in store.items()
+                if namespace in (None, ns) and selector_matches(selector, pod["metadata"].get("labels") or {})
+            ]
+            return aiohttp.web.json_response({"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+        if name is None and request.method == "POST" and namespace is not None:
+            pod = await request.json()
+            meta = pod.setdefault("metadata", {})
+            meta.setdefault("namespace", namespace)
+            if (namespace, meta.get("name")) in store:
+                return _status_error(409, "AlreadyExists", f'pods "{meta.get("name")}" already exists')
+            meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), resourceVersion=str(next(self._versions)))
+            pod["status"] = {"phase": "Pending", "qosClass": "BestEffort"}
+            store[namespace, meta["name"]] = pod
+            self.created.append(copy.deepcopy(pod))
+            return aiohttp.web.json_response(pod, status=201)
+        pod = store.get((namespace or "", name or ""))
+        if pod is None:
+            return _status_error(404, "NotFound", f'pods "{name}" not found')
+        if request.method == "DELETE":
+            del store[namespace or "", name or ""]
+        elif request.method == "PATCH":
+            _merge(pod, await request.json())
+            pod["metadata"]["resourceVersion"] = str(next(self._versions))
+        return aiohttp.web.json_response(pod)
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         resource = request.resource
@@ -696,6 +742,17 @@ async def _exec_status(ws: aiohttp.web.WebSocketResponse, code: int, message: st
     await ws.send_bytes(b"\x03" + json.dumps(status).encode())
 
 
+def _merge(target: dict[str, Any], patch: Mapping[str, Any]) -> None:
+    """A JSON merge patch (RFC 7386): objects merge, anything else (lists too) replaces, null removes."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value
+
+
 def _status_error(code: int, reason: str, message: str) -> aiohttp.web.Response:
     body = {
         "apiVersion": "v1",
@@ -804,15 +861,17 @@ def run_kube_cluster(
     capacity: int | None = None,
     run_processes: bool = True,
     kubelet_tick_s: float = TICK_S,
+    fast_pods: bool = False,
 ) -> Iterator[KubeCluster]:
     """The API server on 127.0.0.1 (a random port, its own event loop thread) and one kubelet
-    (see :class:`Kubelet` for the node's options)."""
+    (see :class:`Kubelet` for the node's options); ``fast_pods`` keeps pods out of kmock's
+    store, for thousands of pods (the operator's own tests use kmock's)."""
     from kubernetes import config as kube_config  # type: ignore[import-untyped]
     from kubernetes.client import CoreV1Api
 
     # aiohttp logs every request at INFO: hundreds of lines per pod, in every task log.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    api = ApiServer()
+    api = ApiServer(fast_pods={} if fast_pods else None)
     for resource, kind in (("pods", "Pod"), ("events", "Event"), ("secrets", "Secret"), ("configmaps", "ConfigMap")):
         api.resources[f"v1/{resource}"] = kmock.ResourceInfo(
             kind=kind, namespaced=True, verbs={"list", "get", "create"}

@@ -301,23 +301,26 @@ class PoolLoop:
         self._store: Any = None
 
     async def run(self, api: PodApi) -> dict[str, Any]:
-        controller = await asyncio.to_thread(self._restore)
-        while True:
-            pods = await api.list()
-            status = await asyncio.to_thread(self.t.watch.read)
-            mine, strays = self._split(pods)
-            now = time.time()
-            views = [v for v in (pod_view(p, now, self.t.base_container) for p in mine) if v is not None]
-            plan = controller.tick(views, status, time.monotonic(), now - self.t.run_started_at)
-            self._log(plan, views, status, strays)
-            await self._apply(api, plan, strays)
-            ending = self._ending(plan, status)
-            await asyncio.to_thread(self._publish, plan, controller, views, ending)
-            if ending is not None:
-                if ending["status"] == TIMEOUT:
-                    await self.delete_all(api)
-                return ending
+        controller = await asyncio.to_thread(self.restore)
+        while (ending := await self.tick(api, controller)) is None:
             await asyncio.sleep(self.t.tick_interval)
+        return ending
+
+    async def tick(self, api: PodApi, controller: PoolController) -> dict[str, Any] | None:
+        """One reconcile tick; the event that ends the loop, or None to go on."""
+        pods = await api.list()
+        status = await asyncio.to_thread(self.t.watch.read)
+        mine, strays = self._split(pods)
+        now = time.time()
+        views = [v for v in (pod_view(p, now, self.t.base_container) for p in mine) if v is not None]
+        plan = controller.tick(views, status, time.monotonic(), now - self.t.run_started_at)
+        self._log(plan, views, status, strays)
+        await self._apply(api, plan, strays)
+        ending = self._ending(plan, status)
+        await asyncio.to_thread(self._publish, plan, controller, views, ending)
+        if ending is not None and ending["status"] == TIMEOUT:
+            await self.delete_all(api)
+        return ending
 
     async def delete_all(self, api: PodApi) -> int:
         names = [p["metadata"]["name"] for p in await api.list() if not p["metadata"].get("deletionTimestamp")]
@@ -384,7 +387,7 @@ class PoolLoop:
             self._store = AtomicStore(self.t.plan_uri.rstrip("/").rsplit("/", 1)[0], self.t.storage_options)
         return self._store
 
-    def _restore(self) -> PoolController:
+    def restore(self) -> PoolController:
         """The controller, with the memory a previous triggerer of this same try published."""
         data = self._status_store().read(layout.POOL_FILE)
         doc = json.loads(data) if data else {}
