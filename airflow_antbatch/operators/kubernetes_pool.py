@@ -167,7 +167,7 @@ class ElasticBatchInferenceOperator(PodOperatorAdapter):
         # value still goes to XCom, as any operator's).
         push, self.do_xcom_push = self.do_xcom_push, False
         try:
-            pod: k8s.V1Pod = self.build_pod_request_obj(context)
+            pod: k8s.V1Pod = self.build_pod_request_obj(context, dry_run=True)  # no API client needed
         finally:
             self.do_xcom_push = push
         pod.metadata.name = self.safe_pod_name(self.task_id)  # slot_pod adds the slot and a suffix
@@ -183,10 +183,10 @@ class ElasticBatchInferenceOperator(PodOperatorAdapter):
         try:
             kubernetes_validate.validate(slot_pod(template, 0, 1), KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            path = ".".join(str(p) for p in exc.caught.absolute_path) or "(the pod)"
+            path = ".".join(str(p) for p in exc.absolute_path) or "(the pod)"
             raise AirflowFailException(
                 f"{self.task_id}: the worker pod is not a valid Kubernetes {KUBERNETES_VERSION} Pod at {path}: "
-                f"{exc.caught.message}; no pod was created"
+                f"{exc.message}; no pod was created"
             ) from exc
 
     # -- running the pool ----------------------------------------------------------------------
