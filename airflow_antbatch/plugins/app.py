@@ -37,7 +37,7 @@ from sqlalchemy import select
 from airflow_antbatch.errors import AntBatchError
 from airflow_antbatch.finalize import read_manifest
 from airflow_antbatch.hooks.storage import join_conn_id, reach, split_conn_id
-from airflow_antbatch.layout import PLAN_URI_KEY
+from airflow_antbatch.layout import PLAN_URI_KEY, POOL_FILE
 from airflow_antbatch.planning import resolve_plan_uri
 from airflow_antbatch.plugins.links import PAGE_ROUTE
 from airflow_antbatch.progress import JobProgress
@@ -85,11 +85,24 @@ class _Jobs:
         with lock:
             snap = progress.snapshot()
             reasons = progress.quarantine_reasons(snap.quarantine_files, limit=MAX_QUARANTINE_FILES)
+            pool = progress.ledger.store.read(POOL_FILE)  # one GET: the elastic pool's, if it has one
         doc = snap.to_dict()
         for item in doc["quarantine_files"]:
             item["reasons"] = reasons.get(item["shard_id"])
         doc["stale_workers"] = snap.stale_workers()
+        doc["pool"] = pool_view(pool)
         return doc
+
+
+def pool_view(data: bytes | None) -> dict[str, Any] | None:
+    """The pool status file as the page shows it: pods wanted, running, pending and the last
+    decisions (the controller's own memory stays out)."""
+    if not data:
+        return None
+    doc: dict[str, Any] = json.loads(data)
+    doc.pop("controller", None)
+    doc["decisions"] = [{"at": at, "wanted": wanted, "reason": reason} for at, wanted, reason in doc.pop("history", [])]
+    return doc
 
 
 def storage_options() -> dict[str, Any]:

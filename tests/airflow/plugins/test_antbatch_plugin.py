@@ -8,6 +8,7 @@ api-server``.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import pathlib
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from urllib.parse import quote
 import pytest
 
 from airflow_antbatch.finalize import finalize_job
+from airflow_antbatch.layout import POOL_FILE
 from tests.airflow.plugins.conftest import token
 from tests.airflow.test_dag_e2e import _load_dag
 from tests.conftest import REPO_ROOT
@@ -133,6 +135,33 @@ def test_the_manifest_once_the_job_is_finalized(client: TestClient, tmp_path: pa
     assert manifest["shards"] == SHARDS and manifest["quarantined_rows"] == 1
     done = _get(client, "/antbatch/api/job", plan_uri=job.plan_uri).json()
     assert done["succeeded"] is True and done["eta_s"] == 0.0
+
+
+def test_a_pool_job_shows_its_pods_and_last_decisions(client: TestClient, tmp_path: pathlib.Path) -> None:
+    """What the elastic pool's loop publishes beside the plan (triggers/pool.py), minus its own memory."""
+    job = RunningJob.plan(tmp_path)
+    assert _get(client, "/antbatch/api/job", plan_uri=job.plan_uri).json()["pool"] is None
+    status = {
+        "state": "running",
+        "min_workers": 0,
+        "max_workers": 8,
+        "wanted": 4,
+        "running": 2,
+        "pending": 2,
+        "unschedulable": 1,
+        "pods_created": 5,
+        "history": [[1_800_000_000.0, 2, "backlog of 7 shard(s): ramp 0 -> 2 pod(s)"], [1_800_000_010.0, 4, "ramp"]],
+        "controller": {"streaks": {}},
+    }
+    job.ledger.store.put(POOL_FILE, json.dumps(status).encode())
+    pool = _get(client, "/antbatch/api/job", plan_uri=job.plan_uri).json()["pool"]
+    assert (pool["wanted"], pool["running"], pool["pending"], pool["unschedulable"]) == (4, 2, 2, 1)
+    assert pool["decisions"][0] == {
+        "at": 1_800_000_000.0,
+        "wanted": 2,
+        "reason": "backlog of 7 shard(s): ramp 0 -> 2 pod(s)",
+    }
+    assert "controller" not in pool and "history" not in pool
 
 
 def test_unknown_runs_and_plans_are_404_in_one_line(client: TestClient, progress_run: ProgressRun) -> None:
