@@ -51,6 +51,7 @@ API_CONCURRENCY = 32
 # The status file is rewritten when what it shows changes, and at least this often (the page's "updated").
 PUBLISH_EVERY_S = 60.0
 KEEP_HISTORY = 20  # decisions with their time, for the job page
+_NOT_SCHEDULED = frozenset({"Unschedulable", "SchedulingGated"})  # PodScheduled=False reasons: waiting for room
 
 
 def pod_view(pod: Mapping[str, Any], now: float, base_container: str = "base") -> PodView | None:
@@ -75,8 +76,9 @@ def pod_view(pod: Mapping[str, Any], now: float, base_container: str = "base") -
         or waiting.get("reason")
         or (ended if ended not in (None, "Completed") else None)
     )
+    # Unschedulable: no node fits it; SchedulingGated: held back, e.g. by Kueue until quota is free.
     unschedulable = any(
-        c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable"
+        c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") in _NOT_SCHEDULED
         for c in conditions
     )
     return PodView(
