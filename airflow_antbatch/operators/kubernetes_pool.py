@@ -26,21 +26,14 @@ from kubernetes.client import ApiClient  # type: ignore[import-untyped]
 from kubernetes.client import models as k8s
 
 from airflow_antbatch.errors import SpecError
-from airflow_antbatch.operators.kpo_adapter import KubernetesPodOperator, PodOperatorAdapter, make_safe_label_value
-from airflow_antbatch.operators.kubernetes_worker import (
-    LABEL_COMPONENT,
-    LABEL_PLAN,
-    TERMINATION_GRACE_S,
-    cpu_budget_of,
-    plan_label,
-    refuse_literal_credentials,
-)
+from airflow_antbatch.operators.kpo_adapter import KubernetesPodOperator, make_safe_label_value
+from airflow_antbatch.operators.kubernetes_worker import LABEL_COMPONENT, LABEL_PLAN, WorkerPodOperator, plan_label
 from airflow_antbatch.plugins.links import AntBatchJobLink
 from airflow_antbatch.pool import PoolSettings, worker_id
 from airflow_antbatch.version_compat import AirflowException, AirflowFailException
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Sequence
 
     from airflow_antbatch.triggers.pool import ElasticPoolTrigger
     from airflow_antbatch.version_compat import Context
@@ -52,7 +45,7 @@ KUBERNETES_VERSION = "1.33"  # the API schema the template is checked against
 DEFERRAL_GRACE_S = 120.0
 
 
-class ElasticBatchInferenceOperator(PodOperatorAdapter):
+class ElasticBatchInferenceOperator(WorkerPodOperator):
     """Runs a job's workers as an elastic pool of pods; returns the job's compact status.
 
     :param plan_uri: the plan written by the plan task (templated: usually its XCom).
@@ -69,13 +62,12 @@ class ElasticBatchInferenceOperator(PodOperatorAdapter):
     :param tick_interval: seconds between two reconcile ticks (each one list request).
     :param kueue_queue: the Kueue LocalQueue to admit the pods through (the
         ``kueue.x-k8s.io/queue-name`` label); None: no Kueue.
-    :param storage_options: fsspec options for the ledger's store (no credentials: they come
-        from ``env_from``/``secrets`` or workload identity).
-    :param cpu_budget, preprocess_workers, torch_threads: the worker's sizing, as for
-        :class:`~airflow_antbatch.operators.kubernetes_worker.KubernetesBatchWorkerOperator`.
 
+    ``storage_options``, ``cpu_budget``, ``preprocess_workers``, ``torch_threads``,
+    ``container_resources`` and ``termination_grace_period``: the worker's, as
+    :class:`~airflow_antbatch.operators.kubernetes_worker.WorkerPodOperator` takes them.
     Everything else is KubernetesPodOperator's (image, namespace, kubernetes_conn_id,
-    config_file, in_cluster, container_resources, node_selector, tolerations, affinity,
+    config_file, in_cluster, node_selector, tolerations, affinity,
     priority_class_name, service_account_name, env_vars, env_from, secrets, labels,
     annotations, deferrable, ...), with ``cmds=["antbatch"]``. Per-pod lifecycle options
     (``on_finish_action``, ``get_logs``, ``do_xcom_push`` of a pod's file) do not apply: the
@@ -99,31 +91,13 @@ class ElasticBatchInferenceOperator(PodOperatorAdapter):
         deadline: dt.timedelta | dt.time | None = None,
         tick_interval: float = 10.0,
         kueue_queue: str | None = None,
-        storage_options: dict[str, Any] | None = None,
-        cpu_budget: int | None = None,
-        preprocess_workers: int | None = None,
-        torch_threads: int | None = None,
-        container_resources: k8s.V1ResourceRequirements | Mapping[str, Any] | None = None,
-        cmds: list[str] | None = None,
-        termination_grace_period: int | None = TERMINATION_GRACE_S,
         **kwargs: Any,
     ) -> None:
-        if isinstance(container_resources, dict):
-            container_resources = k8s.V1ResourceRequirements(**container_resources)
-        super().__init__(
-            cmds=cmds or ["antbatch"],
-            container_resources=container_resources,
-            termination_grace_period=termination_grace_period,
-            **kwargs,
-        )
+        super().__init__(**kwargs)
         self.plan_uri = plan_uri
         self.deadline = deadline
         self.tick_interval = tick_interval
         self.kueue_queue = kueue_queue
-        self.storage_options = storage_options
-        self.cpu_budget = cpu_budget
-        self.preprocess_workers = preprocess_workers
-        self.torch_threads = torch_threads
         if deadline is not None and not isinstance(deadline, (dt.timedelta, dt.time)):
             raise SpecError(f"{self.task_id}: deadline must be a datetime.timedelta or datetime.time, got {deadline!r}")
         if not tick_interval > 0:
@@ -136,7 +110,6 @@ class ElasticBatchInferenceOperator(PodOperatorAdapter):
             unschedulable_timeout_s=unschedulable_timeout,
             crash_loop_limit=crash_loop_limit,
         )
-        refuse_literal_credentials(self.task_id, storage_options, self.env_vars)
         self._selector: dict[str, str] | None = None
 
     # -- the pod template --------------------------------------------------------------------
@@ -147,16 +120,7 @@ class ElasticBatchInferenceOperator(PodOperatorAdapter):
 
     def pod_template(self, context: Context) -> dict[str, Any]:
         """The worker pod as JSON, every slot's starting point (slot_pod adds worker id and slot)."""
-        from airflow_antbatch.worker.local import worker_arguments
-
-        self.arguments = worker_arguments(
-            self.plan_uri,
-            worker_id(0),  # slot_pod sets each pod's own
-            storage_options=self.storage_options,
-            cpu_budget=self.cpu_budget or cpu_budget_of(self.container_resources),
-            preprocess_workers=self.preprocess_workers,
-            torch_threads=self.torch_threads,
-        )
+        self.arguments = self.antbatch_arguments(self.plan_uri, worker_id(0))  # slot_pod sets each pod's own
         self.labels = {
             **self.labels,
             **self.pool_labels(context),

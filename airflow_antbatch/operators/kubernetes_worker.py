@@ -56,7 +56,63 @@ ANNOTATION_PLAN_URI = "antbatch/plan-uri"
 _CREDENTIAL_NAME_PARTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "ACCESS_KEY", "API_KEY", "PRIVATE_KEY")
 
 
-class KubernetesBatchWorkerOperator(PodOperatorAdapter):
+class WorkerPodOperator(PodOperatorAdapter):
+    """A KubernetesPodOperator whose pod runs ``antbatch worker``: what both Kubernetes
+    launchers (this module's and the pool's) add to the provider's pod surface.
+
+    :param storage_options: fsspec options for the ledger's store, passed as
+        ``--storage-options`` (no credentials: they come from ``env_from`` secrets or workload
+        identity).
+    :param cpu_budget: cores the worker may use; default the container's CPU limit (or request),
+        rounded down, at least 1; without either, the worker counts the CPUs it sees.
+    :param preprocess_workers: a fixed preprocess pool size (0: in a thread); default elastic.
+    :param torch_threads: model intra-op threads; default derived from the CPU budget.
+    :param container_resources: ``V1ResourceRequirements`` or the same as a dict.
+    :param termination_grace_period: seconds the worker gets on SIGTERM to release its shard.
+    """
+
+    def __init__(
+        self,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        cpu_budget: int | None = None,
+        preprocess_workers: int | None = None,
+        torch_threads: int | None = None,
+        container_resources: k8s.V1ResourceRequirements | Mapping[str, Any] | None = None,
+        cmds: list[str] | None = None,
+        termination_grace_period: int | None = TERMINATION_GRACE_S,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(container_resources, dict):
+            container_resources = k8s.V1ResourceRequirements(**container_resources)
+        super().__init__(
+            cmds=cmds or ["antbatch"],
+            container_resources=container_resources,
+            termination_grace_period=termination_grace_period,
+            **kwargs,
+        )
+        self.storage_options = storage_options
+        self.cpu_budget = cpu_budget
+        self.preprocess_workers = preprocess_workers
+        self.torch_threads = torch_threads
+        refuse_literal_credentials(self.task_id, storage_options, self.env_vars)
+
+    def antbatch_arguments(self, plan_uri: str, worker_id: str, **options: Any) -> list[str]:
+        """``antbatch`` arguments running one worker with this operator's sizing (plus ``options``)."""
+        from airflow_antbatch.worker.local import worker_arguments
+
+        return worker_arguments(
+            plan_uri,
+            worker_id,
+            storage_options=self.storage_options,
+            cpu_budget=self.cpu_budget or cpu_budget_of(self.container_resources),
+            preprocess_workers=self.preprocess_workers,
+            torch_threads=self.torch_threads,
+            **options,
+        )
+
+
+class KubernetesBatchWorkerOperator(WorkerPodOperator):
     """Runs one elastic worker in a pod until no shard is left for it; returns its summary.
 
     The summary is what the worker writes to ``/airflow/xcom/return.json`` (shards and rows
@@ -67,22 +123,14 @@ class KubernetesBatchWorkerOperator(PodOperatorAdapter):
     :param worker_id: stable id of this worker slot, e.g. ``worker-0`` (mapped likewise).
     :param slot: ``"I/N"``, the share of the plan this worker claims first (mapped likewise);
         None starts from a point hashed from the worker id.
-    :param storage_options: fsspec options for the ledger's store, passed as
-        ``--storage-options`` (no credentials: they come from ``env_from`` secrets or workload
-        identity).
-    :param cpu_budget: cores the worker may use; default the container's CPU limit (or request),
-        rounded down, at least 1; without either, the worker counts the CPUs it sees.
-    :param preprocess_workers: a fixed preprocess pool size (0: in a thread); default elastic.
-    :param torch_threads: model intra-op threads; default derived from the CPU budget.
-    :param container_resources: ``V1ResourceRequirements`` or the same as a dict, e.g.
-        ``{"limits": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1"}}``.
-    :param termination_grace_period: seconds the worker gets on SIGTERM to release its shard.
 
-    Everything else (image, namespace, kubernetes_conn_id, config_file, in_cluster,
-    node_selector, tolerations, affinity, priority_class_name, service_account_name, env_vars,
-    env_from, secrets, on_finish_action, get_logs, durable, deferrable, ...) is
-    KubernetesPodOperator's, with these defaults: ``cmds=["antbatch"]``, ``do_xcom_push=True``,
-    ``log_events_on_failure=True``.
+    ``storage_options``, ``cpu_budget``, ``preprocess_workers``, ``torch_threads``,
+    ``container_resources`` (e.g. ``{"limits": {"cpu": "8", "nvidia.com/gpu": "1"}}``) and
+    ``termination_grace_period``: :class:`WorkerPodOperator`'s. Everything else (image,
+    namespace, kubernetes_conn_id, config_file, in_cluster, node_selector, tolerations,
+    affinity, priority_class_name, service_account_name, env_vars, env_from, secrets,
+    on_finish_action, get_logs, durable, deferrable, ...) is KubernetesPodOperator's, with
+    these defaults: ``cmds=["antbatch"]``, ``do_xcom_push=True``, ``log_events_on_failure=True``.
     """
 
     template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "plan_uri", "worker_id", "slot")
@@ -95,35 +143,14 @@ class KubernetesBatchWorkerOperator(PodOperatorAdapter):
         plan_uri: str,
         worker_id: str,
         slot: str | None = None,
-        storage_options: dict[str, Any] | None = None,
-        cpu_budget: int | None = None,
-        preprocess_workers: int | None = None,
-        torch_threads: int | None = None,
-        container_resources: k8s.V1ResourceRequirements | Mapping[str, Any] | None = None,
-        cmds: list[str] | None = None,
-        termination_grace_period: int | None = TERMINATION_GRACE_S,
         do_xcom_push: bool = True,
         log_events_on_failure: bool = True,
         **kwargs: Any,
     ) -> None:
-        if isinstance(container_resources, dict):
-            container_resources = k8s.V1ResourceRequirements(**container_resources)
-        super().__init__(
-            cmds=cmds or ["antbatch"],
-            container_resources=container_resources,
-            termination_grace_period=termination_grace_period,
-            do_xcom_push=do_xcom_push,
-            log_events_on_failure=log_events_on_failure,
-            **kwargs,
-        )
+        super().__init__(do_xcom_push=do_xcom_push, log_events_on_failure=log_events_on_failure, **kwargs)
         self.plan_uri = plan_uri
         self.worker_id = worker_id
         self.slot = slot
-        self.storage_options = storage_options
-        self.cpu_budget = cpu_budget
-        self.preprocess_workers = preprocess_workers
-        self.torch_threads = torch_threads
-        refuse_literal_credentials(self.task_id, storage_options, self.env_vars)
 
     # -- the pod ---------------------------------------------------------------------------
 
@@ -139,16 +166,10 @@ class KubernetesBatchWorkerOperator(PodOperatorAdapter):
 
     def worker_arguments(self) -> list[str]:
         """``antbatch`` arguments: the worker, its sizing, the summary where the sidecar reads it."""
-        from airflow_antbatch.worker.local import worker_arguments
-
-        return worker_arguments(
+        return self.antbatch_arguments(
             self.plan_uri,
             self.worker_id,
             slot=self.slot,
-            storage_options=self.storage_options,
-            cpu_budget=self.cpu_budget or cpu_budget_of(self.container_resources),
-            preprocess_workers=self.preprocess_workers,
-            torch_threads=self.torch_threads,
             # Without the sidecar's volume there is no /airflow/xcom to write to.
             summary_file=SUMMARY_FILE if self.do_xcom_push else None,
         )
