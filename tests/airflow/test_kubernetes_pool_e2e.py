@@ -27,8 +27,8 @@ import collections
 import contextlib
 import gc
 import importlib
-import importlib.util
 import json
+import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -38,7 +38,7 @@ import pytest
 from airflow_antbatch import layout
 from airflow_antbatch.ledger import Ledger
 from airflow_antbatch.planning import resolve_plan_uri
-from tests.airflow.conftest import DAGS_FOLDER
+from tests.airflow.test_dag_e2e import _load_dag as load_dag_file
 from tests.conftest import committed_ids, write_transactions
 from tests.kube_cluster import KubeCluster, Kubelet, PodRun, pod_validator, run_kube_cluster
 
@@ -82,18 +82,12 @@ def job(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, cluster: KubeCl
 
 
 def _load_dag(**pool: Any) -> Any:
-    """Import the DAG file afresh with these pool settings (it reads them at import)."""
-    import os
-
+    """The pool DAG, parsed afresh with these pool settings (the DAG file reads them at import)."""
     os.environ["ANTBATCH_TEST_POOL"] = json.dumps(pool)
     try:
-        spec = importlib.util.spec_from_file_location(f"under_test_{DAG_ID}", DAGS_FOLDER / "antbatch_pool_dags.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        return load_dag_file("antbatch_pool_dags.py", DAG_ID)
     finally:
         del os.environ["ANTBATCH_TEST_POOL"]
-    return getattr(module, DAG_ID)()
 
 
 class Script:
