@@ -9,6 +9,7 @@ exactly-once is checked by the end-to-end scenarios (tests/airflow/test_kubernet
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from tests.kube_cluster import KubeCluster, pod_validator, run_kube_cluster
 
 if TYPE_CHECKING:
     import pathlib
+    from collections.abc import Iterator
 
 PODS = 2_000
 SELECTOR = {"dag_id": "nightly", "task_id": "batch_inference.pool", "run_id": "manual-1", "antbatch/component": "pool"}
@@ -246,3 +248,39 @@ def test_a_steady_tick_over_2000_pods_costs_one_request(big_plan: str, tmp_path:
     for pod in created:
         validate({"apiVersion": "v1", "kind": "Pod", **pod})
     assert sorted(int(p["metadata"]["labels"]["antbatch/slot"]) for p in created) == list(range(PODS))
+
+
+@pytest.fixture
+def idle_cluster(tmp_path: pathlib.Path) -> Iterator[KubeCluster]:
+    """A node that runs no processes: pods come up Running and stay so, nothing is committed."""
+    root = tmp_path / "cluster"
+    root.mkdir()
+    with run_kube_cluster(root, run_processes=False, fast_pods=True) as cluster:
+        yield cluster
+
+
+def test_the_execution_deadline_deletes_the_pool_then_fires_timeout(ledger: Ledger, idle_cluster: KubeCluster) -> None:
+    trigger = _trigger(ledger.plan_uri, idle_cluster, min_workers=2)
+    trigger.deadline = time.time() + 1.5
+    event = asyncio.run(asyncio.wait_for(trigger.steer(), timeout=30))
+    assert event["status"] == "timeout" and "execution timeout passed: 0/3 shards committed" in event["message"]
+    assert len(idle_cluster.created_pods()) == 2 and idle_cluster.live_pods() == []
+
+
+def test_on_kill_deletes_the_pool_and_cleanup_leaves_it(ledger: Ledger, idle_cluster: KubeCluster) -> None:
+    """A user's kill (clear, mark failed) deletes the pods; a triggerer shutdown (cleanup only) does not."""
+    trigger = _trigger(ledger.plan_uri, idle_cluster, min_workers=2)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(trigger.steer())
+        while len(idle_cluster.live_pods()) < 2:
+            await asyncio.sleep(0.1)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await trigger.cleanup()
+        assert len(idle_cluster.live_pods()) == 2
+        await trigger.on_kill()
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    assert idle_cluster.live_pods() == []
