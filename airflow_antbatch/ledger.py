@@ -62,6 +62,10 @@ class WorkerIdentity:
     def token(self) -> str:
         return f"{self.worker_id}--{self.incarnation}"
 
+    def earlier_incarnation(self, token: str) -> bool:
+        """Whether ``token`` is another process of this worker id: one this one replaced."""
+        return token != self.token and token.startswith(f"{self.worker_id}--")
+
 
 @dataclasses.dataclass(frozen=True)
 class Lease:

@@ -464,9 +464,15 @@ class Claimer:
         self._scanned_at = roster.read_at
         others = [t for t in roster.versions if t != self._token and t not in self._handled]
         for token in others:
-            if self.ledger.unchanged_for_ttl(token, roster.versions[token]) and not self._has_work():
+            # An earlier incarnation of this worker id is gone now (launchers never run two side
+            # by side), not after a TTL: a rerun of a killed worker ends as soon as its work does.
+            gone = self.identity.earlier_incarnation(token) or self.ledger.unchanged_for_ttl(
+                token, roster.versions[token]
+            )
+            if gone and not self._has_work():
                 heartbeat = self.ledger.read_heartbeat(token)
                 if heartbeat is not None and self._take_over(token, heartbeat):
+                    self._scanned_at = None  # once that work is done, judge this roster again
                     return False
         if any(t not in self._handled for t in roster.busy):
             return False

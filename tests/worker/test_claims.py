@@ -201,6 +201,22 @@ def test_a_dead_workers_leases_and_run_are_taken_over_after_a_ttl() -> None:
     assert epochs[sim.plan.shard_ids[0]] == 1  # the dead worker's try 0 was taken over as try 1
 
 
+def test_a_rerun_of_a_killed_worker_ends_with_its_work_not_a_ttl_later() -> None:
+    sim = Sim.create(shards=10)
+    killed = sim.worker("w0", slot=(0, 1))
+    for _ in range(4):  # commits a shard, then dies holding the next one, its run half done
+        killed.step()
+    killed.beat()
+    rerun = sim.worker("w0", slot=(0, 1))  # the same worker id: a retried task, a replaced pod
+    started = sim.clock()
+    run_to_end(sim, [rerun], max_rounds=400)
+    assert len(sim.committed()) == 10
+    assert Ledger(rerun.ledger.store, sim.plan).read_done() is not None
+    # 8 shards of work (4 s here) and one idle poll: the killed incarnation's heartbeat is not
+    # waited out (that took 3.5 TTLs: a TTL, then the idle wait grown long)
+    assert sim.clock() - started <= 8 * POLL / 4 + POLL / 4
+
+
 def test_a_rerun_of_a_finished_job_costs_one_read() -> None:
     sim = Sim.create(shards=12)
     run_to_end(sim, [sim.worker("a", slot=(0, 1))])
