@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import TYPE_CHECKING
 
@@ -69,9 +70,19 @@ def test_big_tasks_both_ways_do_not_block_the_pipes(pool: PreprocessPool) -> Non
     """Batches and results far over a pipe's buffer, two in flight: the child takes tasks off
     its pipe while it works, so neither side waits on the other for ever."""
     rows = 20_000  # about 1 MB in, 3 MB out
-    for key in range(4):
-        pool.submit(key, _batch([f"m{i % 97}" for i in range(rows)], key * rows))
-    outcomes = _drain(pool, 4)
+
+    def hung(_signum: int, _frame: object) -> None:
+        raise AssertionError("the pool hung: both pipes full")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)  # a send blocked for good never returns to _drain's own deadline
+    try:
+        for key in range(4):
+            pool.submit(key, _batch([f"m{i % 97}" for i in range(rows)], key * rows))
+        outcomes = _drain(pool, 4)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert sorted(o.key for o in outcomes) == [0, 1, 2, 3]
     assert all(o.output.shape[0] == rows for o in outcomes)
 
