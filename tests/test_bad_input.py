@@ -38,7 +38,9 @@ def _spec(tmp_path: pathlib.Path, **fields: Any) -> JobSpec:
         "output_uri": str(tmp_path / "out"),
         "model": MODEL,
         "id_column": "id",
-        "target_shard_bytes": 128,  # several shards: a bad file fails only its own
+        # a.* fills a shard of its own (20 rows; text files are packed up to max_shard_rows), so
+        # the bad b.* fails only its own shard
+        "max_shard_rows": 20,
         "max_shard_attempts": 1,
     }
     return JobSpec(**{**base, **fields})
