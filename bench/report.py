@@ -478,7 +478,7 @@ def render_standing(results_dir: pathlib.Path) -> str:
 
 
 # The benchmarks this page documents (others, e.g. bench.scale and bench.elastic, have docs of their own).
-PAGE_BENCHES = ("bench.run", "bench.resume", "bench.smallfiles")
+PAGE_BENCHES = ("bench.run", "bench.resume", "bench.smallfiles", "bench.newuser", "bench.elastic")
 
 
 def render_durations(results_dir: pathlib.Path) -> str:
