@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
 import pytest
+import s3fs
 
 from airflow_antbatch import layout
 from airflow_antbatch.errors import StoreError
@@ -64,7 +65,11 @@ def lake(seaweedfs_s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # nor an instance metadata service
     extra = {"endpoint_url": seaweedfs_s3.endpoint_url, "region_name": REGION}
     _define(monkeypatch, CONN, conn_type="aws", login=ACCESS_KEY, password=SECRET_KEY, extra=extra)
+    # fsspec keeps a filesystem per set of options for the life of the process: one that found no
+    # credentials here must not serve later tests, whose credentials are in the environment.
+    s3fs.S3FileSystem.clear_instance_cache()
     yield seaweedfs_s3
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.mark.parametrize(
