@@ -310,7 +310,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from airflow_antbatch.finalize import finalize_job
     from airflow_antbatch.planning import SHARDS_PER_WORKER, plan_job
     from airflow_antbatch.worker.local import available_cpus, run_local_workers
-    from airflow_antbatch.worker.run import pool_size, start_preprocess_server
+    from airflow_antbatch.worker.run import first_batch_text, pool_size, start_preprocess_server
 
     spec = _spec_from_args(args)
     in_process = args.workers == 1
@@ -344,7 +344,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(
             f"{r['worker_id']}: exit {r['exit_code']}, committed {s.get('shards_committed', '?')} shards "
             f"({s.get('rows_committed', '?')} rows), skipped {s.get('shards_skipped', '?')} already committed; "
-            f"first batch scored {s.get('time_to_first_batch_s', '?')} s after the worker started",
+            + first_batch_text(s.get("time_to_first_batch_s")),
             file=sys.stderr,
         )
     manifest = finalize_job(result.plan_uri, args.storage_options)

@@ -102,7 +102,7 @@ def run_worker(
         summary.time_to_first_batch_s = round(first_batch.at - process_started(), 3)
     log.info(
         "%s: %s; committed %d shards (%d rows, %d quarantined), skipped %d already committed, %d failed tries, "
-        "%.1f rows/s; first batch scored %ss after the process started",
+        "%.1f rows/s; %s",
         identity.worker_id,
         summary.outcome,
         summary.shards_committed,
@@ -111,7 +111,7 @@ def run_worker(
         summary.shards_skipped,
         summary.shards_failed,
         summary.rows_per_s,
-        summary.time_to_first_batch_s,
+        first_batch_text(summary.time_to_first_batch_s),
     )
     return summary
 
@@ -171,3 +171,8 @@ def _age() -> float:
 
 
 _IMPORTED = time.monotonic()
+
+
+def first_batch_text(seconds: float | None) -> str:
+    """The start-up cost as users read it; a worker that found everything committed scored none."""
+    return "no batch to score" if seconds is None else f"first batch scored {seconds:.2f} s after the process started"
