@@ -38,7 +38,10 @@ def test_many_real_workers_commit_exactly_once_within_the_request_bar(
     verdict = result.verdict
     assert (verdict.lost, verdict.duplicated, verdict.problems) == (0, 0, []), record
     assert result.exit_codes == [0] * WORKERS, record
-    assert verdict.wasted_tries == 0, record  # no fault: no try lost to a takeover
+    # No fault: no try lost to a takeover. A worker that the busy cores slowed to half its
+    # peers' pace may be backed up, and a backup that loses is a wasted try.
+    backups = result.claiming.get("backups", 0)
+    assert verdict.wasted_tries <= backups, record
     assert result.ledger_requests_per_shard <= MAX_REQUESTS_PER_SHARD, record
-    assert result.claiming["claims"] == SHARDS, record
+    assert result.claiming["claims"] == SHARDS + backups, record
     assert result.done_s <= DONE_BOUND_S and result.tail_s <= TAIL_BOUND_S, record
