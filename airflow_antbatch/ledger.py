@@ -409,7 +409,7 @@ class Ledger:
 
     def _my_earlier_incarnation(self, shard_id: str, epoch: int, identity: WorkerIdentity) -> bool:
         owner = self._read_claim(shard_id, epoch)
-        return bool(owner["worker_id"] == identity.worker_id and owner["token"] != identity.token)
+        return identity.earlier_incarnation(str(owner["token"]))
 
     def _try_is_over(self, shard_id: str, epoch: int, identity: WorkerIdentity) -> bool:
         """Whether try ``epoch`` of the shard was released or its owner is gone."""
