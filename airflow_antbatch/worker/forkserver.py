@@ -1,9 +1,11 @@
 """Where preprocess processes come from: a forkserver that has imported torch and the hook once.
 
-Started early, it imports them on another core while this process plans and loads the model,
-so that the pool's first children are ready as soon as the model is: the second torch import
-is hidden instead of paid before the first batch. This module imports nothing heavy, so that
-starting the server is the first thing a worker does.
+Started early, it imports them on another core while this process plans and loads the model.
+Nothing waits for it: starting a child blocks until the server has imported its modules, so
+the pool starts its first children from a thread of its own, and the worker preprocesses the
+first batches itself until one is ready (``preprocess_stage``). The second torch import is
+then paid beside scoring, not before it. This module imports nothing heavy, so that starting
+the server is the first thing a worker does.
 """
 
 from __future__ import annotations

@@ -7,6 +7,11 @@ memory, reading the next shard overlaps scoring the current one, and models on d
 devices score at once. This module builds the list of stages and wires it; how they stop is
 NOTE [pipeline shutdown] in ``stages``.
 
+Nothing waits for the preprocess processes to start: their forkserver may still be importing
+torch, and until a process is ready the preprocess stage runs the hook in its own thread
+(first tries only: see ``preprocess_stage``). A process that cannot start fails the worker
+with a ``WorkerError`` from that stage, and the worker releases the leases it holds.
+
 Row order inside a shard's output is the input order, less quarantined rows.
 """
 
@@ -82,14 +87,13 @@ class Pipeline:
         )
         models = [ScoringStage(self.flow, runner, index, self.scaler) for index, runner in enumerate(code.runners)]
         self._pool_stage: PoolPreprocess | None = None
-        preprocess: Stage = ThreadPreprocess(self.flow, code.preprocess)
+        in_thread = ThreadPreprocess(self.flow, code.preprocess)
+        preprocess: Stage = in_thread
         if self.scaler.processes:
-            # The children import the hook now, as the worker loaded its code: a hook that cannot
-            # load fails before anything is claimed, and start-up is not counted as scoring time.
             assert code.preprocess_ref is not None
-            pool = PreprocessPool(code.preprocess_ref, self.scaler.processes)
-            pool.wait_ready()
-            preprocess = self._pool_stage = PoolPreprocess(self.flow, pool, self.scaler, [m.clock for m in models])
+            pool = PreprocessPool(code.preprocess_ref, self.scaler.processes)  # starts in the background
+            clocks = [m.clock for m in models]
+            preprocess = self._pool_stage = PoolPreprocess(self.flow, pool, self.scaler, clocks, in_thread)
         self.stages: list[Stage] = [
             ReadStage(self.flow, read, code.assembler.check_input),
             preprocess,
@@ -108,6 +112,11 @@ class Pipeline:
     def pool_restarts(self) -> int:
         """Preprocess processes replaced after dying."""
         return self._pool_stage.pool.restarts if self._pool_stage is not None else 0
+
+    @property
+    def rows_preprocessed_inline(self) -> int:
+        """Rows the pool's stage preprocessed in its own thread while the processes started."""
+        return self._pool_stage.inline.clock.rows if self._pool_stage is not None else 0
 
     @property
     def unfinished(self) -> list[ShardWork]:

@@ -6,6 +6,11 @@ kill) is replaced and its batch tried again. A batch that kills a child twice, o
 hook raises, is split in halves, and halves are split again, until the record that does it is
 alone: that record is quarantined with the reason, and every other record of the batch goes
 on. Nothing is lost and nothing is scored twice.
+
+The pool starts in the background: starting a child waits for the forkserver, which may still
+be importing torch and the hook, so the first children are started by a thread of their own
+and say they are ready through ``poll``. Until then (``started`` is False) the caller has
+no process to run the hook in and may run it itself (``preprocess_stage``).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ DEATHS_BEFORE_SPLIT = 2
 DEATHS_BEFORE_QUARANTINE = 2
 # Children that die before they are ready point at a broken environment, not bad data.
 MAX_START_FAILURES = 3
+# How long the first child may take to import torch and the hook before the worker gives up.
+READY_TIMEOUT_S = 300.0
 # Tasks sent to a child at once: the next one waits in its pipe while it works on the first,
 # so that it never idles for the round trip through the parent (a few milliseconds, against
 # a batch's few milliseconds of feature code).
@@ -88,11 +95,20 @@ class PreprocessPool:
         self._ctx = forkserver.context(preprocess_ref)
         self._children: list[_Child] = []
         self._queue: collections.deque[Task] = collections.deque()
-        self._target = 0
+        self._target = max(1, size)
         self._busy_s = 0.0
         self._start_failures = 0
         self.restarts = 0
-        self.resize(size)
+        self.started = False  # a child has been ready: from now on the pool never lacks processes for long
+        self._ready_by = time.monotonic() + READY_TIMEOUT_S
+        # The first children, started by a thread (see the module's docstring); adopted by poll.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._first: list[_Child] | BaseException | None = None
+        self._starter: threading.Thread | None = threading.Thread(
+            target=self._start_first, args=(self._target,), name="antbatch-pool-start", daemon=True
+        )
+        self._starter.start()
 
     @property
     def size(self) -> int:
@@ -113,20 +129,20 @@ class PreprocessPool:
         took to collect it, which grows when the model stages are the bottleneck."""
         return self._busy_s
 
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
+    def wait_ready(self) -> None:
         """Block until every child has imported the hook (or raise why one cannot)."""
-        deadline = time.monotonic() + timeout_s
-        while any(not c.ready for c in self._children):
-            if time.monotonic() > deadline:
-                raise WorkerError(f"preprocess processes did not import {self.ref!r} within {timeout_s:.0f}s")
+        while self._starter is not None or any(not c.ready for c in self._children):
             self.poll(1.0)
 
     def submit(self, key: int, batch: pa.RecordBatch) -> None:
         self._queue.append(Task(key, 0, batch))
 
     def resize(self, size: int) -> None:
-        """Grow at once; shrink by retiring idle children now and busy ones when they finish."""
+        """Grow at once; shrink by retiring idle children now and busy ones when they finish.
+        While the first children are starting, they are matched to the size once adopted."""
         self._target = max(1, size)
+        if self._starter is not None:
+            return
         live = [c for c in self._children if not c.retiring]
         for child in live[self._target :]:
             child.retiring = True
@@ -136,6 +152,10 @@ class PreprocessPool:
 
     def poll(self, timeout: float) -> list[Outcome]:
         """Hand queued tasks to idle children, wait up to ``timeout`` for results, handle deaths."""
+        if not self.started and time.monotonic() > self._ready_by:
+            raise WorkerError(f"preprocess processes did not import {self.ref!r} within {READY_TIMEOUT_S:.0f}s")
+        if not self._adopt(timeout):
+            return []
         self._dispatch()
         watched = [c for c in self._children if c.tasks or not c.ready]
         if not watched:
@@ -157,10 +177,52 @@ class PreprocessPool:
         return outcomes
 
     def close(self) -> None:
-        for child in self._children:
+        """Stop every child; first children still starting are stopped by their thread, not waited for."""
+        with self._lock:
+            self._closed = True
+            first = self._first if isinstance(self._first, list) else []
+            self._first = None
+        for child in [*self._children, *first]:
             self._stop_child(child)
         self._children.clear()
         self._queue.clear()
+
+    # -- the first children, in the background ------------------------------------------------
+
+    def _start_first(self, size: int) -> None:
+        """The starter thread: each start waits until the forkserver has imported its modules."""
+        children: list[_Child] = []
+        try:
+            children.extend(self._start() for _ in range(size))  # those started stay listed if one fails
+        except BaseException as exc:  # handed to poll, which raises it in the pipeline's thread
+            for child in children:
+                self._stop_child(child)
+            with self._lock:
+                self._first = exc
+            return
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._first = children
+        if closed:
+            for child in children:
+                self._stop_child(child)
+
+    def _adopt(self, timeout: float) -> bool:
+        """Whether the first children have been started, waiting up to ``timeout`` for it."""
+        if self._starter is None:
+            return True
+        self._starter.join(timeout)
+        if self._starter.is_alive():
+            return False
+        self._starter = None
+        with self._lock:
+            first, self._first = self._first, None
+        if isinstance(first, BaseException):
+            raise WorkerError(f"preprocess processes cannot start: {first!r}") from first
+        self._children = list(first or [])
+        self.resize(self._target)
+        return True
 
     # -- children ----------------------------------------------------------------------------
 
@@ -174,6 +236,9 @@ class PreprocessPool:
         return _Child(process, parent_end)
 
     def _stop_child(self, child: _Child) -> None:
+        """A ready child finishes its task and exits; one still importing is killed at once."""
+        if not child.ready:
+            child.process.kill()
         try:
             child.conn.send(None)
         except OSError:
@@ -270,7 +335,7 @@ class PreprocessPool:
             child.process.join(timeout=5)
             tag, message = "died", f"it {_exit_reason(child.process.exitcode)} before it was ready"
         if tag == "ready":
-            child.ready = True
+            child.ready = self.started = True
             self._start_failures = 0
             return
         self._start_failures += 1

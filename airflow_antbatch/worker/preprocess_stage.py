@@ -3,6 +3,13 @@
 The pool (``preprocess_pool``) runs the hook in processes and may hand results back out of
 order, split, or as quarantined records; this stage puts them back in the order their chunks
 were read and asks the scaler, every round, whether the pool should grow or shrink.
+
+Scoring does not wait for the pool to start. Until its first process is ready (the forkserver
+may still be importing torch), this stage runs the hook itself, with the hook the worker has
+loaded (``ThreadPreprocess``: exceptions split and quarantine as they do there), then hands
+over to the processes for good. Only a shard's first try is preprocessed here: a record that
+crashes the process would crash the worker, and the shard's next try, which the lease's epoch
+tells apart, waits for the pool, where the record is isolated and quarantined.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from airflow_antbatch.worker.stages import DONE, POLL_S, Chunk, Quarantined, Stage
+from airflow_antbatch.worker.stages import DONE, POLL_S, Chunk, Quarantined, Stage, ThreadPreprocess
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -21,13 +28,20 @@ if TYPE_CHECKING:
 
 
 class PoolPreprocess(Stage):
-    """Preprocessing in the pool's processes; ``model_clocks`` tell the scaler whether they starve."""
+    """Preprocessing in the pool's processes, and in ``inline`` until they start (see the module's
+    docstring); ``model_clocks`` tell the scaler whether they starve."""
 
     def __init__(
-        self, flow: Flow, pool: PreprocessPool, scaler: ElasticScaler, model_clocks: Sequence[StageClock]
+        self,
+        flow: Flow,
+        pool: PreprocessPool,
+        scaler: ElasticScaler,
+        model_clocks: Sequence[StageClock],
+        inline: ThreadPreprocess,
     ) -> None:
         super().__init__("preprocess", flow)
         self.pool = pool
+        self.inline = inline
         self._scaler = scaler
         self._model_clocks = model_clocks
 
@@ -35,26 +49,38 @@ class PoolPreprocess(Stage):
         try:
             self._feed()
         finally:
-            self.clock.busy_s = self.pool.busy_seconds()
+            self.clock.busy_s = self._busy_s()
             self.pool.close()
+
+    def _busy_s(self) -> float:
+        return self.pool.busy_seconds() + self.inline.clock.busy_s
+
+    def _may_inline(self, chunk: Chunk) -> bool:
+        """Before the pool has started, a shard's first try (epoch 0) is preprocessed here."""
+        return not self.pool.started and self.flow.shards[chunk.shard_id].lease.epoch == 0
 
     def _feed(self) -> None:
         """Feed the pool, put results back in input order, and resize the pool as the scaler says."""
         pool, order = self.pool, _InputOrder()
         finished = False
         while not self.flow.abort.is_set():
+            inlined = False
             while not finished and pool.wants_more():
                 item = self.get(timeout=0 if pool.in_flight else POLL_S)
                 if item is None:
                     break
                 key = order.next_key()
                 if isinstance(item, Chunk) and not self.flow.dropping(item.shard_id):
+                    if self._may_inline(item):
+                        order.ready[key] = self.inline.map(item)
+                        inlined = True
+                        break  # the pool may be ready by now: look before taking the next chunk
                     order.expect(key, item.shard_id, item.batch.num_rows)
                     pool.submit(key, item.batch)
                 else:
                     order.ready[key] = [] if isinstance(item, Chunk) else [item]
                     finished = item is DONE
-            for outcome in pool.poll(POLL_S if pool.in_flight else 0):
+            for outcome in pool.poll(POLL_S if pool.in_flight and not inlined else 0):
                 order.add(outcome)
             for item in order.emit():
                 if isinstance(item, Chunk):
@@ -63,7 +89,7 @@ class PoolPreprocess(Stage):
                 self.put(item)
                 if item is DONE:
                     return
-            resize = self._scaler.observe(pool.busy_seconds(), self._model_clocks)
+            resize = self._scaler.observe(self._busy_s(), self._model_clocks)
             if resize is not None:
                 pool.resize(resize)
 

@@ -2,7 +2,8 @@
 
 Only light modules are imported at the top: ``run_worker`` starts the preprocess forkserver
 first, so that its torch import runs on another core while this process imports torch and
-loads the model (see ``forkserver``).
+loads the model (see ``forkserver``). Scoring does not wait for it: until a preprocess process
+is ready, the worker preprocesses first tries itself (``preprocess_stage``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def run_worker(
     """Load the plan and the user code, then process shards until none is left.
 
     User code is loaded before anything is claimed, so a broken import path fails fast and
-    holds no lease. ``cpu_budget`` (default: the CPUs this process may use) is shared between
+    holds no lease; a preprocess process that cannot load it fails the worker later, and the
+    worker releases what it holds. ``cpu_budget`` (default: the CPUs this process may use) is shared between
     preprocess processes and the model stages' torch threads; several workers on one machine
     must each pass their share, since OpenMP threads that spin against each other make
     inference many times slower (docs/operations.md). ``preprocess_workers`` fixes the

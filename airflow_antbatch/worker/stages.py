@@ -287,22 +287,27 @@ class MapStage(Stage):
                 continue
             if self.flow.dropping(item.shard_id):
                 continue
-            rows = item.batch.num_rows
-            try:
-                with self.busy():
-                    made = self.apply(item)
-            except UserCodeError as exc:
-                self.flow.fail(item.shard_id, exc)
-                continue
-            self.clock.rows += rows
-            for result in made:
+            for result in self.map(item):
                 self.flow.count_quarantined(result)
                 self.put(result)
+
+    def map(self, chunk: Chunk) -> list[Any]:
+        """``apply`` on this stage's clock; a ``UserCodeError`` fails the chunk's shard, and nothing comes out."""
+        rows = chunk.batch.num_rows
+        try:
+            with self.busy():
+                made = self.apply(chunk)
+        except UserCodeError as exc:
+            self.flow.fail(chunk.shard_id, exc)
+            return []
+        self.clock.rows += rows
+        return made
 
 
 class ThreadPreprocess(MapStage):
     """The preprocess hook in this thread: the default features, a hook given as a Python object,
-    or ``preprocess_workers=0``."""
+    or ``preprocess_workers=0``; and the pool's stand-in while its processes start
+    (``PoolPreprocess``), which calls ``map`` from its own thread."""
 
     def __init__(self, flow: Flow, preprocess: Preprocess) -> None:
         super().__init__("preprocess", flow)

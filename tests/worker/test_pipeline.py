@@ -1,4 +1,9 @@
-"""The pipelined worker end to end in-process: chains, order, elastic scaling, dying preprocess processes."""
+"""The pipelined worker end to end in-process: chains, order, elastic scaling, dying preprocess processes.
+
+A record that kills a process is quarantined by the pool, which only preprocesses a shard's
+first try once its processes are ready (before that the worker preprocesses first tries itself,
+and such a record kills the worker: test_pool_start). The tests that kill processes therefore
+give the worker second tries (``retried=True``), all of which go to the pool."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import torch
 
 from airflow_antbatch.examples import tabular
 from airflow_antbatch.finalize import finalize_job
-from airflow_antbatch.ledger import Ledger, WorkerIdentity
+from airflow_antbatch.ledger import Lease, Ledger, WorkerIdentity
 from airflow_antbatch.planning import plan_job
 from airflow_antbatch.spec import JobSpec, ModelStage
 from airflow_antbatch.worker.inference import OutputAssembler
@@ -29,12 +34,24 @@ FAULTS = "tests.fault_hooks"
 CHAIN = "tests.chain_models"
 
 
-def _run(spec: JobSpec, code: JobCode | None = None, **options: Any) -> tuple[WorkerSummary, Ledger]:
+def _run(
+    spec: JobSpec, code: JobCode | None = None, *, retried: bool = False, **options: Any
+) -> tuple[WorkerSummary, Ledger]:
     plan_uri = plan_job(spec).plan_uri
     ledger = Ledger.open(plan_uri)
+    if retried:
+        second_tries(ledger, [s.shard_id for s in ledger.plan.shards])
     pipeline_options = PipelineOptions(**{"cpu_budget": 2, **options})
     summary = Worker(ledger, WorkerIdentity("w0"), code or JobCode.load(spec), options=pipeline_options).run()
     return summary, ledger
+
+
+def second_tries(ledger: Ledger, shard_ids: list[str]) -> None:
+    """Make the next claims of these shards second tries: another worker took the first and gave it back."""
+    for shard_id in shard_ids:
+        lease = ledger.try_claim(shard_id, WorkerIdentity("w-before"))
+        assert isinstance(lease, Lease)
+        ledger.release(lease, reason="preempted", failed=False)
 
 
 def _output(ledger: Ledger) -> pa.Table:
@@ -74,7 +91,7 @@ def test_a_record_that_kills_preprocess_is_quarantined_and_nothing_else_is_lost(
     tmp_path: pathlib.Path, death: str
 ) -> None:
     table = _poisoned_input(tmp_path, {321: f"POISON-{death}"})
-    summary, ledger = _run(_spec(tmp_path))
+    summary, ledger = _run(_spec(tmp_path), retried=True)
     assert summary.outcome == "finished" and summary.shards_failed == 0
     ids = _output(ledger)["txn_id"].to_pylist()
     expected = [i for i in table["txn_id"].to_pylist() if i != 321]
@@ -93,7 +110,7 @@ def test_a_record_that_kills_preprocess_is_quarantined_and_nothing_else_is_lost(
 
 def test_a_process_that_dies_once_is_replaced_and_its_batch_retried(tmp_path: pathlib.Path) -> None:
     table = _poisoned_input(tmp_path, {77: f"FLAKY:{tmp_path / 'died-once'}"})
-    summary, ledger = _run(_spec(tmp_path))
+    summary, ledger = _run(_spec(tmp_path), retried=True)
     assert (tmp_path / "died-once").exists()
     assert summary.preprocess_restarts == 1 and summary.rows_quarantined == 0
     assert sorted(_output(ledger)["txn_id"].to_pylist()) == table["txn_id"].to_pylist()
@@ -101,7 +118,7 @@ def test_a_process_that_dies_once_is_replaced_and_its_batch_retried(tmp_path: pa
 
 def test_more_bad_records_than_the_limit_fail_the_shard(tmp_path: pathlib.Path) -> None:
     _poisoned_input(tmp_path, {10: "POISON-exit", 20: "POISON-exit"})
-    summary, ledger = _run(_spec(tmp_path, quarantine_limit=1, max_shard_attempts=1))
+    summary, ledger = _run(_spec(tmp_path, quarantine_limit=1, max_shard_attempts=1), retried=True)
     assert len(summary.failed_for_good) == 1
     [(_, error)] = ledger.status().failures
     assert "2 bad records, more than quarantine_limit=1" in error and "exited with code 3" in error
