@@ -428,7 +428,10 @@ class Ledger:
     def back_up(self, shard_id: str, epoch: int, identity: WorkerIdentity) -> Lease | None:
         """Start a speculative backup of try ``epoch``, which its owner still holds: try
         ``epoch + 1``, marked as a backup so that it does not fence the original out. Both run;
-        the first commit wins. None if try ``epoch + 1`` exists already (one backup per try)."""
+        the first commit wins. None if the shard is committed (the heartbeat that suggested the
+        backup may be a few shards old) or try ``epoch + 1`` exists already (one backup per try)."""
+        if self._read_commit(shard_id) is not None:
+            return None
         claim = {"shard": shard_id, "epoch": epoch + 1, "token": identity.token, "worker_id": identity.worker_id}
         if not self.store.create(layout.claim_key(shard_id, epoch + 1), _encode("claim", {**claim, "backup": True})):
             return None
@@ -441,6 +444,16 @@ class Ledger:
         rel = layout.claim_key(lease.shard_id, lease.epoch + 1)
         data = self.store.read(rel)
         return data is None or bool(_decode("claim", data, self.store.uri(rel), ("token",)).get("backup"))
+
+    def backed_up(self, lease: Lease) -> bool:
+        """Whether another worker started a backup of this try (one GET): its holder may hand
+        a try it has not started to the backup, or race it with the one it is scoring."""
+        return self.store.read(layout.claim_key(lease.shard_id, lease.epoch + 1)) is not None
+
+    def committed_by_another(self, lease: Lease) -> bool:
+        """Whether another try of the shard has committed (one GET): this one can stop at once."""
+        record = self._read_commit(lease.shard_id)
+        return record is not None and record.epoch != lease.epoch
 
     def commit(
         self,

@@ -8,6 +8,7 @@ same instant and the makespan measures scheduling, not which process imported to
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -15,6 +16,9 @@ import time
 
 def main() -> None:
     phases = json.loads(sys.argv[1])
+    # ANTBATCH_BENCH_LOG=DEBUG logs each steal and backup (the claimer's reasons) to worker-N.log.
+    logging.basicConfig(format="%(created).3f %(message)s")
+    logging.getLogger("airflow_antbatch.worker").setLevel(os.environ.get("ANTBATCH_BENCH_LOG", "WARNING"))
     import torch  # noqa: F401
 
     import bench.workloads  # noqa: F401
@@ -34,9 +38,12 @@ def main() -> None:
             **worker_kwargs(cpu_budget=1, preprocess_workers=0),
         )
         result = {"started": started, "ended": time.time(), "rows": summary.rows_committed}
-        result.update(shards=summary.shards_committed, rows_lost=summary.rows_lost)
-        with open(phase["result_file"], "w") as handle:
+        result.update(
+            shards=summary.shards_committed, rows_lost=summary.rows_lost, handed_over=summary.shards_handed_over
+        )
+        with open(phase["result_file"] + ".tmp", "w") as handle:  # the harness polls for the file: whole or absent
             json.dump({**result, "backups": summary.claiming.get("backups", 0)}, handle)
+        os.replace(phase["result_file"] + ".tmp", phase["result_file"])
 
 
 if __name__ == "__main__":

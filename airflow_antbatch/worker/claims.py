@@ -24,6 +24,8 @@ per job. None of these is paid per shard per worker.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import random
 import statistics
 import threading
@@ -43,15 +45,19 @@ if TYPE_CHECKING:
 
     from airflow_antbatch.ledger import Ledger, WorkerIdentity
 
+log = logging.getLogger(__name__)
+
 STEAL_TRIES = 4  # steals in a row whose first claim collides before the worker waits a poll
 VICTIMS_READ = 2  # heartbeats read per steal: at the tail most runs are too short to split
 MIN_STEAL = 2  # a run with fewer positions left is not worth splitting
 MAX_SPLIT_HOPS = 8  # steal records followed down one run before trying another victim
 IDLE_POLLS = 4  # an idle worker's wait grows to this many poll intervals
 MAX_SLOT_PROBES = 8  # other slots' first runs a worker tries, for workers that started late or never
-# A backup is started only when the backer expects to finish the shard in under 1/BACKUP_GAIN of
-# the time its holder still needs: at 2, workers of equal speed never back each other up.
-BACKUP_GAIN = 2.0
+# A backup is started only when the holder still needs BACKUP_GAIN times the backer's pace: a
+# fresh try there would finish first, with a margin for its read and commit. Workers of equal
+# speed never back up the try the other is scoring (it needs under one pace), only one it holds
+# but has not started, which the holder then hands over unscored (see Worker._watch_races).
+BACKUP_GAIN = 1.25
 # A worker's pace is the median of its last few shard intervals: robust to one slow shard
 # (skewed data is as slow for a backup, so it must not make its worker look slow).
 PACE_SHARDS = 5
@@ -175,7 +181,10 @@ class Claimer:
             # Idle, the wait grows to IDLE_POLLS poll intervals: at a thousand workers, polls
             # through a long straggler would cost more than the claims. Not while a much slower
             # worker is busy: one of its tries may soon be worth a backup.
-            longest = self._poll if self._slower_busy() else IDLE_POLLS * self._poll
+            paces = [pace for _, pace in self._watched()]
+            longest = (
+                max(self._poll / 8, min(self._poll, *(p / 4 for p in paces))) if paces else IDLE_POLLS * self._poll
+            )
             delay, self._delay = min(self._delay, longest), min(longest, self._delay * 2)
             wait(delay)
         return None
@@ -191,6 +200,14 @@ class Claimer:
                 self._settled_at = now
             else:  # after the run: a broken hook then shows on fresh shards first
                 self._later.append(lease.shard_id)
+
+    def at_tail(self) -> bool:
+        """Whether its next claim must come from another worker's share: its run and retries are out."""
+        return not self._has_work()
+
+    def is_backup(self, shard_id: str) -> bool:
+        with self._lock:
+            return self._held.get(shard_id, (0, False))[1]
 
     def run_left(self) -> int:
         """Positions left in this worker's run (others may still steal part of it)."""
@@ -223,10 +240,14 @@ class Claimer:
 
     def _claim_without_waiting(self) -> Lease | None:
         lease = self._from_retries(self._retry) or self._from_run() or self._from_retries(self._later)
+        if lease is None and self._faster_would_finish_sooner():
+            return None
         tries = 0
         while lease is None and tries < STEAL_TRIES and (self._steal() or self._probe_slot()):
             lease = self._from_run()
             tries += 1
+        if lease is None and self._reread_busy():
+            lease = self._from_run()
         if lease is None:
             lease = self._back_up()
         if lease is not None:
@@ -241,17 +262,77 @@ class Claimer:
         self.stats.claims += 1
         return lease
 
-    def _slower_busy(self) -> bool:
-        """Whether a busy worker's last heartbeat read gave a pace BACKUP_GAIN times this one's."""
+    def _watched(self) -> list[tuple[str, float]]:
+        """Busy workers worth reading again at the tail, with their pace: those BACKUP_GAIN times
+        slower than this one (a backup, or most of their run) and those whose run, when last
+        read, still had positions to steal."""
         with self._lock:
             mine = self._shard_seconds()
-        if not self._backups or mine is None or self._roster is None:
+        if self._roster is None:
+            return []
+        busy = set(self._roster.busy) - self._handled
+        watched = []
+        for token, (_, beat) in self._seen_beats.items():
+            pace = float(beat.get("shard_s") or 0.0)
+            slower = mine is not None and pace > BACKUP_GAIN * mine
+            if token in busy and (slower or self._stealable(token, beat)):
+                watched.append((token, pace or self._poll))
+        return watched
+
+    def _stealable(self, token: str, heartbeat: dict[str, Any]) -> bool:
+        start, end = heartbeat.get("run") or (0, 0)
+        while (token, end) in self._splits:  # thieves took the end already
+            end = self._splits[(token, end)]
+        return end - start >= MIN_STEAL
+
+    def _faster_would_finish_sooner(self) -> bool:
+        """At the tail (its own run out, a try in hand), a worker that a busy one outpaces
+        BACKUP_GAIN times does not take another shard from elsewhere to read ahead: the faster
+        one, soon free, would finish it first. It claims again once its try settles."""
+        if self._roster is None:
             return False
         busy = set(self._roster.busy) - self._handled
-        return any(
-            t in busy and float(beat.get("shard_s") or 0.0) > BACKUP_GAIN * mine
-            for t, (_, beat) in self._seen_beats.items()
-        )
+        return any(t in busy and self._outpaced_by(beat) for t, (_, beat) in self._seen_beats.items())
+
+    def _outpaced_by(self, heartbeat: dict[str, Any]) -> bool:
+        """Whether this worker holds a try and the heartbeat's worker is BACKUP_GAIN times faster."""
+        with self._lock:
+            mine = self._shard_seconds()
+            if mine is None or not self._held:
+                return False
+        return 0.0 < float(heartbeat.get("shard_s") or 0.0) * BACKUP_GAIN < mine
+
+    def _victim_share(self, heartbeat: dict[str, Any]) -> float | None:
+        """The share of its run a victim keeps, by speed, when its pace and this worker's differ
+        BACKUP_GAIN times; None otherwise (or unknown): then it keeps half."""
+        with self._lock:
+            mine = self._shard_seconds()
+        pace = float(heartbeat.get("shard_s") or 0.0)
+        if mine is None or pace <= 0.0 or max(pace, mine) <= BACKUP_GAIN * min(pace, mine):
+            return None
+        return mine / (mine + pace)
+
+    def _reread_busy(self) -> bool:
+        """Read again the heartbeats of the workers worth watching (``_watched``) last read over a
+        quarter of their pace ago (at least an eighth of a poll), and steal from their runs: a
+        steal or backup is judged on what they hold now, not on a roster listed a poll ago. Only
+        a worker with nothing to claim and nothing in hand gets here: at the tail, for about one
+        shard's time, so a few reads per worker per job."""
+        with self._lock:
+            if self._held:
+                return False
+        now = self.ledger.clock()
+        for token, pace in self._watched():
+            if now - self._seen_beats[token][0] < max(self._poll / 8, pace / 4):
+                continue
+            heartbeat = self.ledger.read_heartbeat(token)
+            if heartbeat is None:
+                continue
+            self._seen_beats[token] = (self.ledger.clock(), heartbeat)
+            start, end = heartbeat.get("run") or (0, 0)
+            if heartbeat.get("state") not in EXITED_STATES and self._split(token, start, end, heartbeat):
+                return True
+        return False
 
     def _back_up(self) -> Lease | None:
         """A speculative try of the shard that a slower worker will take longest to finish, from
@@ -284,6 +365,15 @@ class Claimer:
         _, shard_id, epoch = best
         self._backed_up.add(shard_id)
         lease = self.ledger.back_up(shard_id, epoch, self.identity)
+        log.debug(
+            "%s: backup of %s try %d (holder needs %.3fs, here %.3fs): %s",
+            self._token,
+            shard_id,
+            epoch,
+            best[0],
+            mine,
+            lease,
+        )
         if lease is None:
             return None
         self.stats.backups += 1
@@ -370,21 +460,38 @@ class Claimer:
                 if self._take_over(token, heartbeat):
                     return True
                 continue
+            if self._outpaced_by(heartbeat):
+                log.debug("%s: not reading ahead from %s, which is faster", self._token, token)
+                continue
             start, end = heartbeat.get("run") or (0, 0)
-            if self._split(token, start, end):
+            if self._split(token, start, end, heartbeat):
                 return True
         return False
 
-    def _split(self, token: str, start: int, end: int) -> bool:
+    def _split(self, token: str, start: int, end: int, heartbeat: dict[str, Any]) -> bool:
         """Take the back half of ``token``'s run ``[start, end)``, following the steal records
-        of thieves that split it first (each moves the run's end to their split point)."""
+        of thieves that split it first (each moves the run's end to their split point).
+
+        Between workers whose paces differ BACKUP_GAIN times, the share is by speed, so that
+        both finish together, and rounded for the faster one: a fast thief takes all of a slow
+        worker's short run, which that one would finish last (its start is the position the
+        victim has yet to claim; whichever claims it first has it, the other collides), and a
+        slow thief leaves a short run alone."""
+        keep = self._victim_share(heartbeat)
         for _ in range(MAX_SPLIT_HOPS):
             while (token, end) in self._splits:  # steal records never change: follow known ones free
                 end = self._splits[(token, end)]
-            if end - start < MIN_STEAL:
+            if keep is not None:
+                kept = (end - start) * keep
+                split = start + (math.floor(kept) if keep < 0.5 else math.ceil(kept))
+                if split >= end:
+                    return False
+            elif end - start < MIN_STEAL:
                 return False
-            split = start + max(1, (end - start + 1) // 2)
+            else:
+                split = start + max(1, (end - start + 1) // 2)
             taken = self.ledger.split_run(token, end, split, self.identity)
+            log.debug("%s: split %s's run [%d, %d) at %d: %s", self._token, token, start, end, split, taken)
             if taken is None:
                 with self._lock:
                     self._cursor, self._end, self._stolen = split, end, True
@@ -416,7 +523,8 @@ class Claimer:
         that gave this worker anything to do. Call only while this worker's own run is empty."""
         self._handled.add(token)
         start, end = heartbeat.get("run") or (0, 0)
-        leases = list(heartbeat.get("leases", ()))
+        # Its backups too: a holder may have handed the shard over to one.
+        leases = list(dict.fromkeys([*heartbeat.get("leases", ()), *(q[0] for q in heartbeat.get("queue", ()))]))
         if not leases and end <= start:
             return False
         with self._lock:

@@ -3,6 +3,13 @@
 A worker does not own shards: it pulls them from the ledger, so fast workers take more and
 the last live worker finishes a dead worker's shards once their lease expires. It holds at
 most two leases: the shard being scored and the next one, read ahead while the first finishes.
+
+NOTE [races]: at the tail a try may be raced by a backup (docs/adr/0002-ledger-protocol.md,
+Backups). A thread watches the tries in such a race, only there, one GET each per watch
+interval: a worker's own backup and, once its run is out, its tries that someone backed up.
+A backed-up try it has not started (the one read ahead) is handed over: dropped unscored and
+released. A try whose shard another try committed is dropped at once (``flow.fail``), so the
+worker goes on to its next shard instead of finishing rows that will be thrown away.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from airflow_antbatch import layout
-from airflow_antbatch.errors import ShardError, StoreError
+from airflow_antbatch.errors import AntBatchError, ShardError, StoreError
 from airflow_antbatch.store import AtomicStore
 from airflow_antbatch.worker.backoff import retry_store
 from airflow_antbatch.worker.claims import Claimer
@@ -42,7 +49,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+
+class Overtaken(AntBatchError):
+    """Set as a try's error to drop its rows: another try committed the shard, or (``handed_over``)
+    a backup started on a try this worker had not started scoring."""
+
+    def __init__(self, shard_id: str, *, handed_over: bool) -> None:
+        what = "handed over to a backup" if handed_over else "committed by another try"
+        super().__init__(f"shard {shard_id} {what}")
+        self.handed_over = handed_over
+
+
 MAX_LEASES = 2  # the shard in the model stages and the next, being read
+RACE_WATCHES_PER_POLL = 8  # how often a try in a race looks for its rival's commit, per poll interval
 TIMELINE_BUCKET_S = 10  # rows committed per 10 s, carried in the heartbeat for the status timeline
 TIMELINE_BUCKETS = 360  # an hour of them; older buckets drop off
 
@@ -60,6 +79,7 @@ class WorkerSummary:
     shards_failed: int = 0  # tries of this worker that failed
     shards_lost: int = 0  # processed, but another try committed first
     rows_lost: int = 0  # the rows of those tries: work wasted (backups and zombies)
+    shards_handed_over: int = 0  # read ahead, then left unscored to a backup that started on them
     rows_quarantined: int = 0
     failed_for_good: list[str] = dataclasses.field(default_factory=list)
     stopped_job: str | None = None  # the error that stopped the whole job (same_error_limit)
@@ -118,6 +138,10 @@ class Worker:
         self._started = time.monotonic()
         self._changed = threading.Condition()
         self._in_flight: set[str] = set()
+        self._leases: dict[str, Lease] = {}  # the tries in flight, in claim order (the first is being scored)
+        self._raced: set[str] = set()  # tries known to have a rival: watched for its commit
+        self._races_stop = threading.Event()
+        self._races = threading.Thread(target=self._watch_races, name="antbatch-races", daemon=True)
         self._timeline: dict[int, int] = {}  # bucket start (epoch s) -> rows committed
         self._streak: tuple[str, list[str]] = ("", [])  # an error, and the shards it failed in a row
         self.claimer = Claimer(ledger, identity, slot=slot, poll_interval_s=self.poll_interval_s, stop=self.stop)
@@ -141,10 +165,15 @@ class Worker:
     def run(self) -> WorkerSummary:
         self._patiently(self._heartbeat.start, "writing the first heartbeat")
         final = "failed"
+        if self.plan.spec.backup_tries:
+            self._races.start()
         try:
             self.pipeline.run(self._claims())
             final = "preempted" if self.stop.is_set() else "finished"
         finally:
+            self._races_stop.set()
+            if self._races.is_alive():
+                self._races.join()
             self._progress.stop()
             for work in self.pipeline.unfinished:
                 self._release_quietly(work.lease, "worker stopped on an error")
@@ -189,12 +218,17 @@ class Worker:
             with self._changed:
                 duplicate = lease.shard_id in self._in_flight
                 self._in_flight.add(lease.shard_id)
+                if not duplicate:
+                    self._leases[lease.shard_id] = lease
             if duplicate:  # never expected: the pipeline keys its work by shard, so give it back
                 log.error(
                     "%s: a second try of shard %s while one is in flight", self.identity.worker_id, lease.shard_id
                 )
                 self._release_quietly(lease, "a second try while one was in flight")
                 continue
+            if self.claimer.at_tail():  # idle workers judge steals and backups from its heartbeat: fresh
+                with contextlib.suppress(StoreError):
+                    self._heartbeat.beat()
             yield lease, self.plan.shard(self.plan.index_of(lease.shard_id))
 
     def _wait(self, seconds: float) -> None:
@@ -234,6 +268,8 @@ class Worker:
                 self.claimer.settle(work.lease, done=done)  # not done: another try, or failed for good
             with self._changed:
                 self._in_flight.discard(shard_id)
+                self._leases.pop(shard_id, None)
+                self._raced.discard(shard_id)
                 self._changed.notify_all()
         if done:  # fresh counts for status, and the claimer's pace for backups; the thread retries
             with contextlib.suppress(StoreError):
@@ -242,6 +278,8 @@ class Worker:
     def _settle(self, work: ShardWork) -> bool:
         """True once the shard is committed (by this try or another); False to look again."""
         lease = work.lease
+        if isinstance(work.error, Overtaken):
+            return self._give_up(work, work.error)
         if self.stop.is_set():
             self.ledger.release(lease, reason="preempted", failed=False)
             log.warning("%s: released shard %s on SIGTERM", self.identity.worker_id, lease.shard_id)
@@ -323,6 +361,52 @@ class Worker:
             self.summary.rows_committed,
         )
         return True
+
+    def _give_up(self, work: ShardWork, overtaken: Overtaken) -> bool:
+        """A try dropped for another (NOTE [races]); True: the shard needs nothing more from this worker."""
+        if overtaken.handed_over:  # released, so that a takeover of a dead backer need not wait a TTL
+            self._release_quietly(work.lease, "handed over to a backup")
+            self.summary.shards_handed_over += 1
+        else:  # it was being scored: count its rows as wasted, scored or not
+            self.summary.shards_lost += 1
+            self.summary.rows_lost += work.shard.rows or work.rows
+        log.info("%s: %s", self.identity.worker_id, overtaken)
+        return True
+
+    # -- races at the tail (NOTE [races]) -------------------------------------------------------
+
+    def _watch_races(self) -> None:
+        interval = self.poll_interval_s / RACE_WATCHES_PER_POLL
+        while not self._races_stop.wait(interval):
+            try:
+                self._look_at_races()
+            except StoreError as exc:  # a blip: the fencing read and the commit still decide
+                log.warning("%s: watching races: %s", self.identity.worker_id, exc)
+
+    def _look_at_races(self) -> None:
+        with self._changed:
+            leases = list(self._leases.values())
+        at_tail = self.claimer.at_tail()
+        for place, lease in enumerate(leases):
+            shard_id = lease.shard_id
+            if shard_id not in self._raced:
+                if self.claimer.is_backup(shard_id) or (at_tail and self.ledger.backed_up(lease)):
+                    self._raced.add(shard_id)
+                else:
+                    continue
+                if place > 0 and not self.claimer.is_backup(shard_id):
+                    self._drop(shard_id, Overtaken(shard_id, handed_over=True))
+                    continue
+            if self.ledger.committed_by_another(lease):
+                self._drop(shard_id, Overtaken(shard_id, handed_over=False))
+
+    def _drop(self, shard_id: str, overtaken: Overtaken) -> None:
+        """Let the pipeline drop the try's rows; the writer then hands it to ``_finish`` as usual."""
+        work = self.pipeline.flow.shards.get(shard_id)
+        if work is None:  # claimed, not yet read: next look
+            self._raced.discard(shard_id)
+            return
+        work.fail(overtaken)
 
     def _count_failure(self, shard_id: str, error: str) -> None:
         """Stop the job when one error fails ``same_error_limit`` shards in a row, or when another

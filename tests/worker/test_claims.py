@@ -367,7 +367,12 @@ def test_a_worker_killed_mid_backup_leaves_every_shard_committed_once(dies: str)
 @pytest.mark.parametrize("kill", ["SIGKILL the backer", "SIGTERM the holder"])
 def test_real_workers_killed_mid_backup_commit_every_row_once(kill: str, tmp_path: pathlib.Path) -> None:
     """Two `antbatch worker` processes, one 10x slower per batch: once the fast one has started a
-    backup of the slow one's try, one of them is killed, and the job still holds every row once."""
+    backup of the slow one's try, one of them is killed, and the job still holds every row once.
+
+    The fast one starts once the slow one has committed a shard: by then the slow one knows its
+    pace and holds a try it has not started, which the fast one backs up once its own work is
+    out (started together, the fast one may steal all but the slow one's first try, and no
+    backup is needed)."""
     table = write_transactions(tmp_path / "in", files=2, rows_per_file=150, row_group_size=25)
     spec = JobSpec(
         input_uri=str(tmp_path / "in"),
@@ -389,6 +394,12 @@ def test_real_workers_killed_mid_backup_commit_every_row_once(kill: str, tmp_pat
         env = {**worker_env(), "ANTBATCH_TEST_BATCH_DELAY": delay}
         procs[name] = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
+    def wait_for_commit() -> None:
+        deadline = time.monotonic() + 90
+        while not any(claims.parent.joinpath(layout.COMMITS_DIR).glob("*/*.json")):
+            assert time.monotonic() < deadline and procs["holder"].poll() is None
+            time.sleep(0.01)
+
     def wait_for_claim(marker: bytes) -> None:
         deadline = time.monotonic() + 90
         while not any(marker in p.read_bytes() for p in claims.glob("*/*/*.json")):
@@ -397,6 +408,7 @@ def test_real_workers_killed_mid_backup_commit_every_row_once(kill: str, tmp_pat
 
     try:
         start("holder", "0/2", "1.0")
+        wait_for_commit()
         start("backer", "1/2", "0.1")
         wait_for_claim(b'"backup": true')
         victim, signum = ("backer", signal.SIGKILL) if kill.startswith("SIGKILL") else ("holder", signal.SIGTERM)

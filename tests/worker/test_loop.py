@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from airflow_antbatch import layout
 from airflow_antbatch.examples import tabular
 from airflow_antbatch.ledger import Ledger, WorkerIdentity
 from airflow_antbatch.planning import plan_job
@@ -96,3 +98,45 @@ def test_a_late_worker_takes_whatever_is_left(plan_uri: str, transactions: tuple
     records = Ledger.open(plan_uri).commit_records()
     out = pq.read_table([str(pathlib.Path(ledger.plan.spec.output_uri) / r.file) for r in records])
     assert sorted(out.column("txn_id").to_pylist()) == sorted(transactions[1].column("txn_id").to_pylist())
+
+
+def test_a_try_overtaken_at_the_tail_is_dropped_or_handed_over(plan_uri: str) -> None:
+    """NOTE [races]: once the worker holds its last two tries, another worker backs both up and
+    commits the first. The worker drops the first try's rows at once (wasted: its 500 rows),
+    hands the second over unscored (released, nothing wasted), and, the backer never finishing
+    (it has no heartbeat: gone after a TTL), takes that shard over at its next try."""
+    spec = dataclasses.replace(Ledger.open(plan_uri).plan.spec, lease_ttl_s=1.0)
+    plan_uri = plan_job(dataclasses.replace(spec, output_uri=spec.output_uri + "-raced", state_uri=None)).plan_uri
+    backer, ledger = WorkerIdentity("backer"), Ledger.open(plan_uri)
+    raced: list[tuple[str, str]] = []
+    holder: list[Worker] = []
+
+    def race_at_the_tail(batch: pa.RecordBatch) -> object:
+        time.sleep(0.02)  # slower than the reader: it claims the last shard while the one before is preprocessed
+        worker = holder[0]
+        queue = worker.claimer.heartbeat_fields()["queue"]
+        if not raced and len(queue) == 2 and worker.claimer.at_tail():
+            (scoring, scoring_epoch, _), (queued, queued_epoch, _) = queue
+            raced.append((scoring, queued))
+            backup = ledger.back_up(scoring, scoring_epoch, backer)
+            assert backup is not None and ledger.commit(backup, file="backer.parquet", rows=500)
+            assert ledger.back_up(queued, queued_epoch, backer) is not None
+            deadline = time.monotonic() + 10
+            while worker.pipeline.flow.shards[queued].error is None:  # the race watch saw it
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        return tabular.preprocess(batch)
+
+    code = JobCode.in_process(tabular.build_model(), preprocess=race_at_the_tail, id_column="txn_id")
+    holder.append(_worker(plan_uri, "w0", code, poll_interval_s=0.2))
+    summary = holder[0].run()
+    ((scoring, queued),) = raced
+    assert summary.outcome == "finished"
+    assert (summary.shards_lost, summary.rows_lost, summary.shards_handed_over) == (1, 500, 1)
+    assert summary.shards_committed == 5  # four before the race, and the handed-over shard's next try
+    commits = {r.shard_id: (r.epoch, r.token) for r in ledger.commit_records()}
+    assert len(commits) == 6
+    assert commits[scoring] == (1, backer.token)
+    assert commits[queued] == (2, summary.token)  # try 1 was the backup, whose owner never beat
+    release = ledger.store.read(f"releases/{layout.key_prefix(queued)}/{queued}/0000.json")
+    assert release is not None and b"handed over to a backup" in release
