@@ -9,6 +9,7 @@ device can be asynchronous.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +53,8 @@ class ModelRunner:
 
     @property
     def uses_cpu(self) -> bool:
-        """Whether this stage competes for the CPU budget with its intra-op threads."""
+        """Whether this stage may compete for the CPU budget with its intra-op threads: not on CUDA.
+        The scaler then measures whether it does (a model that waits on another device does not)."""
         return not self.on_cuda
 
     def model_input(self, previous: Any, batch: pa.RecordBatch) -> Any:
@@ -107,7 +109,7 @@ class ScoringStage(Stage):
                 if self.flow.dropping(item.shard_id):
                     continue
                 wanted = self._scaler.torch_threads(self._index, runner.stage.threads)
-                if runner.uses_cpu and wanted != threads:
+                if runner.uses_cpu and self._scaler.on_cpu(self._index) and wanted != threads:
                     torch.set_num_threads(wanted)
                     threads = wanted
                 if self._index == 0:  # batches come read at this stage's size
@@ -127,6 +129,7 @@ class ScoringStage(Stage):
     def _score(self, chunks: list[Chunk], limit: int | None = None) -> list[Chunk]:
         """Run the model on the chunks' rows (at most ``limit``); returns the rows left over."""
         runner = self.runner
+        cpu = time.thread_time()  # the scaler tells a stage that computes from one that waits on a device
         try:
             with self.busy():
                 chunk = _join(chunks, f"stage {runner.name!r}") if len(chunks) > 1 else chunks[0]
@@ -141,6 +144,8 @@ class ScoringStage(Stage):
         except UserCodeError as exc:
             self.flow.fail(chunks[0].shard_id, exc)
             return []
+        finally:
+            self.clock.cpu_s += time.thread_time() - cpu
         self.clock.rows += chunk.batch.num_rows
         self.put(chunk)
         return rest

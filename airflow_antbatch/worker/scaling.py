@@ -1,10 +1,17 @@
 """Intra-node elastic scaling: how many preprocess processes, how many torch threads per model.
 
-The worker watches where time goes. When the first model stage waits for input while every
-preprocess process is busy, preprocessing is the bottleneck and gets one more process; when
-the processes idle, one goes. Torch threads per CPU model stage take the cores that
-preprocessing leaves, because OpenMP threads that outnumber free cores run many times slower
-(docs/operations.md, "Performance notes"), while a light hook should leave the model every core.
+The worker watches where time goes and what uses the cores. When the first model stage waits
+for input while every preprocess process is busy and a core is free, preprocessing is the
+bottleneck and gets one more process; when the processes idle, one goes. A model stage counts
+as using cores only if its thread is on the CPU while it works: one that waits on a device
+(CUDA, or anything that blocks without computing) leaves its cores to preprocessing. Torch
+threads per CPU model stage take the cores that preprocessing leaves, because OpenMP threads
+that outnumber free cores run many times slower (docs/operations.md, "Performance notes"),
+while a light hook should leave the model every core.
+
+The first window opens when the first batch has been scored (the pipeline's fill is not a
+bottleneck) and lasts ``FIRST_WINDOW_S``; each next one is twice as long, up to the interval,
+so a job of a few seconds gets its decisions in time and a long one does not flap.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from itertools import zip_longest
 from typing import TYPE_CHECKING
@@ -22,19 +30,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GROW_WHEN_STARVED = 0.10  # the first model stage waited this share of the window for input
-GROW_WHEN_BUSY = 0.85  # ... while the preprocess processes were busy this share of theirs
+GROW_WHEN_BUSY = 0.75  # ... while the preprocess processes were inside the hook this share of theirs
+GROW_WHEN_FREE = 0.75  # ... and this many cores of the budget were used by neither preprocess nor models
 SHRINK_BELOW = 0.70  # one process fewer would still be busy under this share
 PROBE_GAIN = 1.10  # more torch threads must make the model this much faster to stay
+ON_CPU_SHARE = 0.50  # a model stage on the CPU this share of its busy time computes; under it, it waits
+FIRST_WINDOW_S = 0.5
+MEASURED_SHARE = 0.20  # a stage busy under this share of a window has too little to say
 
 
 @dataclasses.dataclass
 class StageClock:
-    """Where one pipeline stage spent its time; written by its own thread only."""
+    """Where one pipeline stage spent its time; written by its own thread only. ``cpu_s`` is the
+    CPU time of that thread while busy (model stages): near zero for a stage that waits on a device."""
 
     busy_s: float = 0.0
     wait_in_s: float = 0.0
     wait_out_s: float = 0.0
     rows: int = 0
+    cpu_s: float = 0.0
 
     def to_dict(self) -> dict[str, float | int]:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
@@ -52,8 +66,83 @@ class ScalingDecision:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class CpuSample:
+    """Cumulative CPU seconds: of this process (every thread: stages, torch's threads) and of its
+    descendants (the preprocess processes and their forkserver)."""
+
+    worker_s: float
+    children_s: float
+
+
+class CpuMeter:
+    """Reads what the worker's process tree used from the kernel (Linux ``/proc``), so that a
+    process waiting for a core does not count as using one. Elsewhere ``sample`` returns None
+    and the scaler estimates from busy times."""
+
+    def __init__(self) -> None:
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._seen: dict[int, float] = {}  # descendant pid -> its CPU seconds at the last sample
+        self._children_s = 0.0  # the sum of their increases: descendants that exit keep what they used
+
+    def sample(self) -> CpuSample | None:
+        try:
+            now = {pid: self._cpu_s(pid) for pid in self._descendants(os.getpid())}
+        except OSError:
+            return None
+        self._children_s += sum(max(0.0, cpu - self._seen.get(pid, 0.0)) for pid, cpu in now.items())
+        self._seen = now
+        return CpuSample(time.process_time(), self._children_s)
+
+    def _descendants(self, pid: int) -> list[int]:
+        found: list[int] = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/children") as handle:
+                    children = [int(c) for c in handle.read().split()]
+            except FileNotFoundError:  # the thread ended meanwhile
+                continue
+            for child in children:
+                found.append(child)
+                try:
+                    found.extend(self._descendants(child))
+                except FileNotFoundError:  # it exited meanwhile
+                    continue
+        return found
+
+    def _cpu_s(self, pid: int) -> float:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            return self._seen.get(pid, 0.0)
+        return (int(fields[11]) + int(fields[12])) / self._tick  # utime, stime
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """What one window measured: the figures every decision is made from and logged with."""
+
+    seconds: float
+    demand: float  # cores' worth of time the processes spent inside the hook (summed over processes)
+    busy: float  # ... per process: whether they had work
+    starved: float  # share of the window the first model stage waited for input
+    preprocess_cpu: float  # cores the preprocess processes really used (the kernel's count), else ``demand``
+    model_cores: float  # cores the model stages used: their threads on the CPU, times torch threads
+    free: float  # cores of the budget the worker left unused
+    devices: int  # model stages that waited on a device rather than computed
+
+    def text(self, processes: int) -> str:
+        waiting = f", {self.devices} model stage(s) waiting on a device" if self.devices else ""
+        return (
+            f"first model stage waited {self.starved:.0%} of {self.seconds:.1f}s, {processes} preprocess "
+            f"process(es) busy {self.busy:.0%} on {self.preprocess_cpu:.1f} cores, model stages on "
+            f"{self.model_cores:.1f} cores, {max(0.0, self.free):.1f} cores free{waiting}"
+        )
+
+
 class ElasticScaler:
-    """Decides the preprocess pool size every ``interval_s`` from busy and wait times."""
+    """Decides the preprocess pool size at the end of each window from busy, wait and CPU times."""
 
     def __init__(
         self,
@@ -65,31 +154,39 @@ class ElasticScaler:
         interval_s: float = 2.0,
     ) -> None:
         self.cpu_budget = max(1, cpu_budget)
-        self.cpu_model_stages = cpu_model_stages
+        self.cpu_model_stages = cpu_model_stages  # as declared (not on CUDA), until measured
         self.fixed_processes = fixed_processes
         self.fixed_threads = fixed_threads
         self.interval_s = interval_s
         self.processes = fixed_processes if fixed_processes is not None else 1
         # Until measured, the model stages get every core: with a passive OpenMP wait policy,
         # threads that share a core with a busy preprocess process lose little, and the first
-        # window (half an interval) says how many cores preprocessing really needs.
+        # window says how many cores preprocessing really needs.
         self.preprocess_cores = 0
         self._thread_cap: int | None = None
         self._probe: tuple[int, float] | None = None  # threads and model rate before an increase
         self._last_models: list[StageClock] = []
-        self._shares: list[float] = []  # each model stage's share of the stages' busy time
+        self._shares: list[float] = []  # each model stage's share of the CPU model stages' busy time
+        self._on_cpu: list[bool] | None = None  # each model stage, once measured
         self.decisions: list[ScalingDecision] = []
         self._started = time.monotonic()
-        self._window_start = self._started
+        self._window_start: float | None = None  # opens once the first batch has been scored
+        self._window_s = min(FIRST_WINDOW_S, interval_s)
         self._last_busy = 0.0
+        self._last_cpu: CpuSample | None = None
+        self._meter = CpuMeter()
 
     @property
     def elastic(self) -> bool:
         return self.fixed_processes is None
 
+    def on_cpu(self, stage: int) -> bool:
+        """Whether model stage ``stage`` computes on the CPU (so its torch threads matter), as measured."""
+        return self._on_cpu is None or stage >= len(self._on_cpu) or self._on_cpu[stage]
+
     def torch_threads(self, stage: int = 0, stage_threads: int | None = None) -> int:
         """Intra-op threads for model stage ``stage``: its own setting, the worker's, or its share of the
-        cores left (by its share of the model stages' busy time, once measured)."""
+        cores left (by its share of the CPU model stages' busy time, once measured)."""
         if stage_threads:
             return stage_threads
         if self.fixed_threads:
@@ -98,48 +195,109 @@ class ElasticScaler:
         if len(self._shares) > stage:
             threads = round(left * self._shares[stage])
         else:
-            threads = left // max(1, self.cpu_model_stages)
+            stages = sum(self._on_cpu) if self._on_cpu is not None else self.cpu_model_stages
+            threads = left // max(1, stages)
         return max(1, min(threads, self._thread_cap or self.cpu_budget))
 
-    def observe(self, pool_busy_s: float, models: Sequence[StageClock], now: float | None = None) -> int | None:
+    def observe(
+        self,
+        pool_busy_s: float,
+        models: Sequence[StageClock],
+        now: float | None = None,
+        cpu: CpuSample | None = None,
+    ) -> int | None:
         """Feed cumulative counters (the pool's, the model stages'); returns a new pool size when decided.
 
-        ``pool_busy_s`` is the time spent inside the preprocess hook, summed over processes;
-        over a window it says how many cores preprocessing keeps busy, and the model stages'
-        threads get the rest: a light hook leaves the model every core, a heavy one gets its own.
-        More threads are kept only if the model then scores faster: on a loaded machine they
-        can make it slower, and the scaler goes back.
+        ``pool_busy_s`` is the time spent inside the preprocess hook, summed over processes: over
+        a window it says whether the processes had work. ``cpu`` (read from the kernel when
+        ``now`` is not given) says what they and the worker really used, so the model stages'
+        threads get the cores left: a light hook leaves the model every core, a heavy one gets
+        its own. More threads are kept only if the model then scores faster: on a loaded
+        machine they can make it slower, and the scaler goes back.
         """
-        now = time.monotonic() if now is None else now
-        window = now - self._window_start
-        first = not self._last_models
-        if window < (self.interval_s / 2 if first else self.interval_s) or self.processes == 0:
+        if now is None:
+            now, cpu = time.monotonic(), cpu or self._meter.sample()
+        if self.processes == 0 or not models:
             return None
-        demand = (pool_busy_s - self._last_busy) / window
-        busy = demand / self.processes
-        model, last = models[0], self._last_models[0] if self._last_models else StageClock()
-        starved = min(1.0, (model.wait_in_s - last.wait_in_s) / window)
-        model_busy = model.busy_s - last.busy_s
-        rate = (model.rows - last.rows) / model_busy if model_busy > 0.2 * window else None
-        busy_by_stage = [m.busy_s - (o.busy_s if o else 0.0) for m, o in zip_longest(models, self._last_models)]
-        if sum(busy_by_stage) > 0.2 * window:
-            self._shares = [b / sum(busy_by_stage) for b in busy_by_stage]
-        self._window_start, self._last_busy = now, pool_busy_s
-        self._last_models = [dataclasses.replace(m) for m in models]
-        figures = f"first model stage waited {starved:.0%} of {window:.1f}s, preprocess processes busy {busy:.0%}"
+        if self._window_start is None:
+            if models[0].rows:
+                self._open(now, pool_busy_s, models, cpu)
+            return None
+        if now - self._window_start < self._window_s:
+            return None
+        measured = self._measure(now - self._window_start, pool_busy_s, models, cpu)
+        rate = self._model_rate(models[0], now - self._window_start)
+        self._open(now, pool_busy_s, models, cpu)
+        self._window_s = min(self.interval_s, 2 * self._window_s)
+        log.debug("scaling window: %s", measured.text(self.processes))
         if self._check_probe(rate, now):
             return None
-        processes, reason = self.processes, f"preprocess uses {demand:.1f} cores: {figures}"
-        if self.elastic and starved >= GROW_WHEN_STARVED and busy >= GROW_WHEN_BUSY and processes < self.cpu_budget:
+        return self._decide(measured, rate, now)
+
+    def _open(self, now: float, pool_busy_s: float, models: Sequence[StageClock], cpu: CpuSample | None) -> None:
+        self._window_start, self._last_busy, self._last_cpu = now, pool_busy_s, cpu
+        self._last_models = [dataclasses.replace(m) for m in models]
+
+    def _model_rate(self, model: StageClock, window: float) -> float | None:
+        """Rows per busy second of the first model stage, if it was busy enough to tell."""
+        last = self._last_models[0]
+        busy = model.busy_s - last.busy_s
+        return (model.rows - last.rows) / busy if busy > MEASURED_SHARE * window else None
+
+    def _measure(
+        self, window: float, pool_busy_s: float, models: Sequence[StageClock], cpu: CpuSample | None
+    ) -> Window:
+        """The window's figures; also learns which model stages compute and how they share the cores."""
+        demand = (pool_busy_s - self._last_busy) / window
+        deltas = [
+            StageClock(m.busy_s - o.busy_s, m.wait_in_s - o.wait_in_s, 0.0, m.rows - o.rows, m.cpu_s - o.cpu_s)
+            for m, o in zip_longest(models, self._last_models, fillvalue=StageClock())
+        ][: len(models)]
+        on_cpu = list(self._on_cpu or [True] * len(models))
+        for i, d in enumerate(deltas):
+            if d.busy_s > MEASURED_SHARE * window:
+                on_cpu[i] = d.cpu_s >= ON_CPU_SHARE * d.busy_s
+        self._on_cpu = on_cpu
+        cpu_busy = [d.busy_s if on else 0.0 for d, on in zip(deltas, on_cpu, strict=True)]
+        if sum(cpu_busy) > MEASURED_SHARE * window:
+            self._shares = [b / sum(cpu_busy) for b in cpu_busy]
+        model_cores = sum(
+            min(1.0, d.busy_s / window) * self.torch_threads(i) if on else d.cpu_s / window
+            for i, (d, on) in enumerate(zip(deltas, on_cpu, strict=True))
+        )
+        last = self._last_cpu
+        if cpu is not None and last is not None:
+            preprocess_cpu = (cpu.children_s - last.children_s) / window
+            used = preprocess_cpu + (cpu.worker_s - last.worker_s) / window
+        else:  # estimated: a process waiting for a core counts as using it
+            preprocess_cpu, used = demand, demand + model_cores
+        return Window(
+            seconds=window,
+            demand=demand,
+            busy=demand / self.processes,
+            starved=min(1.0, deltas[0].wait_in_s / window),
+            preprocess_cpu=preprocess_cpu,
+            model_cores=model_cores,
+            free=self.cpu_budget - used,
+            devices=on_cpu.count(False),
+        )
+
+    def _decide(self, w: Window, rate: float | None, now: float) -> int | None:
+        figures = w.text(self.processes)
+        processes, reason = self.processes, f"preprocess uses {w.preprocess_cpu:.1f} cores: {figures}"
+        bottleneck = w.starved >= GROW_WHEN_STARVED and w.busy >= GROW_WHEN_BUSY
+        if self.elastic and bottleneck and w.free >= GROW_WHEN_FREE and processes < self.cpu_budget:
             processes, reason = processes + 1, f"preprocess is the bottleneck: {figures}"
-        elif self.elastic and processes > 1 and demand < (processes - 1) * SHRINK_BELOW:
+        elif self.elastic and processes > 1 and w.demand < (processes - 1) * SHRINK_BELOW:
             processes, reason = processes - 1, f"preprocess has spare capacity: {figures}"
         threads = self.torch_threads()
         # A process that is added is assumed busy; otherwise preprocessing keeps the cores it
         # mostly uses, and a core it uses only now and then is offered to the model (on probation).
-        cores = processes if processes > self.processes else min(processes, math.floor(demand + 0.25))
+        cores = processes if processes > self.processes else min(processes, math.floor(w.preprocess_cpu + 0.25))
         before, self.processes, self.preprocess_cores = self.processes, processes, cores
-        if processes == before and self.torch_threads() == threads:
+        # Threads matter only to stages that compute on the CPU.
+        threads_moved = self.torch_threads() != threads and any(self._on_cpu or [True])
+        if processes == before and not threads_moved:
             return None
         if self.torch_threads() > threads and rate is not None:
             self._probe = (threads, rate)

@@ -1,0 +1,233 @@
+"""The intra-node scaler's policy (pure: windows fed by hand) and what it measures (real processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from airflow_antbatch.worker import scaling
+from airflow_antbatch.worker.scaling import CpuMeter, CpuSample, ElasticScaler, StageClock
+
+T0 = 100.0  # when the first batch has been scored and the first window opens
+
+
+def opened(budget: int, model_stages: int = 1, processes: int = 1, **kwargs: float | int | None) -> ElasticScaler:
+    """A scaler whose first window opened at T0 with every counter at zero."""
+    scaler = ElasticScaler(cpu_budget=budget, cpu_model_stages=model_stages, **kwargs)  # type: ignore[arg-type]
+    if scaler.elastic:
+        scaler.processes = processes
+    scaler.preprocess_cores = scaler.processes
+    first = [StageClock(rows=1)] + [StageClock() for _ in range(model_stages - 1)]
+    assert scaler.observe(0.0, first, now=T0, cpu=CpuSample(0.0, 0.0)) is None
+    return scaler
+
+
+def window_end(scaler: ElasticScaler) -> float:
+    return T0 + scaler._window_s
+
+
+@pytest.mark.parametrize(
+    ("starved", "busy", "processes", "expected", "threads"),
+    [
+        (0.5, 0.95, 1, 2, 2),  # the model waits on a saturated pool: grow; the new process gets a core
+        (0.5, 0.95, 4, None, 1),  # ... but not past the budget
+        (0.0, 0.95, 1, None, 3),  # the model never waits: preprocess keeps up on its one core
+        (0.5, 0.50, 1, None, 4),  # the pool idles too (the reader is the bottleneck): its core is offered
+        (0.0, 0.30, 3, 2, 3),  # 0.9 cores of demand: two processes would do; the model gets 3 threads
+        (0.0, 0.02, 1, None, 4),  # a light hook leaves the model every core
+    ],
+)
+def test_the_scaler_grows_on_a_preprocess_bottleneck_only(
+    starved: float, busy: float, processes: int, expected: int | None, threads: int
+) -> None:
+    """Without the kernel's CPU figures, busy time stands in for the cores used."""
+    scaler = opened(4, processes=processes)
+    w = scaler._window_s
+    model = StageClock(wait_in_s=starved * w, rows=1)
+    assert scaler.observe(pool_busy_s=busy * processes * w, models=[model], now=T0 + w) == expected
+    assert scaler.torch_threads() == threads
+
+
+@pytest.mark.parametrize(
+    ("worker_cores", "children_cores", "grows"),
+    [
+        (0.1, 0.9, True),  # one process on its core, the other core idle: grow
+        (1.0, 0.95, False),  # the model's threads hold the other core: another process would only wait
+        (0.1, 0.4, True),  # the process gets under half a core (another job's load): still a free core of ours
+        (0.95, 0.6, False),  # busy by the clock, but on 0.6 cores: it waits for one, and none is free
+    ],
+)
+def test_a_process_grows_only_into_a_core_the_worker_leaves_free(
+    worker_cores: float, children_cores: float, grows: bool
+) -> None:
+    scaler = opened(2)
+    w = scaler._window_s
+    model = StageClock(busy_s=0.5 * w, wait_in_s=0.5 * w, rows=100, cpu_s=0.5 * w)
+    cpu = CpuSample(worker_cores * w, children_cores * w)
+    decided = scaler.observe(pool_busy_s=0.95 * w, models=[model], now=T0 + w, cpu=cpu)
+    assert decided == (2 if grows else None)
+    assert any(d.reason.startswith("preprocess is the bottleneck") for d in scaler.decisions) is grows
+
+
+def test_model_stages_that_wait_on_a_device_leave_their_cores_to_preprocessing() -> None:
+    """Three model stages declared on the CPU, each busy half the window but on the CPU for 2% of
+    it (a simulated device): they hold no core, so the starved chain gets a second process, and
+    their threads are not decided at all."""
+    scaler = opened(2, model_stages=3)
+    assert scaler.torch_threads(0) == 1  # until measured: 2 cores // 3 stages, at least 1
+    w = scaler._window_s
+    stages = [StageClock(busy_s=0.5 * w, wait_in_s=0.45 * w, rows=500, cpu_s=0.01 * w) for _ in range(3)]
+    decided = scaler.observe(pool_busy_s=0.9 * w, models=stages, now=T0 + w, cpu=CpuSample(0.1 * w, 0.9 * w))
+    assert decided == 2
+    assert [scaler.on_cpu(i) for i in range(3)] == [False, False, False]
+    assert "3 model stage(s) waiting on a device" in scaler.decisions[-1].reason
+
+
+def test_a_cpu_stage_beside_device_stages_gets_the_cores_left() -> None:
+    scaler = opened(4, model_stages=2)
+    w = scaler._window_s
+    stages = [
+        StageClock(busy_s=0.9 * w, rows=500, cpu_s=0.9 * w),  # computes
+        StageClock(busy_s=0.9 * w, rows=500, cpu_s=0.02 * w),  # waits on a device
+    ]
+    scaler.observe(pool_busy_s=1.0 * w, models=stages, now=T0 + w, cpu=CpuSample(1.0 * w, 1.0 * w))
+    assert (scaler.on_cpu(0), scaler.on_cpu(1)) == (True, False)
+    assert scaler.torch_threads(0) == 3  # every core preprocessing leaves, none kept for the device stage
+
+
+def test_the_first_window_opens_at_the_first_scored_batch_and_windows_double_to_the_interval() -> None:
+    scaler = ElasticScaler(cpu_budget=2, cpu_model_stages=1, interval_s=2.0)
+    starving = StageClock(wait_in_s=50.0)  # the pipeline filling: no batch scored yet
+    assert scaler.observe(50.0, [starving], now=T0) is None
+    assert scaler.observe(100.0, [starving], now=T0 + 10) is None and not scaler.decisions
+    at, busy, wait, rows = T0 + 10, 100.0, 50.0, 1
+    scaler.observe(busy, [StageClock(wait_in_s=wait, rows=rows)], now=at)  # opens the window
+    lengths = []
+    for _ in range(5):
+        length = scaler._window_s
+        lengths.append(length)
+        assert scaler.observe(busy, [StageClock(wait_in_s=wait, rows=rows)], now=at + length * 0.9) is None
+        at, busy = at + length, busy + 0.1 * length
+        scaler.observe(busy, [StageClock(wait_in_s=wait, rows=rows)], now=at)
+    assert lengths == [scaling.FIRST_WINDOW_S, 1.0, 2.0, 2.0, 2.0]
+
+
+def test_fixed_settings_are_never_scaled() -> None:
+    scaler = opened(8, model_stages=2, fixed_processes=3, fixed_threads=5)
+    assert scaler.processes == 3
+    models = [StageClock(wait_in_s=100.0, rows=5), StageClock()]
+    assert scaler.observe(100.0, models, now=T0 + 60, cpu=CpuSample(0.0, 1.0)) is None
+    assert (scaler.processes, scaler.torch_threads(), scaler.torch_threads(stage_threads=1)) == (3, 5, 1)
+    assert ElasticScaler(cpu_budget=8, cpu_model_stages=2).torch_threads() == 4  # until measured: 8 cores // 2
+
+
+def test_a_fixed_pool_still_hands_idle_cores_to_the_model() -> None:
+    scaler = opened(4, processes=2, fixed_processes=2)
+    w = scaler._window_s
+    cpu = CpuSample(0.0, 0.1 * w)
+    assert scaler.observe(pool_busy_s=0.1 * w, models=[StageClock(rows=1)], now=T0 + w, cpu=cpu) is None
+    assert scaler.processes == 2 and scaler.torch_threads() == 4
+    assert scaler.decisions[-1].reason.startswith("preprocess uses 0.1 cores")
+
+
+@pytest.mark.parametrize(("rate_after", "kept"), [(2000.0, True), (1050.0, False)])
+def test_more_threads_stay_only_if_the_model_gets_faster(rate_after: float, kept: bool) -> None:
+    scaler = opened(2, interval_s=1.0)
+    w = scaler._window_s
+    model = StageClock(busy_s=w, rows=1 + int(1000 * w), cpu_s=w)  # 1000 rows per busy second on one thread
+    scaler.observe(pool_busy_s=0.0, models=[model], now=T0 + w)
+    assert scaler.torch_threads() == 2  # the idle pool's core goes to the model, on probation
+    w2 = scaler._window_s
+    after = StageClock(busy_s=w + w2, rows=model.rows + int(rate_after * w2), cpu_s=w + w2)
+    scaler.observe(pool_busy_s=0.0, models=[after], now=T0 + w + w2)
+    assert scaler.torch_threads() == (2 if kept else 1)
+    if not kept:
+        assert "the cores are not free" in scaler.decisions[-1].reason
+        later = StageClock(busy_s=after.busy_s + 1.0, rows=after.rows + 1000, cpu_s=after.cpu_s + 1.0)
+        scaler.observe(pool_busy_s=0.0, models=[later], now=T0 + w + w2 + 1.0)
+        assert scaler.torch_threads() == 1  # not tried again
+
+
+def test_model_stages_share_the_cores_left_by_their_busy_time() -> None:
+    fresh = ElasticScaler(cpu_budget=6, cpu_model_stages=3)
+    assert [fresh.torch_threads(i) for i in range(3)] == [2, 2, 2]  # 6 // 3 until measured
+    scaler = opened(6, model_stages=3)
+    w = scaler._window_s
+    stages = [StageClock(busy_s=0.9 * w, rows=9, cpu_s=0.9 * w)]
+    stages += [StageClock(busy_s=0.05 * w, cpu_s=0.05 * w) for _ in range(2)]
+    scaler.observe(pool_busy_s=w, models=stages, now=T0 + w)
+    assert [scaler.torch_threads(i) for i in range(3)] == [4, 1, 1]  # the embedder does 90% of the work
+
+
+windows = st.fixed_dictionaries(
+    {
+        "busy": st.floats(0.0, 1.0),
+        "starved": st.floats(0.0, 1.0),
+        "model_busy": st.floats(0.0, 1.0),
+        "model_on_cpu": st.floats(0.0, 1.0),
+        "worker_cores": st.floats(0.0, 4.0),
+        "children_share": st.floats(0.0, 1.0),
+    }
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(budget=st.integers(1, 8), stages=st.integers(1, 3), seen=st.lists(windows, min_size=1, max_size=12))
+def test_any_run_of_windows_keeps_the_pool_and_threads_in_the_budget(
+    budget: int, stages: int, seen: list[dict[str, float]]
+) -> None:
+    """Whatever is measured: 1 <= processes <= budget, 1 <= threads <= budget, one process at a
+    time, a grow only into a free core while the model starves, and every decision says why."""
+    scaler = opened(budget, model_stages=stages)
+    now, pool, clocks, cpu = T0, 0.0, [StageClock(rows=1) for _ in range(stages)], CpuSample(0.0, 0.0)
+    for w in seen:
+        length, before = scaler._window_s, scaler.processes
+        now += length
+        pool += w["busy"] * before * length
+        for clock in clocks:
+            clock.busy_s += w["model_busy"] * length
+            clock.cpu_s += w["model_busy"] * w["model_on_cpu"] * length
+            clock.rows += 100
+        clocks[0].wait_in_s += w["starved"] * length
+        children = w["children_share"] * w["busy"] * before * length
+        cpu = CpuSample(cpu.worker_s + w["worker_cores"] * length, cpu.children_s + children)
+        decided = scaler.observe(pool, clocks, now=now, cpu=cpu)
+        assert 1 <= scaler.processes <= budget
+        assert abs(scaler.processes - before) <= 1
+        assert decided in (None, scaler.processes)
+        assert all(1 <= scaler.torch_threads(i) <= budget for i in range(stages))
+        if scaler.processes > before:
+            free = budget - (w["worker_cores"] + children / length)
+            assert w["starved"] >= scaling.GROW_WHEN_STARVED and free >= scaling.GROW_WHEN_FREE - 1e-9
+    assert all(d.reason for d in scaler.decisions)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_cpu_meter_counts_what_descendants_really_use() -> None:
+    """A child spinning and one asleep: the meter's count is the CPU the kernel charged them
+    (their rusage once reaped), not their wall time, and it stays counted after they exit."""
+    meter = CpuMeter()
+    assert meter.sample() is not None
+    codes = ["while True: pass", "import time; time.sleep(30)"]
+    children = [os.posix_spawn(sys.executable, [sys.executable, "-c", code], os.environ) for code in codes]
+    time.sleep(1.0)
+    for pid in children:
+        os.kill(pid, signal.SIGSTOP)  # their CPU stops here
+    time.sleep(0.1)
+    counted = meter.sample()
+    charged = 0.0
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+        _, _, usage = os.wait4(pid, 0)  # reaped here: the kernel's own count of their CPU
+        charged += usage.ru_utime + usage.ru_stime
+    assert counted is not None
+    assert charged > 0.0
+    assert counted.children_s == pytest.approx(charged, abs=0.03)  # /proc counts in ticks of 10 ms
+    gone = meter.sample()
+    assert gone is not None and gone.children_s == counted.children_s  # nothing goes negative
