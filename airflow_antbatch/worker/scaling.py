@@ -34,7 +34,10 @@ GROW_WHEN_BUSY = 0.75  # ... while the preprocess processes were inside the hook
 GROW_WHEN_FREE = 0.75  # ... and this many cores of the budget were used by neither preprocess nor models
 SHRINK_BELOW = 0.70  # one process fewer would still be busy under this share
 PROBE_GAIN = 1.10  # more torch threads must make the model this much faster to stay
-ON_CPU_SHARE = 0.50  # a model stage on the CPU this share of its busy time computes; under it, it waits
+# A model stage whose thread is on the CPU under this share of its busy time waits on a device: one
+# that waits on a simulated device measured 2%; one that computes, on a core shared with a load of
+# 9 on 2 cores, 22%.
+ON_CPU_SHARE = 0.10
 FIRST_WINDOW_S = 0.5
 MEASURED_SHARE = 0.20  # a stage busy under this share of a window has too little to say
 
