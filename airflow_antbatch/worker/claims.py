@@ -128,6 +128,7 @@ class Claimer:
         self._slot = slot
         self._probes_left = MAX_SLOT_PROBES
         self._stolen = False  # the run is the back half of another's: others may be in it too
+        self._split_at: int | None = None  # the first position of a run just split off a victim
         self._committed: npt.NDArray[np.bool_] | None = None  # by position, once listed
         self._poll = poll_interval_s
         self._delay = poll_interval_s / 8  # the next idle wait: doubles up to IDLE_POLLS intervals
@@ -179,12 +180,9 @@ class Claimer:
             if self._has_work() or self._watch():
                 continue
             # Idle, the wait grows to IDLE_POLLS poll intervals: at a thousand workers, polls
-            # through a long straggler would cost more than the claims. Not while a much slower
-            # worker is busy: one of its tries may soon be worth a backup.
-            paces = [pace for _, pace in self._watched()]
-            longest = (
-                max(self._poll / 8, min(self._poll, *(p / 4 for p in paces))) if paces else IDLE_POLLS * self._poll
-            )
+            # through a long straggler would cost more than the claims. Not while others are busy
+            # (the tail): a steal or a backup may soon be worth taking.
+            longest = self._tail_poll() or IDLE_POLLS * self._poll
             delay, self._delay = min(self._delay, longest), min(longest, self._delay * 2)
             wait(delay)
         return None
@@ -312,19 +310,41 @@ class Claimer:
             return None
         return mine / (mine + pace)
 
+    def _tail_poll(self) -> float | None:
+        """How often an idle worker looks again while others are busy: a quarter of the shortest
+        pace it knows (its own, or a watched worker's), between an eighth of a poll and a poll."""
+        with self._lock:
+            mine = self._shard_seconds()
+        if self._roster is None or not any(t not in self._handled for t in self._roster.busy):
+            return None
+        paces = [pace for _, pace in self._watched()] + ([mine] if mine else [])
+        return max(self._poll / 8, min(self._poll, *(p / 4 for p in paces))) if paces else None
+
     def _reread_busy(self) -> bool:
-        """Read again the heartbeats of the workers worth watching (``_watched``) last read over a
-        quarter of their pace ago (at least an eighth of a poll), and steal from their runs: a
-        steal or backup is judged on what they hold now, not on a roster listed a poll ago. Only
-        a worker with nothing to claim and nothing in hand gets here: at the tail, for about one
-        shard's time, so a few reads per worker per job."""
+        """Read the heartbeats of up to VICTIMS_READ busy workers again, those worth watching
+        (``_watched``) first, once their last read is older than a quarter of their pace (others:
+        than this one's pace; at least an eighth of a poll), and steal from their runs: a steal or backup is
+        judged on what they hold now, not on a roster listed a poll ago. Only a worker with
+        nothing to claim and nothing in hand gets here: at the tail, for about one shard's time,
+        so a few reads per worker per job."""
         with self._lock:
             if self._held:
                 return False
+            mine = self._shard_seconds()
+        if self._roster is None:
+            return False
         now = self.ledger.clock()
-        for token, pace in self._watched():
-            if now - self._seen_beats[token][0] < max(self._poll / 8, pace / 4):
-                continue
+        watched = dict(self._watched())
+
+        def due(token: str) -> bool:
+            """A watched worker every quarter of its pace; any other busy one every pace of this one."""
+            read = self._seen_beats.get(token)
+            interval = watched[token] / 4 if token in watched else (mine or self._poll)
+            return read is None or now - read[0] >= max(self._poll / 8, interval)
+
+        others = [t for t in self._roster.busy if t not in self._handled and t not in watched and due(t)]
+        chosen = [t for t in watched if due(t)] + self._rng.sample(others, len(others))
+        for token in chosen[:VICTIMS_READ]:
             heartbeat = self.ledger.read_heartbeat(token)
             if heartbeat is None:
                 continue
@@ -421,8 +441,15 @@ class Claimer:
                 # A committed shard ends a run too, unless this worker has claimed nothing yet
                 # (a rerun): then a listing of commits lets it skip every committed shard.
                 resuming = outcome is ShardState.COMMITTED and not self._stolen and self.stats.claims == 0
+                # The victim of a split may claim the split point before the thief: it walks on
+                # into the thief's part, unaware, until it collides there. The thief skips that
+                # one position instead of leaving the rest to the victim (a slow one, at the tail).
+                raced_victim, self._split_at = self._split_at == position, None
                 if outcome is ShardState.LEASED or (outcome is ShardState.COMMITTED and not resuming):
                     self.stats.collisions += 1
+                    if raced_victim:
+                        self._cursor = position + 1
+                        continue
                     self._end = position  # another worker's from here on
                     return None
                 self._cursor = position + 1
@@ -494,7 +521,7 @@ class Claimer:
             log.debug("%s: split %s's run [%d, %d) at %d: %s", self._token, token, start, end, split, taken)
             if taken is None:
                 with self._lock:
-                    self._cursor, self._end, self._stolen = split, end, True
+                    self._cursor, self._end, self._stolen, self._split_at = split, end, True, split
                 self.stats.steals += 1
                 return True
             self._splits[(token, end)] = taken
