@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_antbatch import layout
 from airflow_antbatch.ledger import Ledger
 from airflow_antbatch.pool import PoolController, PoolSettings
+from bench import elastic_usage
 from bench.elastic_cluster import Cluster, Fleet
 from bench.scale import RESULTS, Config, Work, make_plan
 from bench.simclock import SimClock
@@ -113,10 +114,16 @@ class _Job:
     def run(self, launcher: Any, *args: Any) -> dict[str, Any]:
         self.fleet.spawn(self.cluster, self.trace.max_workers)
         self.sim.spawn(self._capacity, name="capacity")
-        self.sim.spawn(launcher, self, *args, name="launcher")
+        self.sim.spawn(self._launch, launcher, *args, name="launcher")
         started = time.perf_counter()
         self.sim.run()
         return self.measure(time.perf_counter() - started)
+
+    def _launch(self, launcher: Any, *args: Any) -> None:
+        try:
+            launcher(self, *args)
+        finally:  # a launcher that raised must not leave the hosts polling forever
+            self.fleet.over = True
 
     def finish(self) -> None:
         self.end_s = self.sim.now()
@@ -142,19 +149,13 @@ class _Job:
             for p in pods
             if p.scheduled_s is not None
         }
-        starting = sum(min(held[p.name], self.trace.pod_start_s) for p in pods if p.name in held)
-        working = sum(p.working_s for p in pods)
         committed = Ledger(self.state, self.plan).sweep().committed
         wins = self.fleet.tally.committed
         return {
             "makespan_s": round(self.end_s, 1),
             "pod_seconds": round(sum(held.values()), 1),
-            # what the pods held their slots for: starting (image, model), on shards, idle
-            "pod_seconds_by_use": {
-                "starting": round(starting, 1),
-                "working": round(working, 1),
-                "idle": round(sum(held.values()) - starting - working, 1),
-            },
+            # what the pods held their slots for (bench.elastic_usage), and pending time apart
+            "pod_seconds_by_use": elastic_usage.breakdown(pods, self.end_s),
             "lost": len(set(self.plan.shard_ids) - committed),
             "duplicated": sum(n - 1 for n in wins.values() if n > 1),
             "pod_starts": sum(1 for p in pods if p.started_s is not None and p.started_s >= 0),
@@ -314,7 +315,43 @@ def run_all(trace: Trace, setup: Setup, *, log: Any = sys.stderr) -> dict[str, A
                 file=log,
                 flush=True,
             )
-    return {"trace": trace.to_dict(), **runs, "bars": bars(runs, setup, trace)}
+    return {"trace": trace.to_dict(), **runs, "floor": floor(runs), "bars": bars(runs, setup, trace)}
+
+
+def floor(runs: dict[str, Any]) -> dict[str, Any]:
+    """The least pod-seconds ratio any launcher could reach against each mapped run: every run
+    holds pods for at least the job's work, so pool / mapped >= work / mapped's pod-seconds.
+    Above 0.9, the 0.9x bar is out of reach on this trace, whatever the pool does."""
+    work = runs["pool"]["work_s"]
+    out: dict[str, Any] = {"work_s": work}
+    for key in ("mapped", "mapped_patient"):
+        r = runs[key]
+        out[key] = {
+            "not_work_share": round(1 - work / r["pod_seconds"], 3),
+            "least_pool_ratio": round(work / r["pod_seconds"], 3),
+            "pool_ratio": round(runs["pool"]["pod_seconds"] / r["pod_seconds"], 3),
+        }
+    return out
+
+
+def seed_summary(body: dict[str, Any]) -> dict[str, Any]:
+    """One seed's runs in a line: what ``--seeds`` reports beside the full run."""
+    p, m, mp, d = body["pool"], body["mapped"], body["mapped_patient"], body["deadline"]
+    return {
+        "makespan_s": {k: body[k]["makespan_s"] for k in ("mapped", "mapped_patient", "pool", "deadline")},
+        "pod_seconds": {k: body[k]["pod_seconds"] for k in ("mapped", "mapped_patient", "pool", "deadline")},
+        "pool_pod_seconds_ratio": {
+            "mapped": round(p["pod_seconds"] / m["pod_seconds"], 3),
+            "mapped_patient": round(p["pod_seconds"] / mp["pod_seconds"], 3),
+        },
+        "floor": body["floor"],
+        "pool_pod_seconds_by_use": p["pod_seconds_by_use"],
+        "deadline_met": d["met"],
+        "deadline_max_pods": d["max_pods"],
+        "lost": sum(body[k]["lost"] for k in ("mapped", "mapped_patient", "pool", "deadline")),
+        "duplicated": sum(body[k]["duplicated"] for k in ("mapped", "mapped_patient", "pool", "deadline")),
+        "bars": body["bars"],
+    }
 
 
 def bars(runs: dict[str, Any], setup: Setup, trace: Trace) -> dict[str, bool]:
@@ -342,14 +379,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", default=TRACE, help="capacity trace JSON (default bench/elastic_trace.json)")
     parser.add_argument("--shards", type=int, default=Setup.shards)
     parser.add_argument("--deadline-s", type=float, default=Setup.deadline_s)
+    parser.add_argument(
+        "--seed", type=int, default=Setup.seed, help="the full run's seed (work drawn, preemption victims)"
+    )
+    parser.add_argument(
+        "--seeds",
+        default="15,16,17",
+        help="more seeds, run whole and summed up under 'seeds' (comma-separated; '' for none)",
+    )
     parser.add_argument("--out", default=os.path.join(RESULTS, "elastic.json"))
     parser.add_argument("--no-plot", action="store_true", help="do not redraw docs/benchmarks-elastic.png")
     args = parser.parse_args(argv)
     from bench.run import git_state
 
-    setup = Setup(shards=args.shards, deadline_s=args.deadline_s)
+    setup = Setup(shards=args.shards, deadline_s=args.deadline_s, seed=args.seed)
     started, git, load = time.time(), git_state(), os.getloadavg()
-    body = run_all(Trace.load(args.trace), setup)
+    trace = Trace.load(args.trace)
+    body = run_all(trace, setup)
+    seeds = {str(setup.seed): seed_summary(body)}
+    for seed in (int(x) for x in args.seeds.split(",") if x.strip()):
+        if str(seed) not in seeds:
+            print(f"seed {seed}:", file=sys.stderr)
+            seeds[str(seed)] = seed_summary(run_all(trace, dataclasses.replace(setup, seed=seed)))
     report = {
         "command": "python -m bench.elastic",
         "finished_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
@@ -358,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         "git": git,
         "setup": dataclasses.asdict(setup),
         **body,
+        "seeds": seeds,
     }
     with open(args.out, "w") as handle:
         json.dump(report, handle, indent=1)

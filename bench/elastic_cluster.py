@@ -40,6 +40,16 @@ class Killed(Exception):
     """The pod this worker runs in was preempted or deleted (SIGTERM)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Try:
+    """One shard try in a pod, on the cluster's clock, and how it ended."""
+
+    shard_id: str
+    start_s: float
+    end_s: float
+    outcome: str  # "committed" | "wasted" (fenced or refused at commit: another try won) | "killed"
+
+
 @dataclasses.dataclass(eq=False)
 class Pod:
     name: str
@@ -51,7 +61,7 @@ class Pod:
     phase: str = "Pending"
     reason: str | None = None
     killed: bool = False
-    working_s: float = 0.0  # on shards (committed or cut short); the rest of its life it started or idled
+    tries: list[Try] = dataclasses.field(default_factory=list)  # its shard tries (bench.elastic_usage)
 
     def view(self, now: float) -> PodView:
         return PodView(
@@ -163,10 +173,22 @@ class PodRun:
 
     def __init__(self, fleet: Fleet, pod: Pod) -> None:
         self.sim = PodClock(fleet.sim, pod)
+        self.cluster_sim = fleet.sim
         self.cfg, self.plan, self.work, self.tally = fleet.cfg, fleet.plan, fleet.work, fleet.tally
         self.state, self.output = fleet.state, fleet.output
         self.workers = fleet.slots
         self.commit_extra = fleet.commit_extra
+
+
+class PodClaimer(Claimer):
+    """The real ``Claimer``, whose heartbeat fields also name the shard in hand, as
+    ``worker.loop``'s heartbeat does (``current_shard``): a backup is not among the leases, and
+    without it the pool would see a worker scoring one as idle."""
+
+    current: str | None = None
+
+    def heartbeat_fields(self) -> dict[str, Any]:
+        return {**super().heartbeat_fields(), "current_shard": self.current}
 
 
 class PodWorker(_Worker):
@@ -176,7 +198,7 @@ class PodWorker(_Worker):
         super().__init__(run, slot)  # type: ignore[arg-type]  # PodRun has what _Worker reads of a run
         # The slot's worker id, not bench.scale's "worker-{index}": rebuilt with the same settings.
         self.identity = WorkerIdentity(worker_id(slot), incarnation=incarnation)
-        self.claimer = Claimer(
+        self.claimer: PodClaimer = PodClaimer(
             self.ledger,
             self.identity,
             slot=(slot, run.workers),
@@ -185,14 +207,19 @@ class PodWorker(_Worker):
         )
         self.lease: Lease | None = None
         self.pod = pod
+        self.cluster = run.cluster_sim  # the cluster's clock, for the pod's try records
 
     def process(self, lease: Lease) -> None:
-        self.lease, started = lease, self.run.sim.now()
+        self.lease, self.claimer.current = lease, lease.shard_id
+        if self.claimer.at_tail():  # as worker.loop does: idle workers and the pool read a fresh heartbeat
+            self.beat()
+        at, won, outcome = self.cluster.now(), self.shards_committed, "killed"
         try:
             super().process(lease)
+            outcome = "committed" if self.shards_committed > won else "wasted"
         finally:
-            self.pod.working_s += self.run.sim.now() - started
-        self.lease = None
+            self.pod.tries.append(Try(lease.shard_id, at, self.cluster.now(), outcome))
+        self.lease = self.claimer.current = None
 
     def terminate(self) -> None:
         """SIGTERM, as ``worker.loop`` handles it: release the try in hand, a final heartbeat."""

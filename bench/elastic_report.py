@@ -43,32 +43,42 @@ def markdown(r: dict[str, Any]) -> str:
         f"{trace['max_workers']} workers, pods start {trace['pod_start_s']:.0f} s after they are scheduled, "
         f"the pool ticks every {setup['tick_s']:.0f} s; simulated time.",
         "",
-        "| run | makespan | pod-seconds | starting / on shards / idle | pod starts | most pods | lost | duplicated |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "Pod-seconds count from a pod's binding to a node until it is gone (a pending pod holds no node); "
+        "they split into starting (image and model), on tries that committed, on tries cut short "
+        "(preempted, or deleted by the pool) or that lost the commit race (a backup), and idle while a "
+        "shard was left to claim or with nothing left (`bench/elastic_usage.py`).",
+        "",
+        "| run | makespan | pod-seconds | starting | committed | cut short / lost race | idle: work left / none "
+        "| pod starts | most pods | lost | duplicated |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, label in (*RUNS, ("deadline", f"pool, deadline {d['deadline_s']:.0f} s")):
         x = r[key]
-        use = " / ".join(_num(x["pod_seconds_by_use"][k]) for k in ("starting", "working", "idle"))
+        u = x["pod_seconds_by_use"]
         lines.append(
-            f"| {label} | {x['makespan_s']:.0f} s | {_num(x['pod_seconds'])} | {use} | {x['pod_starts']} "
+            f"| {label} | {x['makespan_s']:.0f} s | {_num(x['pod_seconds'])} | {_num(u['starting'])} "
+            f"| {_num(u['committed'])} | {_num(u['preempted'])} / {_num(u['wasted'])} "
+            f"| {_num(u['idle_with_work'])} / {_num(u['idle_no_work'])} | {x['pod_starts']} "
             f"| {x['max_pods']} | {x['lost']} | {x['duplicated']} |"
         )
-    p, mp = r["pool"], r["mapped_patient"]
-    overhead = {k: r[k]["pod_seconds"] - r[k]["pod_seconds_by_use"]["working"] for k in ("pool", "mapped_patient")}
+    p, m, mp = r["pool"], r["mapped"], r["mapped_patient"]
+    fl = r["floor"]
     lines += [
         "",
-        f"Pool against mapped: makespan {p['makespan_s'] / r['mapped']['makespan_s']:.2f}x, "
-        f"pod-seconds {p['pod_seconds'] / r['mapped']['pod_seconds']:.2f}x; against mapped with a patient "
-        f"startup timeout: {p['makespan_s'] / r['mapped_patient']['makespan_s']:.2f}x and "
-        f"{p['pod_seconds'] / r['mapped_patient']['pod_seconds']:.2f}x. "
-        f"Beyond the shards themselves (cut-short tries included), the pool held its pods "
-        f"{_num(overhead['pool'])} pod-seconds against the patient mapped run's {_num(overhead['mapped_patient'])} "
-        f"({overhead['pool'] / overhead['mapped_patient']:.2f}x); time on shards was "
-        f"{mp['pod_seconds_by_use']['working'] / mp['pod_seconds']:.0%} of the mapped run's pod-seconds. "
+        f"Pool against mapped: makespan {p['makespan_s'] / m['makespan_s']:.2f}x, "
+        f"pod-seconds {p['pod_seconds'] / m['pod_seconds']:.2f}x; against mapped with a patient "
+        f"startup timeout: {p['makespan_s'] / mp['makespan_s']:.2f}x and "
+        f"{p['pod_seconds'] / mp['pod_seconds']:.2f}x. "
+        f"The work alone is {_num(fl['work_s'])} pod-seconds, so no launcher can go below "
+        f"{fl['mapped']['least_pool_ratio']:.2f}x the mapped run's pod-seconds "
+        f"({fl['mapped']['not_work_share']:.0%} of them are not work: it ran few pods, slowly) nor below "
+        f"{fl['mapped_patient']['least_pool_ratio']:.2f}x the patient run's "
+        f"({fl['mapped_patient']['not_work_share']:.0%} not work). "
         f"Deadline run: {'met' if d['met'] else 'missed'} ({d['makespan_s']:.0f} s of {d['deadline_s']:.0f} s) "
         f"with {d['pod_seconds'] / d['makespan_s']:.1f} pods on average and at most {d['max_pods']} "
         f"(min_workers {d['min_workers']}; "
         f"{d['workers_needed_at_full_speed']} would do at full speed).",
+        *_seeds(r.get("seeds") or {}),
         "",
         "| reaction | " + " | ".join(label for _, label in RUNS) + " |",
         "|---|" + "---:|" * len(RUNS),
@@ -81,6 +91,28 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {label} -> replacement created / working (max) | " + " | ".join(cells) + " |")
     lines += ["", "Bars: " + "; ".join(f"{name} {'yes' if ok else '**no**'}" for name, ok in r["bars"].items()) + "."]
     return "\n".join(lines)
+
+
+def _seeds(seeds: dict[str, Any]) -> list[str]:
+    """One row per seed (the work drawn and the preemption victims change, the trace does not)."""
+    if len(seeds) < 2:
+        return []
+    lines = [
+        "",
+        "| seed | pool makespan | pool / mapped pod-s (least) | pool / patient pod-s (least) | deadline run "
+        "| lost / duplicated |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for seed, x in seeds.items():
+        fl, ratio = x["floor"], x["pool_pod_seconds_ratio"]
+        lines.append(
+            f"| {seed} | {x['makespan_s']['pool']:.0f} s "
+            f"| {ratio['mapped']:.2f}x ({fl['mapped']['least_pool_ratio']:.2f}x) "
+            f"| {ratio['mapped_patient']:.2f}x ({fl['mapped_patient']['least_pool_ratio']:.2f}x) "
+            f"| {x['makespan_s']['deadline']:.0f} s, {'met' if x['deadline_met'] else '**missed**'} "
+            f"| {x['lost']} / {x['duplicated']} |"
+        )
+    return lines
 
 
 def _num(x: float) -> str:

@@ -33,7 +33,16 @@ def test_every_run_commits_every_shard_once(body: dict[str, Any]) -> None:
         assert (run["lost"], run["duplicated"]) == (0, 0), name
         assert run["makespan_s"] > 0 and run["pod_seconds"] > 0 and run["pod_starts"] >= 1
         assert run["timeline"][0][0] == 0.0
+        # the uses of pod-seconds add up to them, and the committed tries hold the work once
+        use = dict(run["pod_seconds_by_use"])
+        assert use.pop("pending_unbilled") >= 0 and min(use.values()) >= 0
+        assert sum(use.values()) == pytest.approx(run["pod_seconds"], abs=1.0), name
+        assert run["work_s"] <= use["committed"] <= run["work_s"] * 1.05, name
     assert body["bars"]["no_lost_or_duplicated"]
+    floor = body["floor"]
+    assert floor["mapped"]["least_pool_ratio"] == pytest.approx(
+        body["pool"]["work_s"] / body["mapped"]["pod_seconds"], abs=1e-3
+    )
 
 
 def test_the_pool_replaces_a_reclaimed_pod_within_a_tick_plus_its_start(body: dict[str, Any]) -> None:

@@ -88,6 +88,10 @@ class PoolController:
         self._streaks: dict[int, tuple[str, int, str]] = {}
         self._handled: set[str] = set()  # pods already replaced (and counted), while still listed
         self._image_pull: dict[str, float] = {}  # pod -> elapsed_s when it first failed to pull
+        self._quiet: dict[
+            str, int
+        ] = {}  # worker token -> its first heartbeat seen holding nothing, while it holds nothing
+        self._starved = False  # a worker found nothing to claim: from then on the job is at its tail
 
     def tick(self, pods: Sequence[PodView], status: JobStatus, now_s: float, elapsed_s: float) -> TickPlan:
         names = {p.name for p in pods}
@@ -112,6 +116,8 @@ class PoolController:
         replace = sorted({p.slot for p in lost} - occupied)
         orphaned = {s: len(w.leases) for s in replace if (w := beats.last.get(worker_id(s)))}
         snapshot = _snapshot(alive, replace, orphaned, status, beats, (now_s, elapsed_s))
+        self._starved = self._any_starved(alive, beats) or self._starved
+        snapshot = dataclasses.replace(snapshot, starved=self._starved)
         decision = decide(snapshot, self.settings, self.decisions[-1] if self.decisions else None)
         self._remember(decision)
         create, delete = _reconcile(decision.wanted, alive, (replace, orphaned), occupied, beats, self.settings)
@@ -123,6 +129,21 @@ class PoolController:
 
     def _remember(self, decision: Decision) -> None:
         self.decisions = [*self.decisions, decision][-KEEP_DECISIONS:]
+
+    def _any_starved(self, alive: Iterable[PodView], beats: _Beats) -> bool:
+        """Whether a running worker held nothing in two heartbeats in a row: its claims, steals
+        and probes found nothing in between (a worker beats every TTL/4, a try lasts longer). One
+        heartbeat is not enough: a worker's first one comes before its first claim."""
+        quiet: dict[str, int] = {}
+        starved = False
+        for p in alive:
+            w = beats.live.get(worker_id(p.slot))
+            if p.phase != "Running" or w is None or beats.busy(p.slot):
+                continue
+            quiet[w.token] = first = self._quiet.get(w.token, w.beat)
+            starved = starved or w.beat > first
+        self._quiet = quiet
+        return starved
 
     def _image_verdict(self, live: Iterable[PodView], elapsed_s: float) -> str | None:
         """A pod that cannot pull its image fails the task: at once for an invalid name, else
@@ -164,6 +185,8 @@ class PoolController:
             "streaks": {str(s): list(v) for s, v in sorted(self._streaks.items())},
             "handled": sorted(self._handled),
             "image_pull": dict(sorted(self._image_pull.items())),
+            "quiet": dict(sorted(self._quiet.items())),
+            "starved": self._starved,
             "decisions": [[d.wanted, d.reason] for d in self.decisions],
         }
 
@@ -173,6 +196,8 @@ class PoolController:
         controller._streaks = {int(s): (str(r), int(n), str(t)) for s, (r, n, t) in data.get("streaks", {}).items()}
         controller._handled = set(data.get("handled", ()))
         controller._image_pull = {str(k): float(v) for k, v in data.get("image_pull", {}).items()}
+        controller._quiet = {str(k): int(v) for k, v in data.get("quiet", {}).items()}
+        controller._starved = bool(data.get("starved", False))
         controller.decisions = [Decision(int(w), str(r)) for w, r in data.get("decisions", ())]
         return controller
 

@@ -7,7 +7,13 @@ decision's reason (docs/kubernetes.md, "Scaling policy"):
 2. The work available caps the pool: the pods whose workers hold leases, plus one pod per shard
    nobody holds (pending shards, and the leases of pods that just failed, which their
    replacements take over at once). A pod past that cap would find nothing to claim, so the
-   pool shrinks as the work drains and no pod idles at the tail.
+   pool shrinks as the work drains and no pod idles at the tail. Pending shards count only
+   while some pod can reach them: once a worker has found nothing to claim over two heartbeats
+   in a row (``starved``) and no more shards are pending than workers hold tries, the pending
+   ones are the unclaimed ends of busy workers' runs (a run of one position is not split, NOTE
+   [claiming]); their owners take them next, and another pod would only wait. (Shards that come
+   back from a lost pod are its replacement's, counted apart; from one that fails, its own
+   worker's to retry.)
 3. The target: with a deadline and a known rate per worker, remaining rows / (rate x time
    left), with ``DEADLINE_HEADROOM``, where the time left stops one mean shard before the
    deadline (the last shard started must end in time). A pool already within
@@ -78,6 +84,9 @@ class PoolSnapshot:
     rows_per_s_per_worker: float | None  # median of the live workers' heartbeat rates
     idle_workers: int  # running pods whose worker holds no lease
     orphaned_shards: int = 0  # leases of pods that just failed: their replacements take them over
+    # A worker has held nothing over two heartbeats in a row: it found nothing to claim. The
+    # controller remembers it for the rest of the job: the starved pod goes, the evidence stays.
+    starved: bool = False
 
     @property
     def pods(self) -> int:
@@ -86,9 +95,19 @@ class PoolSnapshot:
     @property
     def work_cap(self) -> int:
         """The most pods that all find something to claim (NOTE [pool policy], step 2)."""
+        return self.holders + self.orphaned_shards + (0 if self.unreachable else self.pending_shards)
+
+    @property
+    def holders(self) -> int:
+        """Running pods whose workers hold leases (those of pods that just failed aside)."""
         held = max(0, self.leased_shards - self.orphaned_shards)
-        holders = min(max(0, self.running - self.idle_workers), held)
-        return holders + self.orphaned_shards + self.pending_shards
+        return min(max(0, self.running - self.idle_workers), held)
+
+    @property
+    def unreachable(self) -> bool:
+        """Whether the pending shards are out of reach of any pod but their runs' owners: a worker
+        starved while no more were pending than the busy workers hold (NOTE [pool policy], step 2)."""
+        return self.starved and 0 < self.pending_shards <= self.holders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +140,12 @@ def decide(snapshot: PoolSnapshot, settings: PoolSettings, previous: Decision | 
             why = f"{s.unschedulable} pod(s) unschedulable: the cluster is full, adding none ({why})"
     wanted = min(max(target, settings.min_workers), settings.max_workers)
     if wanted > cap:
+        if s.unreachable:
+            return Decision(
+                cap,
+                f"{why}; capped at {cap}: workers holding leases (an idle one found nothing to claim: "
+                f"the {s.pending_shards} pending shard(s) wait at the end of busy workers' runs)",
+            )
         return Decision(cap, f"{why}; capped at {cap}: {s.pending_shards} pending shard(s) + workers holding leases")
     if wanted != target:
         bound = "min_workers" if target < wanted else "max_workers"

@@ -104,6 +104,27 @@ def test_succeeded_pods_go_and_the_tail_lets_idle_workers_go_highest_slot_first(
     assert plan.decision.wanted == 1
 
 
+def test_a_worker_idle_over_two_heartbeats_marks_the_tail_and_idle_pods_go() -> None:
+    """Two shards pending, five workers busy, three idle: the pending shards are the ends of busy
+    workers' runs once an idle worker has held nothing over two heartbeats (its first may come
+    before its first claim), and that is remembered after the starved pods are gone."""
+    controller = PoolController(POOL)
+    pods = [pod(s) for s in range(8)]
+
+    def idle(slot: int, n: int) -> WorkerStatus:
+        return dataclasses.replace(beat(slot), beat=n)
+
+    first = controller.tick(pods, status(2, (*busy(0, 1, 2, 3, 4), idle(5, 3), idle(6, 3), idle(7, 3))), 0.0, 0.0)
+    assert (first.decision.wanted, first.delete) == (7, ("pool-7",))  # 5 holders + 2 pending
+    later = controller.tick(pods[:7], status(2, (*busy(0, 1, 2, 3, 4), idle(5, 4), idle(6, 3))), 10.0, 10.0)
+    assert later.decision.wanted == 5
+    assert "wait at the end of busy workers' runs" in later.decision.reason
+    assert set(later.delete) == {"pool-5", "pool-6"}
+    restored = PoolController.from_dict(POOL, json.loads(json.dumps(controller.to_dict())))
+    after = restored.tick(pods[:5], status(2, busy(0, 1, 2, 3, 4)), 20.0, 20.0)
+    assert (after.decision.wanted, after.create) == (5, ())  # no pod made for shards it cannot reach
+
+
 def test_scale_down_never_deletes_a_pod_whose_worker_holds_a_try() -> None:
     controller = PoolController(PoolSettings(min_workers=0, max_workers=8, deadline_s=10_000.0))
     pods = [pod(s) for s in range(6)]

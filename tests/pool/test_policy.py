@@ -49,6 +49,22 @@ def snap(**overrides: object) -> PoolSnapshot:
         ({"pending_shards": 2}, POOL, 6, "capped at 6"),
         # the tail: 8 running, 3 of them idle, nothing pending: the 5 holding leases stay
         ({"pending_shards": 0, "leased_shards": 5, "running": 8, "idle_workers": 3}, POOL, 5, "capped at 5"),
+        # 3 pending, 5 busy, 3 idle: the pending shards count while no worker has starved ...
+        ({"pending_shards": 3, "leased_shards": 5, "running": 8, "idle_workers": 3}, POOL, 8, "capped at 8"),
+        # ... and once one found nothing to claim, they wait at the end of the busy workers' runs
+        (
+            {"pending_shards": 3, "leased_shards": 5, "running": 8, "idle_workers": 3, "starved": True},
+            POOL,
+            5,
+            "wait at the end of busy workers' runs",
+        ),
+        # more pending than busy workers: some run has two positions left, a steal can reach them
+        (
+            {"pending_shards": 6, "leased_shards": 5, "running": 8, "idle_workers": 3, "starved": True},
+            POOL,
+            11,
+            "capped at 11",
+        ),
         # min_workers never keeps a pod that would find nothing to claim
         ({"pending_shards": 0, "leased_shards": 1, "running": 1}, PoolSettings(4, 16), 1, "capped at 1"),
         ({"pending_shards": 0, "leased_shards": 1, "running": 1}, PoolSettings(1, 16), 1, "no backlog: holding 1"),
@@ -129,6 +145,7 @@ def snapshots(draw: st.DrawFn) -> PoolSnapshot:
         rows_per_s_per_worker=draw(st.none() | st.floats(0.1, 1e5)),
         idle_workers=draw(st.integers(0, running)),
         orphaned_shards=draw(st.integers(0, leased)),
+        starved=draw(st.booleans()),
     )
 
 
