@@ -241,6 +241,25 @@ class TestLedgerProtocol:
         assert b.finish(new)
         assert b.ledger.status().failures == ()
 
+    def test_a_backup_races_its_try_and_each_side_learns_of_the_other_in_one_read(self, job: Job) -> None:
+        holder, backer = job.worker("holder"), job.worker("backer")
+        s0, s1 = job.shard_ids[:2]
+        try0 = holder.lease(s0)
+        assert not holder.ledger.backed_up(try0)
+        backup = backer.ledger.back_up(s0, try0.epoch, backer.identity)
+        assert backup is not None and backup.epoch == 1
+        assert holder.ledger.backed_up(try0)  # the holder may hand over a try it has not started
+        assert not holder.ledger.committed_by_another(try0) and not backer.ledger.committed_by_another(backup)
+        assert backer.finish(backup)
+        assert holder.ledger.committed_by_another(try0)  # the holder drops its try at once
+        assert not backer.ledger.committed_by_another(backup)
+        assert not holder.finish(try0)  # the first commit won
+        # A backup suggested by a heartbeat read before the commit starts nothing.
+        try1 = holder.lease(s1)
+        assert holder.finish(try1)
+        assert backer.ledger.back_up(s1, try1.epoch, backer.identity) is None
+        assert job.store().read(layout.claim_key(s1, try1.epoch + 1)) is None
+
     def test_a_shard_fails_for_good_after_max_attempts(self, store_location: StoreLocation) -> None:
         job = Job.create(store_location, max_attempts=2)
         a, b, c = job.worker("a"), job.worker("b"), job.worker("c")

@@ -364,6 +364,72 @@ def test_a_worker_killed_mid_backup_leaves_every_shard_committed_once(dies: str)
     assert committed[queued.shard_id] == expected
 
 
+def paced(sim: Sim) -> tuple[SimWorker, Lease, SimWorker]:
+    """A slow worker (10 s a shard) scoring its second try, its run [2, 10) left, and a fast one
+    (1 s a shard) through its own run [10, 20): each knows its pace, and the fast one is idle."""
+    slow, fast = sim.worker("slow", slot=(0, 2)), sim.worker("fast", slot=(1, 2))
+    first = slow.claimer.next_lease(block)
+    assert first is not None
+    sim.clock.advance(10)
+    finish(slow, first)
+    scoring = slow.claimer.next_lease(block)
+    assert scoring is not None
+    slow.beat()
+    for _ in range(10):
+        lease = fast.claimer.next_lease(block)
+        assert lease is not None
+        sim.clock.advance(1)
+        finish(fast, lease)
+    return slow, scoring, fast
+
+
+def position(sim: Sim, lease: Lease | None) -> int:
+    assert lease is not None
+    return sim.plan.shard_ids.index(lease.shard_id)
+
+
+def test_runs_are_split_by_speed_and_a_slow_worker_does_not_read_ahead_from_a_fast_ones() -> None:
+    sim = Sim.create(shards=20)
+    slow, scoring, fast = paced(sim)
+    # 10x faster: the fast one takes all of the slow one's 8 positions left (it would finish them
+    # in 8 s; the slow one, its share by speed being under one, in 80).
+    fast.lease = fast.claimer.next_lease(block)
+    assert position(sim, fast.lease) == 2
+    assert (fast.claimer.run_left(), fast.claimer.stats.steals) == (7, 1)
+    fast.beat()
+    # The slow one, scoring its try, collides at 2 and takes nothing from the fast one's run to
+    # read ahead: the fast one will be free first.
+    with pytest.raises(Blocked):
+        slow.claimer.next_lease(block)
+    assert (slow.claimer.stats.collisions, slow.claimer.stats.steals, slow.claimer.stats.backups) == (1, 0, 0)
+    assert finish(slow, scoring)
+    run_to_end(sim, [slow, fast])
+    assert set(sim.committed().values()) == {0} and len(sim.committed()) == 20
+
+
+def test_a_thief_that_loses_its_split_point_to_the_victim_takes_the_rest_of_its_part() -> None:
+    sim = Sim.create(shards=20)
+    slow, scoring, fast = paced(sim)
+    heartbeat = fast.ledger.read_heartbeat(slow.identity.token)
+    assert heartbeat is not None
+    # The fast one splits the slow one's run [2, 10) at its start, the position the slow one
+    # claims next (the steal's two steps, split and claim, taken apart) ...
+    assert fast.claimer._split(slow.identity.token, 2, 10, heartbeat)
+    # ... and the slow one, reading ahead, claims that position first.
+    ahead = slow.claimer.next_lease(block)
+    assert position(sim, ahead) == 2
+    # The fast one skips that one position, not its whole part; the slow one, walking on, ends there.
+    fast.lease = fast.claimer.next_lease(block)
+    assert position(sim, fast.lease) == 3
+    assert finish(slow, scoring)
+    with pytest.raises(Blocked):
+        slow.claimer.next_lease(block)
+    assert slow.claimer.run_left() == 0
+    assert ahead is not None and finish(slow, ahead)
+    run_to_end(sim, [slow, fast])
+    assert set(sim.committed().values()) == {0} and len(sim.committed()) == 20
+
+
 @pytest.mark.parametrize("kill", ["SIGKILL the backer", "SIGTERM the holder"])
 def test_real_workers_killed_mid_backup_commit_every_row_once(kill: str, tmp_path: pathlib.Path) -> None:
     """Two `antbatch worker` processes, one 10x slower per batch: once the fast one has started a
