@@ -406,3 +406,6 @@ def _take_tasks(conn: Connection, tasks: queue.SimpleQueue[bytes | None]) -> Non
     except (EOFError, OSError):
         pass
     tasks.put(None)
+
+
+forkserver.preloaded()
