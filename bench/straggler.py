@@ -11,7 +11,8 @@ workers on 2 cores measure scheduling, not contention. The throttled worker gets
 ``ANTBATCH_BENCH_SLOWDOWN=2``.
 
 - *dynamic*: one plan, every worker pulls shards from the ledger, with speculative backup
-  tries at the tail (the default); the rows scored by tries that lost the race are reported.
+  tries at the tail (the default); the rows scored by tries that lost the race are reported,
+  and the tries a holder handed over to a backup before scoring them.
 - *no_backup*: the same with ``backup_tries=False``.
 - *static*: the shards dealt round-robin into N disjoint jobs, one per worker (what a job
   that splits its input by worker index does).
@@ -177,6 +178,7 @@ def run_once(root: str, cfg: StragglerConfig, env: dict[str, str], repeat: int) 
         "no_backup_over_ideal": off_makespan / ideal,
         "backups": sum(r["backups"] for r in dyn),
         "rows_wasted": sum(r["rows_lost"] for r in dyn),
+        "handed_over": sum(r.get("handed_over", 0) for r in dyn),
         "rows_wasted_no_backup": sum(r["rows_lost"] for r in off),
         "dynamic_shards_by_worker": _commits_by_worker(dyn_out),
         "static_rows_s_by_worker": [round(s, 1) for s in speeds],
@@ -197,7 +199,7 @@ def run(root: str, cfg: StragglerConfig, env: dict[str, str]) -> dict[str, Any]:
         "no_backup_over_ideal",
     )
     out: dict[str, Any] = {k: round(statistics.median(r[k] for r in runs), 3) for k in keys}
-    for key in ("backups", "rows_wasted", "rows_wasted_no_backup"):  # summed over the repeats
+    for key in ("backups", "rows_wasted", "handed_over", "rows_wasted_no_backup"):  # summed over the repeats
         out[key] = sum(r[key] for r in runs)
     out["dynamic_shards_by_worker"] = runs[-1]["dynamic_shards_by_worker"]
     out["static_rows_s_by_worker"] = runs[-1]["static_rows_s_by_worker"]
