@@ -128,10 +128,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="one repeat of the short job (about a minute)")
     parser.add_argument("--repeats", type=int, help="default: 3 (1 with --quick)")
     parser.add_argument("--no-ray", action="store_true", help="leave Ray Data out")
-    parser.add_argument("--output", default=RESULT)
+    parser.add_argument(
+        "--rows",
+        help="comma-separated job sizes run instead of the profile's (600000: the long job alone); "
+        "the result then goes to --output or, by default, the temp folder, not bench/results",
+    )
+    parser.add_argument("--output")
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
-    sizes = SIZES[:1] if args.quick else SIZES
+    sizes = tuple(int(n) for n in args.rows.split(",")) if args.rows else SIZES[:1] if args.quick else SIZES
+    output = args.output or (
+        os.path.join(tempfile.gettempdir(), f"antbatch-newuser-{args.rows.replace(',', '-')}.json")
+        if args.rows
+        else RESULT
+    )
     systems = ["antbatch", "loop"] + ([] if args.no_ray or not os.path.exists(RAY_PYTHON) else ["ray"])
     env = {**os.environ, "PYTHONPATH": REPO}
     started = time.time()
@@ -139,7 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="antbatch-newuser-") as work:
         results = [run_size(rows, systems, repeats, work, env) for rows in sizes]
     doc = {
-        "command": "python -m bench.newuser" + (" --quick" if args.quick else ""),
+        "command": "python -m bench.newuser"
+        + (" --quick" if args.quick else "")
+        + (f" --rows {args.rows}" if args.rows else ""),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "wall_s": round(time.time() - started, 1),
         "load_avg_before": [round(x, 2) for x in load_before],
@@ -152,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         "load_avg_after": [round(x, 2) for x in os.getloadavg()],
         "git": git_state(),
     }
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as handle:
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    with open(output, "w") as handle:
         json.dump(doc, handle, indent=1)
         handle.write("\n")
     print(render(doc))
