@@ -18,8 +18,11 @@ over a simulated S3 (``bench.scale``'s model: a shard takes a drawn time, 5% str
   ticking every ``tick_s`` over the simulated pods and the real ``Ledger.status()``.
 - **deadline**: the pool with ``deadline_s``, which needs more workers than ``min_workers``.
 
-Lost and duplicated shards are judged from the ledger's commit records. Virtual time: the
-whole benchmark takes a minute or two of real time.
+Lost and duplicated shards are judged from the ledger's commit records; pod-seconds are split
+by use (``bench.elastic_usage``), and ``floor`` says how low any launcher's ratio could go (the
+work alone). ``--seed`` (14) is run in full; ``--seeds`` (15,16,17) run the same four and are
+summed up a line each under ``seeds`` (the work drawn and the preemption victims change, the
+trace does not). Virtual time: the whole benchmark takes under a minute of real time.
 """
 
 from __future__ import annotations
@@ -180,7 +183,7 @@ class _Job:
             starts = [
                 p.started_s
                 for p in self.cluster.every
-                if _started(p) and p.scheduled_s is not None and p.scheduled_s >= t
+                if p.started_s is not None and _started(p) and p.scheduled_s is not None and p.scheduled_s >= t
             ]
             out.append({"t": t, "slots": slots, "delay_s": round(min(starts) - t, 1) if starts else None})
         return out

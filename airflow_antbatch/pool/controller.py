@@ -45,6 +45,7 @@ CAPACITY_REASONS = frozenset({"Evicted", "Preempted", "DisruptionTarget"})  # th
 IMAGE_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 IMAGE_PULL_GRACE_S = 60.0  # a registry hiccup passes within this; a wrong image does not
 KEEP_DECISIONS = 10  # shown on the job page, newest last
+KEEP_STARTS = 9  # pod start delays kept: the deadline sizing uses their median
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +93,9 @@ class PoolController:
             str, int
         ] = {}  # worker token -> its first heartbeat seen holding nothing, while it holds nothing
         self._starved = False  # a worker found nothing to claim: from then on the job is at its tail
+        # pod -> (elapsed_s it was created or last seen unschedulable, None once timed; its slot's token then)
+        self._watch: dict[str, tuple[float | None, str]] = {}
+        self._starts: list[float] = []  # seconds from a pod seen Running to its worker's first heartbeat, newest last
 
     def tick(self, pods: Sequence[PodView], status: JobStatus, now_s: float, elapsed_s: float) -> TickPlan:
         names = {p.name for p in pods}
@@ -117,7 +121,9 @@ class PoolController:
         orphaned = {s: len(w.leases) for s in replace if (w := beats.last.get(worker_id(s)))}
         snapshot = _snapshot(alive, replace, orphaned, status, beats, (now_s, elapsed_s))
         self._starved = self._any_starved(alive, beats) or self._starved
-        snapshot = dataclasses.replace(snapshot, starved=self._starved)
+        self._time_starts(alive, beats, elapsed_s)
+        start_s = statistics.median(self._starts) if self._starts else None
+        snapshot = dataclasses.replace(snapshot, starved=self._starved, start_s=start_s)
         decision = decide(snapshot, self.settings, self.decisions[-1] if self.decisions else None)
         self._remember(decision)
         create, delete = _reconcile(decision.wanted, alive, (replace, orphaned), occupied, beats, self.settings)
@@ -129,6 +135,23 @@ class PoolController:
 
     def _remember(self, decision: Decision) -> None:
         self.decisions = [*self.decisions, decision][-KEEP_DECISIONS:]
+
+    def _time_starts(self, alive: Iterable[PodView], beats: _Beats, elapsed_s: float) -> None:
+        """Time each new pod from its creation, or the last tick that saw it unschedulable, to the
+        first tick that saw a new worker beat on its slot (up to a tick late: it errs long): the
+        start delay (image pull, model load) that the deadline sizing charges a pod it adds."""
+        watch: dict[str, tuple[float | None, str]] = {}
+        for p in alive:
+            w = beats.live.get(worker_id(p.slot))
+            token = w.token if w is not None else ""
+            since, before = self._watch.get(p.name, (elapsed_s - p.age_s, token))
+            if since is not None and p.unschedulable:  # waiting for capacity is not starting
+                since, before = elapsed_s, token
+            elif since is not None and token and token != before:
+                self._starts = [*self._starts, elapsed_s - since][-KEEP_STARTS:]
+                since = None  # timed
+            watch[p.name] = (since, before)
+        self._watch = watch
 
     def _any_starved(self, alive: Iterable[PodView], beats: _Beats) -> bool:
         """Whether a running worker held nothing in two heartbeats in a row: its claims, steals
@@ -187,6 +210,7 @@ class PoolController:
             "image_pull": dict(sorted(self._image_pull.items())),
             "quiet": dict(sorted(self._quiet.items())),
             "starved": self._starved,
+            "starts": [round(x, 1) for x in self._starts],
             "decisions": [[d.wanted, d.reason] for d in self.decisions],
         }
 
@@ -198,6 +222,7 @@ class PoolController:
         controller._image_pull = {str(k): float(v) for k, v in data.get("image_pull", {}).items()}
         controller._quiet = {str(k): int(v) for k, v in data.get("quiet", {}).items()}
         controller._starved = bool(data.get("starved", False))
+        controller._starts = [float(x) for x in data.get("starts", ())]
         controller.decisions = [Decision(int(w), str(r)) for w, r in data.get("decisions", ())]
         return controller
 

@@ -15,10 +15,13 @@ decision's reason (docs/kubernetes.md, "Scaling policy"):
    back from a lost pod are its replacement's, counted apart; from one that fails, its own
    worker's to retry.)
 3. The target: with a deadline and a known rate per worker, remaining rows / (rate x time
-   left), with ``DEADLINE_HEADROOM``, where the time left stops one mean shard before the
-   deadline (the last shard started must end in time). A pool already within
-   ``DEADLINE_SLACK`` above that keeps its size (the rate estimate wobbles by a pod or two from
-   tick to tick; chasing it would churn pods). Within ``ENDGAME_SHARDS`` mean shards of the
+   left), with ``DEADLINE_HEADROOM``, where the time left stops ``ENDGAME_SHARDS`` mean shards
+   before the deadline: the tail's reserve, for a straggler of ten times the mean started last,
+   or a long try preempted near the end and run again. Pods added now work only after the
+   measured start delay (``start_s``), so the running ones count for the whole time left and
+   each new one for less; a pool that the running pods suffice for is sized down. A pool
+   already within ``DEADLINE_SLACK`` above that keeps its size (the rate estimate wobbles by a
+   pod or two from tick to tick; chasing it would churn pods). Within ``ENDGAME_SHARDS`` mean shards of the
    deadline, or past it, every remaining shard is wanted in flight. Without a deadline, or
    before any rate is known, an exponential ramp, (running + pending) x ``ramp_factor``, while
    there is backlog.
@@ -38,7 +41,8 @@ from airflow_antbatch.errors import SpecError
 
 DEADLINE_HEADROOM = 1.25  # a deadline pool is sized for rows / (rate x time left) x this
 DEADLINE_SLACK = 1.25  # ... and keeps up to this much more than that rather than shrink
-# This many mean shards from the deadline, every remaining shard goes in flight: a straggler can take 10.
+# The tail's reserve, in mean shards before the deadline: the bulk is sized to end before it, and
+# within it every remaining shard goes in flight (a straggler can take 10).
 ENDGAME_SHARDS = 10.0
 
 
@@ -87,6 +91,7 @@ class PoolSnapshot:
     # A worker has held nothing over two heartbeats in a row: it found nothing to claim. The
     # controller remembers it for the rest of the job: the starved pod goes, the evidence stays.
     starved: bool = False
+    start_s: float | None = None  # measured: from a pod running to its worker's first heartbeat (median)
 
     @property
     def pods(self) -> int:
@@ -165,11 +170,8 @@ def _target(s: PoolSnapshot, settings: PoolSettings) -> tuple[int, str]:
                 f"deadline in {left:.0f} s, within {ENDGAME_SHARDS:.0f} shards of {shard_s:.0f} s: "
                 "every remaining shard in flight"
             )
-        need = math.ceil(s.remaining_rows * DEADLINE_HEADROOM / (rate * (left - shard_s)))
-        why = (
-            f"deadline in {left:.0f} s: {s.remaining_rows} rows at {rate:.1f} rows/s per worker "
-            f"need {need} pod(s) (x{DEADLINE_HEADROOM} headroom)"
-        )
+        need, why = _deadline_need(s, rate, left - ENDGAME_SHARDS * shard_s, settings.max_workers)
+        why = f"deadline in {left:.0f} s: {why}"
         if need < s.pods <= need * DEADLINE_SLACK:
             return s.pods, f"{why}; keeping {s.pods}, within x{DEADLINE_SLACK}"
         return need, why
@@ -177,3 +179,18 @@ def _target(s: PoolSnapshot, settings: PoolSettings) -> tuple[int, str]:
         return s.pods, f"no backlog: holding {s.pods} pod(s) while {s.leased_shards} shard(s) run"
     ramp = math.ceil(max(1, s.pods) * settings.ramp_factor)
     return ramp, f"backlog of {s.pending_shards} shard(s): ramp {s.pods} -> {ramp} pod(s)"
+
+
+def _deadline_need(s: PoolSnapshot, rate: float, work_in: float, most: int) -> tuple[int, str]:
+    """Pods that finish ``s.remaining_rows`` (x ``DEADLINE_HEADROOM``) within ``work_in`` seconds
+    at ``rate`` rows/s each, where a pod added now works only after the measured start delay."""
+    demand = s.remaining_rows * DEADLINE_HEADROOM / rate  # pod-seconds of work
+    why = f"{s.remaining_rows} rows at {rate:.1f} rows/s per worker"
+    if demand <= s.running * work_in:  # the running pods suffice: size down to what is needed
+        need = math.ceil(demand / work_in)
+        return need, f"{why} need {need} pod(s) (x{DEADLINE_HEADROOM} headroom)"
+    start = s.start_s or 0.0
+    if work_in <= start:
+        return most, f"{why}: a pod added now would start too late to help, every pod wanted"
+    need = s.running + math.ceil((demand - s.running * work_in) / (work_in - start))
+    return need, f"{why} need {need} pod(s) (x{DEADLINE_HEADROOM} headroom, new pods start in {start:.0f} s)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import time
 
 import pytest
@@ -123,6 +124,23 @@ def test_a_worker_idle_over_two_heartbeats_marks_the_tail_and_idle_pods_go() -> 
     restored = PoolController.from_dict(POOL, json.loads(json.dumps(controller.to_dict())))
     after = restored.tick(pods[:5], status(2, busy(0, 1, 2, 3, 4)), 20.0, 20.0)
     assert (after.decision.wanted, after.create) == (5, ())  # no pod made for shards it cannot reach
+
+
+def test_a_pod_start_is_timed_from_creation_or_its_wait_for_capacity_to_a_new_heartbeat() -> None:
+    controller = PoolController(POOL)
+    old = (beat(0, ("a",), token="slot-0--old"),)
+    fresh = (beat(0, ("a",), token="slot-0--new"),)
+    # slot 0's pod created 5 s before the tick, not started; its worker beats by 40 s: 45 s to start
+    assert controller.tick([pod(0, "Pending", age_s=5.0)], status(9, old), 0.0, 0.0).snapshot.start_s is None  # type: ignore[union-attr]
+    controller.tick([pod(0, age_s=25.0)], status(9, old), 20.0, 20.0)
+    assert controller.tick([pod(0, age_s=45.0)], status(9, fresh), 40.0, 40.0).snapshot.start_s == 45.0  # type: ignore[union-attr]
+    # a pod that waited for capacity until 100 s and beat by 130 s took 30 s to start
+    waiting = pod(1, "Pending", unschedulable=True, age_s=90.0)
+    controller.tick([pod(0), waiting], status(9, fresh), 100.0, 100.0)
+    plan = controller.tick([pod(0), pod(1)], status(9, (*fresh, beat(1, ("b",)))), 130.0, 130.0)
+    assert plan.snapshot is not None and plan.snapshot.start_s == statistics.median([45.0, 30.0])
+    saved = PoolController.from_dict(POOL, json.loads(json.dumps(controller.to_dict())))
+    assert saved.to_dict()["starts"] == [45.0, 30.0]
 
 
 def test_scale_down_never_deletes_a_pod_whose_worker_holds_a_try() -> None:
