@@ -203,6 +203,11 @@ class Claimer:
         """Whether its next claim must come from another worker's share: its run and retries are out."""
         return not self._has_work()
 
+    def pace(self) -> float | None:
+        """Its recent seconds per shard, once it has finished one."""
+        with self._lock:
+            return self._shard_seconds()
+
     def is_backup(self, shard_id: str) -> bool:
         with self._lock:
             return self._held.get(shard_id, (0, False))[1]
@@ -237,9 +242,10 @@ class Claimer:
             return bool(self._retry or self._later or self._runs) or self._cursor < self._end
 
     def _claim_without_waiting(self) -> Lease | None:
-        lease = self._from_retries(self._retry) or self._from_run() or self._from_retries(self._later)
+        lease = self._from_retries(self._retry)
         if lease is None and self._faster_would_finish_sooner():
             return None
+        lease = lease or self._from_run() or self._from_retries(self._later)
         tries = 0
         while lease is None and tries < STEAL_TRIES and (self._steal() or self._probe_slot()):
             lease = self._from_run()
@@ -284,10 +290,11 @@ class Claimer:
         return end - start >= MIN_STEAL
 
     def _faster_would_finish_sooner(self) -> bool:
-        """At the tail (its own run out, a try in hand), a worker that a busy one outpaces
-        BACKUP_GAIN times does not take another shard from elsewhere to read ahead: the faster
-        one, soon free, would finish it first. It claims again once its try settles."""
-        if self._roster is None:
+        """At the tail (under MIN_STEAL positions left in its run, a try in hand), a worker that a
+        busy one outpaces BACKUP_GAIN times takes no other shard to read ahead, from its run or
+        another's: the faster one, soon free, would finish it first (and steals all of so short a
+        run from a slower worker). It claims again once its try settles."""
+        if self._roster is None or self.run_left() > MIN_STEAL:
             return False
         busy = set(self._roster.busy) - self._handled
         return any(t in busy and self._outpaced_by(beat) for t, (_, beat) in self._seen_beats.items())

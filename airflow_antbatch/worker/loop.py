@@ -376,12 +376,17 @@ class Worker:
     # -- races at the tail (NOTE [races]) -------------------------------------------------------
 
     def _watch_races(self) -> None:
-        interval = self.poll_interval_s / RACE_WATCHES_PER_POLL
-        while not self._races_stop.wait(interval):
+        while not self._races_stop.wait(self._race_interval()):
             try:
                 self._look_at_races()
             except StoreError as exc:  # a blip: the fencing read and the commit still decide
                 log.warning("%s: watching races: %s", self.identity.worker_id, exc)
+
+    def _race_interval(self) -> float:
+        """An eighth of a poll, or of this worker's pace if shorter (a handover must come before
+        the try read ahead starts): the watch costs GETs only at the tail."""
+        pace = self.claimer.pace()
+        return max(0.01, min(self.poll_interval_s, pace or self.poll_interval_s) / RACE_WATCHES_PER_POLL)
 
     def _look_at_races(self) -> None:
         with self._changed:
