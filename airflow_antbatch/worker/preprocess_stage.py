@@ -9,7 +9,10 @@ may still be importing torch), this stage runs the hook itself, with the hook th
 loaded (``ThreadPreprocess``: exceptions split and quarantine as they do there), then hands
 over to the processes for good. Only a shard's first try is preprocessed here: a record that
 crashes the process would crash the worker, and the shard's next try, which the lease's epoch
-tells apart, waits for the pool, where the record is isolated and quarantined.
+tells apart, waits for the pool, where the record is isolated and quarantined. Once the worker
+holds any retried shard, nothing more is preprocessed here: a worker restarted after such a
+crash takes its earlier incarnation's tries first, and other records like it in other shards'
+first tries would otherwise end this incarnation too (and a few such restarts fail a pod's slot).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class PoolPreprocess(Stage):
         self.inline = inline
         self._scaler = scaler
         self._model_clocks = model_clocks
+        self._inlining = True  # until the pool has started or a retried shard is held
 
     def run(self) -> None:
         try:
@@ -56,8 +60,10 @@ class PoolPreprocess(Stage):
         return self.pool.busy_seconds() + self.inline.clock.busy_s
 
     def _may_inline(self, chunk: Chunk) -> bool:
-        """Before the pool has started, a shard's first try (epoch 0) is preprocessed here."""
-        return not self.pool.started and self.flow.shards[chunk.shard_id].lease.epoch == 0
+        """Before the pool has started, first tries are preprocessed here while no retry is held."""
+        if self._inlining and (self.pool.started or any(w.lease.epoch for w in list(self.flow.shards.values()))):
+            self._inlining = False  # for good
+        return self._inlining
 
     def _feed(self) -> None:
         """Feed the pool, put results back in input order, and resize the pool as the scaler says."""

@@ -98,16 +98,21 @@ def test_the_worker_hands_over_to_the_processes_once_they_are_ready(tmp_path: pa
     assert list(_output_ids(ledger).values()) == [table["txn_id"].to_pylist()]  # input order kept
 
 
-def test_a_retried_shard_is_never_preprocessed_in_the_worker(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("retried", [0, 1])
+def test_a_retried_shard_is_never_preprocessed_in_the_worker(tmp_path: pathlib.Path, retried: int) -> None:
+    """Nor is anything after it: the first of the plan's two shards is claimed first, so when
+    it is the retried one, every row waits for the pool."""
     ledger, table, log = _job(tmp_path, "starts_in_3s", rows=500, max_shard_rows=250)
-    retried = ledger.plan.shards[0].shard_id
-    second_tries(ledger, [retried])
-    summary = _worker(ledger, preprocess_workers=1).run()
+    shard_id = ledger.plan.shards[retried].shard_id
+    second_tries(ledger, [shard_id])
+    worker = _worker(ledger, preprocess_workers=1)
+    summary = worker.run()
     assert summary.outcome == "finished" and summary.rows_committed == 500
-    output = _output_ids(ledger)
-    by_pid = preprocessed_by(log)
-    assert not set(by_pid.get(os.getpid(), [])) & set(output[retried])
-    assert sorted(i for ids in by_pid.values() for i in ids) == table["txn_id"].to_pylist()
+    here = preprocessed_by(log).get(os.getpid(), [])
+    assert not set(here) & set(_output_ids(ledger)[shard_id])
+    if retried == 0:
+        assert here == [] and worker.pipeline.rows_preprocessed_inline == 0
+    assert sorted(i for ids in preprocessed_by(log).values() for i in ids) == table["txn_id"].to_pylist()
 
 
 def test_a_pool_that_cannot_start_fails_the_worker_and_releases_its_leases(tmp_path: pathlib.Path) -> None:
