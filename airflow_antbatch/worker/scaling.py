@@ -177,6 +177,7 @@ class ElasticScaler:
         self._window_s = min(FIRST_WINDOW_S, interval_s)
         self._last_busy = 0.0
         self._last_cpu: CpuSample | None = None
+        self._grew = False  # the last window's decision added a process
         self._meter = CpuMeter()
 
     @property
@@ -287,16 +288,22 @@ class ElasticScaler:
 
     def _decide(self, w: Window, rate: float | None, now: float) -> int | None:
         figures = w.text(self.processes)
-        processes, reason = self.processes, f"preprocess uses {w.preprocess_cpu:.1f} cores: {figures}"
+        # A process added in the last window may still be starting: its first window does not
+        # count against it (the pool is not shrunk straight back).
+        grew = self._grew
+        processes, reason = self.processes, f"preprocess keeps {w.demand:.1f} cores busy: {figures}"
         bottleneck = w.starved >= GROW_WHEN_STARVED and w.busy >= GROW_WHEN_BUSY
         if self.elastic and bottleneck and w.free >= GROW_WHEN_FREE and processes < self.cpu_budget:
             processes, reason = processes + 1, f"preprocess is the bottleneck: {figures}"
-        elif self.elastic and processes > 1 and w.demand < (processes - 1) * SHRINK_BELOW:
+        elif self.elastic and not grew and processes > 1 and w.demand < (processes - 1) * SHRINK_BELOW:
             processes, reason = processes - 1, f"preprocess has spare capacity: {figures}"
         threads = self.torch_threads()
         # A process that is added is assumed busy; otherwise preprocessing keeps the cores it
         # mostly uses, and a core it uses only now and then is offered to the model (on probation).
-        cores = processes if processes > self.processes else min(processes, math.floor(w.preprocess_cpu + 0.25))
+        # Counted by the clock, not the kernel: a process with work competes for a core even while
+        # it waits for one, and torch threads that outnumber the free cores collapse.
+        cores = processes if processes > self.processes else min(processes, math.floor(w.demand + 0.25))
+        self._grew = processes > self.processes
         before, self.processes, self.preprocess_cores = self.processes, processes, cores
         # Threads matter only to stages that compute on the CPU.
         threads_moved = self.torch_threads() != threads and any(self._on_cpu or [True])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -75,6 +76,22 @@ def test_a_process_grows_only_into_a_core_the_worker_leaves_free(
     assert any(d.reason.startswith("preprocess is the bottleneck") for d in scaler.decisions) is grows
 
 
+def test_a_process_just_added_is_not_taken_back_in_its_first_window() -> None:
+    """It may still be starting (forked, importing): the pool shrinks only after a whole window at its new size."""
+    scaler = opened(2)
+    starving = StageClock(wait_in_s=0.5 * scaler._window_s, rows=100)
+    now = T0 + scaler._window_s
+    cpu = CpuSample(0.0, 0.9 * scaler._window_s)  # one process on its core, the other core idle
+    assert scaler.observe(0.95 * scaler._window_s, [starving], now=now, cpu=cpu) == 2
+    idle = [dataclasses.replace(starving, rows=200)]
+    pool = 0.95 * (now - T0)
+    now += scaler._window_s
+    assert scaler.observe(pool + 0.1, idle, now=now, cpu=cpu) is None  # starting: kept
+    now += scaler._window_s
+    assert scaler.observe(pool + 0.2, idle, now=now, cpu=cpu) == 1  # idle for a whole window: shrunk
+    assert scaler.decisions[-1].reason.startswith("preprocess has spare capacity")
+
+
 def test_model_stages_that_wait_on_a_device_leave_their_cores_to_preprocessing() -> None:
     """Three model stages declared on the CPU, each busy half the window but on the CPU for 2% of
     it (a simulated device): they hold no core, so the starved chain gets a second process, and
@@ -133,7 +150,7 @@ def test_a_fixed_pool_still_hands_idle_cores_to_the_model() -> None:
     cpu = CpuSample(0.0, 0.1 * w)
     assert scaler.observe(pool_busy_s=0.1 * w, models=[StageClock(rows=1)], now=T0 + w, cpu=cpu) is None
     assert scaler.processes == 2 and scaler.torch_threads() == 4
-    assert scaler.decisions[-1].reason.startswith("preprocess uses 0.1 cores")
+    assert scaler.decisions[-1].reason.startswith("preprocess keeps 0.1 cores busy")
 
 
 @pytest.mark.parametrize(("rate_after", "kept"), [(2000.0, True), (1050.0, False)])
