@@ -1,8 +1,11 @@
 """Intra-node elastic scaling: how many preprocess processes, how many torch threads per model.
 
-The worker watches where time goes and what uses the cores. When the first model stage waits
-for input while every preprocess process is busy and a core is free, preprocessing is the
-bottleneck and gets one more process; when the processes idle, one goes. A model stage counts
+The worker watches where time goes (stage clocks) and what really uses the cores (the kernel's
+CPU count for the worker and its preprocess processes, ``CpuMeter``). When the first model
+stage waits for input while every preprocess process is busy and a core of the budget is
+free by the kernel's count (a process waiting for a core is not taken for one using it),
+preprocessing is the bottleneck and gets one more process; when the processes idle for a
+whole window after the last one was added, one goes. A model stage counts
 as using cores only if its thread is on the CPU while it works: one that waits on a device
 (CUDA, or anything that blocks without computing) leaves its cores to preprocessing. Torch
 threads per CPU model stage take the cores that preprocessing leaves, because OpenMP threads
@@ -31,7 +34,7 @@ log = logging.getLogger(__name__)
 
 GROW_WHEN_STARVED = 0.10  # the first model stage waited this share of the window for input
 GROW_WHEN_BUSY = 0.75  # ... while the preprocess processes were inside the hook this share of theirs
-GROW_WHEN_FREE = 0.75  # ... and this many cores of the budget were used by neither preprocess nor models
+GROW_WHEN_FREE = 0.75  # ... and the worker's processes left this many cores of the budget unused
 SHRINK_BELOW = 0.70  # one process fewer would still be busy under this share
 PROBE_GAIN = 1.10  # more torch threads must make the model this much faster to stay
 # A model stage whose thread is on the CPU under this share of its busy time waits on a device: one
