@@ -318,14 +318,17 @@ class Claimer:
         return mine / (mine + pace)
 
     def _tail_poll(self) -> float | None:
-        """How often an idle worker looks again while others are busy: a quarter of the shortest
-        pace it knows (its own, or a watched worker's), between an eighth of a poll and a poll."""
+        """How often an idle worker looks again while a worker worth watching is busy (a slower
+        one, or one whose run had positions to steal): a quarter of the shortest pace it knows
+        (its own, or a watched worker's), between an eighth of a poll and a poll. None while
+        nobody is: then the wait grows as before, since every look costs listings (with 1,000
+        workers and a tail of slow shards, looking every poll tripled the requests per shard)."""
         with self._lock:
             mine = self._shard_seconds()
-        if self._roster is None or not any(t not in self._handled for t in self._roster.busy):
+        paces = [pace for _, pace in self._watched()]
+        if not paces:
             return None
-        paces = [pace for _, pace in self._watched()] + ([mine] if mine else [])
-        return max(self._poll / 8, min(self._poll, *(p / 4 for p in paces))) if paces else None
+        return max(self._poll / 8, min(self._poll, *(p / 4 for p in paces + ([mine] if mine else []))))
 
     def _reread_busy(self) -> bool:
         """Read the heartbeats of up to VICTIMS_READ busy workers again, those worth watching
@@ -342,6 +345,8 @@ class Claimer:
             return False
         now = self.ledger.clock()
         watched = dict(self._watched())
+        if not watched:  # nothing to gain at the tail: the roster's versions say when to read again
+            return False
 
         def due(token: str) -> bool:
             """A watched worker every quarter of its pace; any other busy one every pace of this one."""
