@@ -324,8 +324,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"{verb} plan {result.plan_uri}: {len(result.plan.shards)} shards", file=sys.stderr)
     if in_process:
         # One worker per machine: no second process to start, no second torch import, and the
-        # worker's scaler shares the cores between preprocess processes and torch threads.
-        summary = _worker_here(args, result.plan_uri, "worker-0")
+        # worker's scaler shares the cores between preprocess processes and torch threads. This
+        # process is the user's command, so every record goes through the preprocess processes:
+        # one that crashes the hook is quarantined instead of ending the command (their start
+        # overlapped planning and the torch import above).
+        summary = _worker_here(args, result.plan_uri, "worker-0", preprocess_while_pool_starts=False)
         code = _worker_exit_code(summary)
         results: list[dict[str, Any]] = [{"worker_id": "worker-0", "exit_code": code, "summary": summary.to_dict()}]
     else:

@@ -60,6 +60,10 @@ class PipelineOptions:
     preprocess_workers: int | None = None  # None: elastic; 0: preprocess in a thread
     torch_threads: int | None = None
     scale_interval_s: float = 2.0
+    # Preprocess first tries in the worker until the pool has started (see preprocess_stage).
+    # Off where the worker is the user's own command (`antbatch run`): a record that crashes
+    # the hook must not end it, and its pool starts while it plans and imports torch anyway.
+    preprocess_while_pool_starts: bool = True
 
 
 class Pipeline:
@@ -93,7 +97,8 @@ class Pipeline:
             assert code.preprocess_ref is not None
             pool = PreprocessPool(code.preprocess_ref, self.scaler.processes)  # starts in the background
             clocks = [m.clock for m in models]
-            preprocess = self._pool_stage = PoolPreprocess(self.flow, pool, self.scaler, clocks, in_thread)
+            inline = in_thread if options.preprocess_while_pool_starts else None
+            preprocess = self._pool_stage = PoolPreprocess(self.flow, pool, self.scaler, clocks, inline)
         self.stages: list[Stage] = [
             ReadStage(self.flow, read, code.assembler.check_input),
             preprocess,
@@ -116,7 +121,8 @@ class Pipeline:
     @property
     def rows_preprocessed_inline(self) -> int:
         """Rows the pool's stage preprocessed in its own thread while the processes started."""
-        return self._pool_stage.inline.clock.rows if self._pool_stage is not None else 0
+        inline = self._pool_stage.inline if self._pool_stage is not None else None
+        return inline.clock.rows if inline is not None else 0
 
     @property
     def unfinished(self) -> list[ShardWork]:

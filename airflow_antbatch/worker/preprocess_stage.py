@@ -13,6 +13,8 @@ tells apart, waits for the pool, where the record is isolated and quarantined. O
 holds any retried shard, nothing more is preprocessed here: a worker restarted after such a
 crash takes its earlier incarnation's tries first, and other records like it in other shards'
 first tries would otherwise end this incarnation too (and a few such restarts fail a pod's slot).
+``antbatch run``'s in-process worker turns this off (``preprocess_while_pool_starts``): there
+the worker is the user's command, which a crashing record must not end.
 """
 
 from __future__ import annotations
@@ -40,14 +42,14 @@ class PoolPreprocess(Stage):
         pool: PreprocessPool,
         scaler: ElasticScaler,
         model_clocks: Sequence[StageClock],
-        inline: ThreadPreprocess,
+        inline: ThreadPreprocess | None,
     ) -> None:
         super().__init__("preprocess", flow)
         self.pool = pool
         self.inline = inline
         self._scaler = scaler
         self._model_clocks = model_clocks
-        self._inlining = True  # until the pool has started or a retried shard is held
+        self._inlining = inline is not None  # until the pool has started or a retried shard is held
 
     def run(self) -> None:
         try:
@@ -57,7 +59,7 @@ class PoolPreprocess(Stage):
             self.pool.close()
 
     def _busy_s(self) -> float:
-        return self.pool.busy_seconds() + self.inline.clock.busy_s
+        return self.pool.busy_seconds() + (self.inline.clock.busy_s if self.inline is not None else 0.0)
 
     def _may_inline(self, chunk: Chunk) -> bool:
         """Before the pool has started, first tries are preprocessed here while no retry is held."""
@@ -78,6 +80,7 @@ class PoolPreprocess(Stage):
                 key = order.next_key()
                 if isinstance(item, Chunk) and not self.flow.dropping(item.shard_id):
                     if self._may_inline(item):
+                        assert self.inline is not None  # _may_inline says so
                         order.ready[key] = self.inline.map(item)
                         inlined = True
                         break  # the pool may be ready by now: look before taking the next chunk

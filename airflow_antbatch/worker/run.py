@@ -41,6 +41,7 @@ def run_worker(
     cache: CacheOptions | None = None,
     progress_interval_s: float = 30.0,
     slot: tuple[int, int] | None = None,
+    preprocess_while_pool_starts: bool = True,
 ) -> WorkerSummary:
     """Load the plan and the user code, then process shards until none is left.
 
@@ -56,6 +57,9 @@ def run_worker(
     shard's small input files many at a time (default: 256 MiB in memory). A progress line is
     logged every ``progress_interval_s`` (0: never). ``slot`` (I, N) is the share of the plan
     this worker claims first (see NOTE [claiming] in worker/claims.py).
+    ``preprocess_while_pool_starts=False`` keeps every record in the pool's processes, where one
+    that crashes the hook is quarantined, at the price of waiting for their start (see
+    ``preprocess_stage``).
 
     The summary's ``time_to_first_batch_s`` counts from the start of this process: for
     ``antbatch run`` with one worker, from the command's start.
@@ -76,6 +80,7 @@ def run_worker(
         cpu_budget=cpu_budget,
         preprocess_workers=preprocess_workers,
         torch_threads=torch_threads,
+        preprocess_while_pool_starts=preprocess_while_pool_starts,
     )
     identity = WorkerIdentity(worker_id)
     log.info(

@@ -3,6 +3,7 @@ process is ready, retried shards wait for the pool, and a pool that cannot start
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -144,3 +145,25 @@ def test_a_record_that_crashes_the_worker_on_a_first_try_is_quarantined_on_the_s
     bad = pq.read_table(pathlib.Path(ledger.plan.spec.output_uri) / str(record.quarantine_file))
     assert bad["txn_id"].to_pylist() == [20]
     assert "exited with code 3" in bad["_antbatch_reason"][0].as_py()
+
+
+@pytest.mark.slow
+def test_antbatch_run_quarantines_a_crashing_record_of_a_first_try_in_the_same_command(tmp_path: pathlib.Path) -> None:
+    """`antbatch run`'s worker is the command itself: it waits for the preprocess processes, so
+    such a record is quarantined there instead of ending the command."""
+    ledger, table, log = _job(tmp_path, "starts_in_1s", rows=200, max_shard_rows=200, crash=20, batch_size=20)
+    spec = ledger.plan.spec
+    command = [sys.executable, "-m", "airflow_antbatch", "run", "--input", spec.input_uri, "--output", spec.output_uri]
+    command += ["--model", str(spec.model), "--preprocess", str(spec.preprocess)]
+    command += ["--postprocess", str(spec.postprocess)]
+    command += ["--id-column", "txn_id", "--batch-size", "20", "--max-shard-rows", "200", "--json"]
+    root = pathlib.Path(__file__).parents[2]
+    with subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+        stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr[-3000:]
+    [summary] = [w["summary"] for w in json.loads(stdout)["workers"]]
+    assert summary["rows_committed"] == 199 and summary["rows_quarantined"] == 1 and summary["shards_failed"] == 0
+    by_pid = preprocessed_by(log)
+    assert by_pid and run.pid not in by_pid  # every row went through the preprocess processes
+    ids = sorted(i for shard in _output_ids(ledger).values() for i in shard)
+    assert ids == [i for i in table["txn_id"].to_pylist() if i != 20]
