@@ -135,6 +135,20 @@ def test_the_first_window_opens_at_the_first_scored_batch_and_windows_double_to_
     assert lengths == [scaling.FIRST_WINDOW_S, 1.0, 2.0, 2.0, 2.0]
 
 
+def test_the_kernel_is_read_only_when_a_window_opens_or_closes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """observe runs on every turn of the preprocess stage's loop; a read of /proc costs its CPU."""
+    reads: list[float] = []
+    real = CpuMeter.sample
+    monkeypatch.setattr(CpuMeter, "sample", lambda meter: reads.append(time.monotonic()) or real(meter))
+    scaler = ElasticScaler(cpu_budget=2, cpu_model_stages=1, interval_s=60.0)
+    for _ in range(200):
+        scaler.observe(0.0, [StageClock()])  # nothing scored yet: no window
+    assert reads == []
+    for _ in range(200):
+        scaler.observe(0.0, [StageClock(rows=1)])  # the first opens the window, the rest are inside it
+    assert len(reads) == 1
+
+
 def test_fixed_settings_are_never_scaled() -> None:
     scaler = opened(8, model_stages=2, fixed_processes=3, fixed_threads=5)
     assert scaler.processes == 3
