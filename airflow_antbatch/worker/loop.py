@@ -62,6 +62,9 @@ class Overtaken(AntBatchError):
 
 MAX_LEASES = 2  # the shard in the model stages and the next, being read
 RACE_WATCHES_PER_POLL = 8  # how often a try in a race looks for its rival's commit, per poll interval
+# ... but never more often than this: each look is a GET per try in hand, and a thousand workers
+# at the tail watching every 10 ms (an eighth of a fast pace) would cost 10^5 GETs a second.
+MIN_RACE_WATCH_S = 0.05
 TIMELINE_BUCKET_S = 10  # rows committed per 10 s, carried in the heartbeat for the status timeline
 TIMELINE_BUCKETS = 360  # an hour of them; older buckets drop off
 
@@ -386,9 +389,11 @@ class Worker:
         """An eighth of a poll, or of this worker's pace if shorter (a handover must come before
         the try read ahead starts): the watch costs GETs only at the tail."""
         pace = self.claimer.pace()
-        return max(0.01, min(self.poll_interval_s, pace or self.poll_interval_s) / RACE_WATCHES_PER_POLL)
+        return max(MIN_RACE_WATCH_S, min(self.poll_interval_s, pace or self.poll_interval_s) / RACE_WATCHES_PER_POLL)
 
     def _look_at_races(self) -> None:
+        if not self.claimer.has_rivals():  # nobody to back a try up: no GET
+            return
         with self._changed:
             leases = list(self._leases.values())
         at_tail = self.claimer.at_tail()

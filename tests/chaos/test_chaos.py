@@ -70,19 +70,21 @@ def test_local_schedule_commits_every_row_exactly_once(
 def test_a_woken_zombie_writes_its_own_file_and_never_the_committed_one(
     tmp_path: pathlib.Path, subprocess_env: dict[str, str]
 ) -> None:
-    """Stopped past its lease, the zombie finishes the tries others took over: each writes the
-    zombie's own try's file, which no commit names; the committed files keep the bytes and the
-    time of their commit (the checker), and finalize removes the zombie's."""
+    """Stopped past its lease, the zombie goes on with the tries others took over: each writes the
+    zombie's own try's file, which no commit names, or is dropped unwritten once the zombie sees
+    the other try's commit (NOTE [races] in worker/loop.py); the committed files keep the bytes
+    and the time of their commit (the checker), and finalize removes the zombie's."""
     location = StoreLocation("local", str(tmp_path / "store"), {})
     result = run_schedule(zombie_schedule(), location, tmp_path, env=subprocess_env)
     _assert_exactly_once(result)
     record = json.dumps(result.to_dict(), indent=1)
     overtaken = [z for z in result.zombie_tries if z.committed_file is not None and not z.released]
     assert overtaken, record
-    assert all(z.written and z.file != z.committed_file for z in overtaken), record
-    assert result.verdict.losing_files >= len(overtaken) and result.verdict.orphans == 0, record
+    assert all(z.file != z.committed_file for z in overtaken), record
+    written = [z for z in overtaken if z.written]
+    assert result.verdict.losing_files >= len(written) and result.verdict.orphans == 0, record
     [stop] = result.injected
-    assert f"woken zombie: {len(overtaken)} tries overtaken, {len(overtaken)} wrote their own file" in stop.detail
+    assert f"woken zombie: {len(overtaken)} tries overtaken, {len(written)} wrote their own file" in stop.detail
     assert stop.detail.endswith("committed files untouched"), stop.detail
 
 

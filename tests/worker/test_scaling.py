@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import pathlib
 import signal
+import subprocess
 import sys
 import time
 
@@ -241,10 +244,9 @@ def test_any_run_of_windows_keeps_the_pool_and_threads_in_the_budget(
     assert all(d.reason for d in scaler.decisions)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_the_cpu_meter_counts_what_descendants_really_use() -> None:
-    """A child spinning and one asleep: the meter's count is the CPU the kernel charged them
-    (their rusage once reaped), not their wall time, and it stays counted after they exit."""
+def meter_against_the_kernel() -> dict[str, float | None]:
+    """A child spinning and one asleep, stopped after 1 s, then killed and reaped: what the meter
+    counted before and after, and what the kernel charged them (their rusage once reaped)."""
     meter = CpuMeter()
     assert meter.sample() is not None
     codes = ["while True: pass", "import time; time.sleep(30)"]
@@ -259,8 +261,23 @@ def test_the_cpu_meter_counts_what_descendants_really_use() -> None:
         os.kill(pid, signal.SIGKILL)
         _, _, usage = os.wait4(pid, 0)  # reaped here: the kernel's own count of their CPU
         charged += usage.ru_utime + usage.ru_stime
-    assert counted is not None
-    assert charged > 0.0
-    assert counted.children_s == pytest.approx(charged, abs=0.03)  # /proc counts in ticks of 10 ms
     gone = meter.sample()
-    assert gone is not None and gone.children_s == counted.children_s  # nothing goes negative
+    return {
+        "counted": counted.children_s if counted else None,
+        "charged": charged,
+        "gone": gone.children_s if gone else None,
+    }
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_cpu_meter_counts_what_descendants_really_use() -> None:
+    """The meter's count is the CPU the kernel charged the worker's descendants, not their wall
+    time, and it stays counted after they exit. Measured in a fresh process: this one's other
+    descendants (the store servers of other tests) would be counted too."""
+    code = "import json; from tests.worker.test_scaling import meter_against_the_kernel as m; print(json.dumps(m()))"
+    root = pathlib.Path(__file__).parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["charged"] > 0.0
+    assert figures["counted"] == pytest.approx(figures["charged"], abs=0.03)  # /proc counts in ticks of 10 ms
+    assert figures["gone"] == figures["counted"]  # nothing goes negative
