@@ -203,12 +203,6 @@ class Claimer:
         """Whether its next claim must come from another worker's share: its run and retries are out."""
         return not self._has_work()
 
-    def has_rivals(self) -> bool:
-        """Whether its last listing of heartbeats showed another worker, one that could back its
-        tries up (it lists them once its own run is out, which is when backups come)."""
-        roster = self._roster
-        return roster is not None and any(token != self._token for token in roster.versions)
-
     def pace(self) -> float | None:
         """Its recent seconds per shard, once it has finished one."""
         with self._lock:

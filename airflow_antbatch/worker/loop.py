@@ -392,8 +392,6 @@ class Worker:
         return max(MIN_RACE_WATCH_S, min(self.poll_interval_s, pace or self.poll_interval_s) / RACE_WATCHES_PER_POLL)
 
     def _look_at_races(self) -> None:
-        if not self.claimer.has_rivals():  # nobody to back a try up: no GET
-            return
         with self._changed:
             leases = list(self._leases.values())
         at_tail = self.claimer.at_tail()
