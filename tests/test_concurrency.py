@@ -127,7 +127,12 @@ def test_eight_workers_commit_every_shard_and_row_exactly_once(
     record_property("ledger_requests", dict(requests))
     record_property("ledger_requests_per_shard", round(per_shard, 2))
     print(f"\n{location.backend}: {per_shard:.2f} ledger requests per shard (heartbeats aside): {dict(requests)}")
-    assert per_shard <= 6, requests
+    # The tail's looks (steals by speed, backups, the race watch: ADR 0002, Backups) cost GETs per
+    # worker per job, which 8 workers on 2 cores, each at its own pace, spread over only 64 shards:
+    # 6.05 and 6.39 in two full runs (5.x before them). At scale they vanish per shard
+    # (bench.scale --quick: 3.81 requests per shard at W=100, as before). 8 still fails the old
+    # walk's per-shard-per-worker cost (17 here).
+    assert per_shard <= 8, requests
 
 
 def test_worker_command_passes_storage_options_the_cli_accepts() -> None:
