@@ -61,11 +61,11 @@ class PoolPreprocess(Stage):
     def _busy_s(self) -> float:
         return self.pool.busy_seconds() + (self.inline.clock.busy_s if self.inline is not None else 0.0)
 
-    def _may_inline(self, chunk: Chunk) -> bool:
-        """Before the pool has started, first tries are preprocessed here while no retry is held."""
+    def _inline_now(self) -> ThreadPreprocess | None:
+        """The stage to preprocess in here, before the pool has started, while no retry is held."""
         if self._inlining and (self.pool.started or any(w.lease.epoch for w in list(self.flow.shards.values()))):
             self._inlining = False  # for good
-        return self._inlining
+        return self.inline if self._inlining else None
 
     def _feed(self) -> None:
         """Feed the pool, put results back in input order, and resize the pool as the scaler says."""
@@ -79,9 +79,8 @@ class PoolPreprocess(Stage):
                     break
                 key = order.next_key()
                 if isinstance(item, Chunk) and not self.flow.dropping(item.shard_id):
-                    if self._may_inline(item):
-                        assert self.inline is not None  # _may_inline says so
-                        order.ready[key] = self.inline.map(item)
+                    if (inline := self._inline_now()) is not None:
+                        order.ready[key] = inline.map(item)
                         inlined = True
                         break  # the pool may be ready by now: look before taking the next chunk
                     order.expect(key, item.shard_id, item.batch.num_rows)
