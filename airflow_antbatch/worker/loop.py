@@ -140,7 +140,6 @@ class Worker:
         self.summary = WorkerSummary(identity.worker_id, identity.token, cpu_budget=options.cpu_budget)
         self._started = time.monotonic()
         self._changed = threading.Condition()
-        self._in_flight: set[str] = set()
         self._leases: dict[str, Lease] = {}  # the tries in flight, in claim order (the first is being scored)
         self._raced: set[str] = set()  # tries known to have a rival: watched for its commit
         self._races_stop = threading.Event()
@@ -157,7 +156,7 @@ class Worker:
             "shards_committed": self.summary.shards_committed,
             "rows_committed": self.summary.rows_committed,
             "rows_per_s": self.summary.rows_committed / elapsed,
-            "current_shard": min(list(self._in_flight), default=None),
+            "current_shard": min(list(self._leases), default=None),
             "rows_quarantined": self.summary.rows_quarantined,
             "rows_lost": self.summary.rows_lost,
             "timeline": sorted(self._timeline.items()),
@@ -208,19 +207,18 @@ class Worker:
         self._progress.start()
         while not self.stop.is_set():
             with self._changed:
-                if len(self._in_flight) >= MAX_LEASES:
+                if len(self._leases) >= MAX_LEASES:
                     self._changed.wait(self.poll_interval_s)
                     continue
             lease = self._patiently(lambda: self.claimer.next_lease(self._wait), "claiming")
             if lease is None:
                 with self._changed:
-                    if not self._in_flight or self.stop.is_set():
+                    if not self._leases or self.stop.is_set():
                         return
                     self._changed.wait(self.poll_interval_s)  # a try in flight may still fail
                 continue
             with self._changed:
-                duplicate = lease.shard_id in self._in_flight
-                self._in_flight.add(lease.shard_id)
+                duplicate = lease.shard_id in self._leases
                 if not duplicate:
                     self._leases[lease.shard_id] = lease
             if duplicate:  # never expected: the pipeline keys its work by shard, so give it back
@@ -270,7 +268,6 @@ class Worker:
             if done or not self.stop.is_set():  # else the final heartbeat lists it as still held
                 self.claimer.settle(work.lease, done=done)  # not done: another try, or failed for good
             with self._changed:
-                self._in_flight.discard(shard_id)
                 self._leases.pop(shard_id, None)
                 self._raced.discard(shard_id)
                 self._changed.notify_all()
