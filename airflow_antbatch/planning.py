@@ -15,17 +15,18 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from airflow_antbatch import layout
 from airflow_antbatch.errors import InputError, InputNotFoundError, PlanConflictError, SpecError
+from airflow_antbatch.parquet_footers import read_footers
 from airflow_antbatch.shards import JobPlan, Piece, Shard, ShardTable
 from airflow_antbatch.store import AtomicStore
 from airflow_antbatch.text_sample import SAMPLE_FILES, TextSample, sample_text
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
+
+    import pyarrow as pa
 
     from airflow_antbatch.spec import JobSpec
 
@@ -199,12 +200,14 @@ def list_input(spec: JobSpec, storage_options: dict[str, Any] | None = None) -> 
         raise InputNotFoundError(f"input {list(spec.input_uris)} holds no non-empty data files")
     paths = sorted(infos)
     fmt = spec.input_format or _infer_format(paths)
+    footers = iter(read_footers(fs, paths, [int(infos[p]["size"]) for p in paths])) if fmt == "parquet" else None
     files: list[InputFile] = []
     for path in paths:
         info = infos.pop(path)  # a listing entry is a dict of ~10 keys: free each once it is read
         url = fs.unstrip_protocol(path)
         version = object_version(info)
-        groups, schema = _parquet_footer(fs, path, url) if fmt == "parquet" else (None, None)
+        footer = next(footers) if footers is not None else None
+        groups, schema = (footer.row_groups, footer.schema) if footer is not None else (None, None)
         if schema is not None and files and files[0].schema is not None:
             _check_same_schema(files[0].path, files[0].schema, url, schema)
         files.append(InputFile(url, int(info["size"]), version, groups, schema))
@@ -335,20 +338,6 @@ def _infer_format(paths: list[str]) -> str:
         examples = ", ".join(f"{f} ({p})" for f, p in sorted(formats.items()))
         raise InputError(f"input mixes formats: {examples}; point input_uri at one format or set input_format")
     return next(iter(formats))
-
-
-def _parquet_footer(
-    fs: fsspec.AbstractFileSystem, path: str, url: str
-) -> tuple[tuple[tuple[int, int], ...], pa.Schema]:
-    """(rows, bytes) of each row group, and the schema."""
-    try:
-        with fs.open(path, "rb") as handle:
-            meta = pq.read_metadata(handle)
-        schema = meta.schema.to_arrow_schema().remove_metadata()
-    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError variants for bad footers
-        raise InputError(f"input file {url} is not a readable Parquet file: {exc}") from exc
-    groups = tuple((meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups))
-    return groups, schema
 
 
 # -- sharding --------------------------------------------------------------------------------
