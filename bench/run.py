@@ -73,10 +73,11 @@ def variants(profile: Profile, workload: str, with_ray: bool) -> list[Variant]:
     ]
     antbatch = {"cpu_budget": CPUS, "max_shard_rows": profile.max_shard_rows}
     out.append(Variant("antbatch", "antbatch", "bench.systems.antbatch", CPUS, antbatch))
-    if device:
-        # The models use no CPU: preprocessing in the worker's own thread needs no process pool to start.
-        pre_thread = {**antbatch, "preprocess_workers": 0}
-        out.append(Variant("antbatch-pre-thread", "antbatch", "bench.systems.antbatch", CPUS, pre_thread))
+    # Preprocessing in the worker's own thread: no process pool to start. The simulated devices
+    # leave it the GIL; on a CPU workload the jobs here are seconds long, and the pool's start
+    # (its forkserver imports torch) takes a core for about one of them.
+    pre_thread = {**antbatch, "preprocess_workers": 0}
+    out.append(Variant("antbatch-pre-thread", "antbatch", "bench.systems.antbatch", CPUS, pre_thread))
     if with_ray:
         for ray in profile.ray_variants:
             if ray.get("chain_mode") == "split" and len(MODELS[workload]) == 1:

@@ -19,6 +19,7 @@ def names(workload: str) -> list[str]:
 def test_cpu_workloads_run_the_baselines_with_and_without_a_passive_wait() -> None:
     single = names("single")
     assert {"naive-t1", "naive-t2", "naive-t2-ompdefault", "bound", "bound-ompdefault", "antbatch"} <= set(single)
+    assert "antbatch-pre-thread" in single
     assert "naive-t1-ompdefault" not in single  # one thread: nothing waits
     assert "ray-split-chain" not in single and "ray-split-chain" in names("chain")
     envs = {v.name: v.env({"OMP_WAIT_POLICY": "PASSIVE"}) for v in run.variants(PROFILES["full"], "single", True)}
