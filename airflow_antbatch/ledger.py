@@ -104,6 +104,8 @@ class WorkerStatus:
     timeline: tuple[tuple[float, int], ...] = ()
     beat: int = 0  # grows while the process lives: observers time its changes by their own clock
     rows_lost: int = 0  # rows it scored whose shard another try committed first (backups, zombies)
+    # Its idle marker is up: it found nothing to claim and holds nothing (``status(idle=True)`` only)
+    idle: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -544,16 +546,20 @@ class Ledger:
 
     # -- status ----------------------------------------------------------------------------
 
-    def status(self) -> JobStatus:
+    def status(self, *, idle: bool = False) -> JobStatus:
         """Shards by state, rows and throughput: from the heartbeats, never a per-shard read.
 
         One listing of ``workers/`` plus a GET of each heartbeat that changed since this Ledger
         last looked, and one GET of ``done.json``. Only when no worker is running and no worker
         has recorded the end does it list the commits (a page per 1,000) to settle the count.
+        With ``idle``, one more listing (``idle/``) sets ``WorkerStatus.idle``: a worker's marker
+        goes up and down as it runs out of work and claims again, fresher than its heartbeat
+        (the elastic pool lets such a worker's pod go on its next tick).
         """
         done = self.read_done()
         beats = self._heartbeats()
-        workers = [_worker_status(doc) for doc in beats]
+        marked = self.idle_tokens() if idle else set()
+        workers = [_worker_status(doc, doc["token"] in marked) for doc in beats]
         live = [w for w in workers if w.state == "running" and w.last_beat_age_s < self.ttl_s]
         failures = _failures_from(beats)
         counts = dict.fromkeys(ShardState, 0)
@@ -622,7 +628,7 @@ class Ledger:
         )
 
 
-def _worker_status(doc: dict[str, Any]) -> WorkerStatus:
+def _worker_status(doc: dict[str, Any], idle: bool) -> WorkerStatus:
     return WorkerStatus(
         token=doc["token"],
         worker_id=doc["worker_id"],
@@ -637,6 +643,7 @@ def _worker_status(doc: dict[str, Any]) -> WorkerStatus:
         timeline=tuple((float(t), int(n)) for t, n in doc.get("timeline", ())),
         beat=int(doc["beat"]),
         rows_lost=int(doc.get("rows_lost", 0)),
+        idle=idle,
     )
 
 

@@ -103,7 +103,10 @@ class _Job:
     def __init__(self, trace: Trace, setup: Setup) -> None:
         self.trace, self.setup = trace, setup
         self.sim = SimClock()
-        self.cfg = Config(workers=(trace.max_workers,), shards=setup.shards, seed=setup.seed, work=setup.work)
+        # PodWorker beats after a commit itself, once the try is settled (as worker.loop does)
+        self.cfg = Config(
+            workers=(trace.max_workers,), shards=setup.shards, seed=setup.seed, work=setup.work, post_commit_beat=False
+        )
         self.plan = make_plan(setup.shards, self.cfg.lease_ttl_s)
         self.work = dict(zip(self.plan.shard_ids, setup.work.draw(setup.shards, setup.seed), strict=True))
         self.state = SimStore(self.sim, seed=setup.seed, name="state")
@@ -275,7 +278,7 @@ def pool(settings: PoolSettings) -> Any:
         controller = PoolController(settings)
         while True:
             now = sim.now()
-            plan = controller.tick([p.view(now) for p in cluster.pods.values()], ledger.status(), now, now)
+            plan = controller.tick([p.view(now) for p in cluster.pods.values()], ledger.status(idle=True), now, now)
             if not job.decisions or job.decisions[-1][1] != plan.decision.wanted:
                 job.decisions.append((now, plan.decision.wanted, plan.decision.reason))
             for name in plan.delete:

@@ -220,6 +220,8 @@ class PodWorker(_Worker):
         finally:
             self.pod.tries.append(Try(lease.shard_id, at, self.cluster.now(), outcome))
         self.lease = self.claimer.current = None
+        if outcome == "committed":  # worker.loop's beat after a commit comes once the try is settled
+            self.beat()
 
     def terminate(self) -> None:
         """SIGTERM, as ``worker.loop`` handles it: release the try in hand, a final heartbeat."""

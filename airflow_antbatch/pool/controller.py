@@ -1,7 +1,7 @@
 """The reconciling core of an elastic pool: pods + ledger status in, what to create and delete out.
 
 NOTE [pool controller]: each tick is level-triggered. The caller lists the pool's pods (one
-request, by label selector) and reads ``Ledger.status()``; ``tick`` turns them into a
+request, by label selector) and reads ``Ledger.status(idle=True)``; ``tick`` turns them into a
 ``PoolSnapshot``, asks ``decide`` for the size, and answers with a ``TickPlan``: the slots to
 create a pod for and the pod names to delete, one API request each, nothing else.
 
@@ -11,9 +11,11 @@ create a pod for and the pod names to delete, one API request each, nothing else
   takes its predecessor's tries in its slot's run over at once (``Ledger.try_claim``,
   ``own_slot``) instead of waiting out a lease TTL.
 - A Succeeded pod (its worker found the job done) is deleted and not replaced.
-- Scaling down deletes pods that hold no lease, never one whose worker holds a lease: pods not
-  created yet first, then unschedulable and pending pods (youngest first), then idle running
-  pods (highest slot first).
+- Scaling down deletes pods that hold no try: pods not created yet first, then unschedulable
+  and pending pods (youngest first), then idle running pods (highest slot first): those whose
+  worker's idle marker is up (it found nothing to claim) or that have not beaten yet. A worker
+  whose heartbeat shows no lease but whose marker is down is claiming its next shard
+  (worker.loop beats after each commit): its pod stays.
 - The task fails, naming the pod and its reason, when any pod cannot pull its image for
   ``IMAGE_PULL_GRACE_S`` (at once for an invalid image name), when a pod is in
   CrashLoopBackOff, or when one slot's pods fail with the same reason ``crash_loop_limit``
@@ -23,8 +25,9 @@ create a pod for and the pod names to delete, one API request each, nothing else
   committed or failed for good; finalize says which).
 
 The little it remembers (failure streaks per slot, pods already handled, when an image pull
-first failed, the last decisions) is plain data: ``to_dict``/``from_dict`` carry it across a
-triggerer restart, and losing it only delays a crash-loop verdict.
+first failed, whether a worker starved, pod start delays, the last decisions) is plain data:
+``to_dict``/``from_dict`` carry it across a triggerer restart, and losing it only delays a
+crash-loop verdict, the tail's first cut and a deadline's start delays.
 """
 
 from __future__ import annotations
@@ -89,9 +92,6 @@ class PoolController:
         self._streaks: dict[int, tuple[str, int, str]] = {}
         self._handled: set[str] = set()  # pods already replaced (and counted), while still listed
         self._image_pull: dict[str, float] = {}  # pod -> elapsed_s when it first failed to pull
-        self._quiet: dict[
-            str, int
-        ] = {}  # worker token -> its first heartbeat seen holding nothing, while it holds nothing
         self._starved = False  # a worker found nothing to claim: from then on the job is at its tail
         # pod -> (elapsed_s it was created or last seen unschedulable, None once timed; its slot's token then)
         self._watch: dict[str, tuple[float | None, str]] = {}
@@ -120,7 +120,7 @@ class PoolController:
         replace = sorted({p.slot for p in lost} - occupied)
         orphaned = {s: len(w.leases) for s in replace if (w := beats.last.get(worker_id(s)))}
         snapshot = _snapshot(alive, replace, orphaned, status, beats, (now_s, elapsed_s))
-        self._starved = self._any_starved(alive, beats) or self._starved
+        self._starved = self._starved or any(beats.marked(p.slot) for p in alive if p.phase == "Running")
         self._time_starts(alive, beats, elapsed_s)
         start_s = statistics.median(self._starts) if self._starts else None
         snapshot = dataclasses.replace(snapshot, starved=self._starved, start_s=start_s)
@@ -152,21 +152,6 @@ class PoolController:
                 since = None  # timed
             watch[p.name] = (since, before)
         self._watch = watch
-
-    def _any_starved(self, alive: Iterable[PodView], beats: _Beats) -> bool:
-        """Whether a running worker held nothing in two heartbeats in a row: its claims, steals
-        and probes found nothing in between (a worker beats every TTL/4, a try lasts longer). One
-        heartbeat is not enough: a worker's first one comes before its first claim."""
-        quiet: dict[str, int] = {}
-        starved = False
-        for p in alive:
-            w = beats.live.get(worker_id(p.slot))
-            if p.phase != "Running" or w is None or beats.busy(p.slot):
-                continue
-            quiet[w.token] = first = self._quiet.get(w.token, w.beat)
-            starved = starved or w.beat > first
-        self._quiet = quiet
-        return starved
 
     def _image_verdict(self, live: Iterable[PodView], elapsed_s: float) -> str | None:
         """A pod that cannot pull its image fails the task: at once for an invalid name, else
@@ -208,7 +193,6 @@ class PoolController:
             "streaks": {str(s): list(v) for s, v in sorted(self._streaks.items())},
             "handled": sorted(self._handled),
             "image_pull": dict(sorted(self._image_pull.items())),
-            "quiet": dict(sorted(self._quiet.items())),
             "starved": self._starved,
             "starts": [round(x, 1) for x in self._starts],
             "decisions": [[d.wanted, d.reason] for d in self.decisions],
@@ -220,7 +204,6 @@ class PoolController:
         controller._streaks = {int(s): (str(r), int(n), str(t)) for s, (r, n, t) in data.get("streaks", {}).items()}
         controller._handled = set(data.get("handled", ()))
         controller._image_pull = {str(k): float(v) for k, v in data.get("image_pull", {}).items()}
-        controller._quiet = {str(k): int(v) for k, v in data.get("quiet", {}).items()}
         controller._starved = bool(data.get("starved", False))
         controller._starts = [float(x) for x in data.get("starts", ())]
         controller.decisions = [Decision(int(w), str(r)) for w, r in data.get("decisions", ())]
@@ -263,10 +246,17 @@ class _Beats:
         return cls(last, live)
 
     def busy(self, slot: int) -> bool:
-        """Whether the slot's running worker holds a try (a lease, or a backup in flight); a pod
-        not heard from yet holds none, so a scale-down loses nothing with it."""
+        """Whether the slot's running worker may hold a try: it has beaten and its idle marker is
+        down. A heartbeat without a lease is no proof of idleness: worker.loop beats after each
+        commit, before it claims again. A pod not heard from yet holds none, and a worker whose
+        marker is up found nothing to claim: a scale-down loses nothing with either."""
         w = self.live.get(worker_id(slot))
-        return w is not None and (bool(w.leases) or w.current_shard is not None)
+        return w is not None and not w.idle
+
+    def marked(self, slot: int) -> bool:
+        """Whether the slot's running worker has put its idle marker up: it found nothing to claim."""
+        w = self.live.get(worker_id(slot))
+        return w is not None and w.idle
 
 
 def _snapshot(

@@ -92,6 +92,8 @@ class LedgerWatch:
         workers do, ``max(120 s, 4 lease TTLs)`` (120 s until the plan is read).
     :param conn_id: the Airflow connection to read through (or the one ``plan_uri`` names),
         looked up on the first read: in the triggerer, for the trigger.
+    :param idle_markers: read the workers' idle markers too (``Ledger.status(idle=True)``: one
+        listing more), as the elastic pool does to let idle pods go.
     """
 
     def __init__(
@@ -102,8 +104,10 @@ class LedgerWatch:
         store_patience: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         conn_id: str | None = None,
+        idle_markers: bool = False,
     ) -> None:
         self.plan_uri = plan_uri
+        self.idle_markers = idle_markers
         self.storage_options = storage_options
         self.conn_id = conn_id
         self.store_patience = store_patience
@@ -145,7 +149,7 @@ class LedgerWatch:
 
         if self._ledger is None:
             self._ledger = Ledger.open(*reach(self.plan_uri, self.conn_id, self.storage_options))
-        return self._ledger.status()
+        return self._ledger.status(idle=True) if self.idle_markers else self._ledger.status()
 
 
 class ShardLedgerSensor(BaseSensorOperator):

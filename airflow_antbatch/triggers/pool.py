@@ -5,8 +5,9 @@ Each tick (NOTE [pool controller] in :mod:`airflow_antbatch.pool.controller`):
 
 1. ONE list of the pool's pods by label selector (dag, task, run, component), read as plain
    JSON: at 2,000 pods, deserialising client models would cost seconds per tick;
-2. the ledger's status (blocking fsspec I/O, so in a thread), through the sensor's
-   :class:`~airflow_antbatch.sensors.ledger.LedgerWatch` (store errors ridden out);
+2. the ledger's status with the workers' idle markers (blocking fsspec I/O, so in a thread),
+   through the sensor's :class:`~airflow_antbatch.sensors.ledger.LedgerWatch` (store errors
+   ridden out);
 3. ``PoolController.tick``; then one create or delete request per pod it names, a bounded
    number at a time; pods of the same task labelled with another plan (an earlier attempt's
    pool) are deleted too: never two pools;
@@ -181,7 +182,8 @@ class ElasticPoolTrigger(BaseTrigger):
         self.in_cluster = in_cluster
         self.cluster_context = cluster_context
         self.connection_extras = connection_extras
-        self.watch = LedgerWatch(plan_uri, storage_options)  # the loop's ledger reads
+        # the loop's ledger reads, idle markers included: an idle worker's pod goes on the next tick
+        self.watch = LedgerWatch(plan_uri, storage_options, idle_markers=True)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (

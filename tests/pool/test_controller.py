@@ -22,7 +22,9 @@ def pod(slot: int, phase: str = "Running", **kw: object) -> PodView:
     return PodView(name=name, slot=slot, phase=phase, **fields)  # type: ignore[arg-type]
 
 
-def beat(slot: int, leases: tuple[str, ...] = (), *, token: str = "", committed: int = 1) -> WorkerStatus:
+def beat(
+    slot: int, leases: tuple[str, ...] = (), *, token: str = "", committed: int = 1, idle: bool = False
+) -> WorkerStatus:
     return WorkerStatus(
         token=token or f"{worker_id(slot)}--a",
         worker_id=worker_id(slot),
@@ -33,6 +35,7 @@ def beat(slot: int, leases: tuple[str, ...] = (), *, token: str = "", committed:
         last_beat_age_s=1.0,
         current_shard=leases[0] if leases else None,
         leases=leases,
+        idle=idle,
     )
 
 
@@ -98,29 +101,38 @@ def test_a_replacement_comes_for_the_leases_even_with_nothing_pending() -> None:
 def test_succeeded_pods_go_and_the_tail_lets_idle_workers_go_highest_slot_first() -> None:
     controller = PoolController(POOL)
     pods = [pod(0), pod(1), pod(2), pod(3), pod(4, "Succeeded")]
-    workers = (*busy(1), beat(0), beat(2), beat(3))  # 0, 2 and 3 hold nothing
+    workers = (*busy(1), beat(0, idle=True), beat(2, idle=True), beat(3, idle=True))  # 0, 2 and 3 found nothing
     plan = controller.tick(pods, status(0, workers), 0.0, 0.0)
     assert plan.create == ()
     assert plan.delete == ("pool-4", "pool-3", "pool-2", "pool-0")
     assert plan.decision.wanted == 1
 
 
-def test_a_worker_idle_over_two_heartbeats_marks_the_tail_and_idle_pods_go() -> None:
-    """Two shards pending, five workers busy, three idle: the pending shards are the ends of busy
-    workers' runs once an idle worker has held nothing over two heartbeats (its first may come
-    before its first claim), and that is remembered after the starved pods are gone."""
+def test_a_worker_between_tries_is_kept_until_its_idle_marker_is_up() -> None:
+    """worker.loop beats after each commit, before it claims again: a heartbeat without a lease
+    is no proof of idleness. Only the idle marker (or no heartbeat yet) lets a running pod go."""
+    controller = PoolController(POOL)
+    pods = [pod(0), pod(1), pod(2)]
+    between = controller.tick(pods, status(0, (*busy(0), beat(1), beat(2))), 0.0, 0.0)
+    assert (between.decision.wanted, between.delete) == (1, ())  # 1 and 2 may be claiming: kept
+    marked = controller.tick(pods, status(0, (*busy(0), beat(1), beat(2, idle=True))), 10.0, 10.0)
+    assert marked.delete == ("pool-2",)
+    unheard = controller.tick([*pods[:2], pod(5)], status(0, (*busy(0), beat(1))), 20.0, 20.0)
+    assert unheard.delete == ("pool-5",)  # no heartbeat yet: it holds nothing
+
+
+def test_an_idle_marker_marks_the_tail_and_idle_pods_go() -> None:
+    """Two shards pending, five workers busy, three idle: once a worker's idle marker is up (it
+    found nothing to claim), the pending shards are the ends of busy workers' runs, and that is
+    remembered after the starved pods are gone."""
     controller = PoolController(POOL)
     pods = [pod(s) for s in range(8)]
-
-    def idle(slot: int, n: int) -> WorkerStatus:
-        return dataclasses.replace(beat(slot), beat=n)
-
-    first = controller.tick(pods, status(2, (*busy(0, 1, 2, 3, 4), idle(5, 3), idle(6, 3), idle(7, 3))), 0.0, 0.0)
-    assert (first.decision.wanted, first.delete) == (7, ("pool-7",))  # 5 holders + 2 pending
-    later = controller.tick(pods[:7], status(2, (*busy(0, 1, 2, 3, 4), idle(5, 4), idle(6, 3))), 10.0, 10.0)
+    first = controller.tick(pods, status(2, (*busy(0, 1, 2, 3, 4), beat(5), beat(6), beat(7))), 0.0, 0.0)
+    assert (first.decision.wanted, first.delete) == (7, ())  # 5 holders + 2 pending; 5-7 not marked: kept
+    later = controller.tick(pods, status(2, (*busy(0, 1, 2, 3, 4), beat(5, idle=True), beat(6), beat(7))), 10.0, 10.0)
     assert later.decision.wanted == 5
     assert "wait at the end of busy workers' runs" in later.decision.reason
-    assert set(later.delete) == {"pool-5", "pool-6"}
+    assert later.delete == ("pool-5",)  # 6 and 7 go once their markers are up
     restored = PoolController.from_dict(POOL, json.loads(json.dumps(controller.to_dict())))
     after = restored.tick(pods[:5], status(2, busy(0, 1, 2, 3, 4)), 20.0, 20.0)
     assert (after.decision.wanted, after.create) == (5, ())  # no pod made for shards it cannot reach

@@ -81,20 +81,20 @@ def test_decisions_by_hand(overrides: dict[str, object], pool: PoolSettings, wan
 
 
 def test_a_deadline_sizes_the_pool_by_the_observed_rate() -> None:
-    pool = dataclasses.replace(POOL, deadline_s=3600.0)
+    pool = dataclasses.replace(POOL, deadline_s=4600.0)
     # 104,000 rows over 104 shards at 10 rows/s per worker: a shard takes 100 s, and the last
-    # 10 shards' time is the tail's reserve, so the work must be done in 3,000 - 1,000 = 2,000 s:
+    # 20 shards' time is the tail's reserve, so the work must be done in 4,000 - 2,000 = 2,000 s:
     # 104,000 x 1.25 / 10 = 13,000 pod-seconds. The 4 running pods do 8,000 of them; each pod
     # added does 2,000 less its start: 3 more at once, 4 more when a start takes 500 s.
     decision = decide(snap(rows_per_s_per_worker=10.0), pool, None)
     assert decision.wanted == 4 + math.ceil((104_000 * DEADLINE_HEADROOM / 10.0 - 4 * 2000) / 2000)
-    assert "deadline in 3000 s" in decision.reason
+    assert "deadline in 4000 s" in decision.reason
     slow = decide(snap(rows_per_s_per_worker=10.0, start_s=500.0), pool, None)
     assert (slow.wanted, "new pods start in 500 s" in slow.reason) == (8, True)
     # before any rate is known it ramps; a pool already within x1.25 of the need keeps its size
     assert "ramp" in decide(snap(), pool, None).reason
     assert decide(snap(rows_per_s_per_worker=10.0, running=8, leased_shards=8), pool, None).wanted == 8
-    # ahead of time: down to min_workers; behind (the last 10 shards' time, or past it): every pod
+    # ahead of time: down to min_workers; behind (the last 20 shards' time, or past it): every pod
     assert decide(snap(rows_per_s_per_worker=1000.0), pool, None).wanted == 2
     late = decide(snap(rows_per_s_per_worker=10.0, elapsed_s=3000.0), pool, None)
     assert (late.wanted, "every remaining shard in flight" in late.reason) == (16, True)
