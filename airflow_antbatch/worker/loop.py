@@ -1,8 +1,21 @@
 """The worker: claims shards from the ledger, runs them through the pipeline, commits them.
 
 A worker does not own shards: it pulls them from the ledger, so fast workers take more and
-the last live worker finishes a dead worker's shards once their lease expires. It holds at
-most two leases: the shard being scored and the next one, read ahead while the first finishes.
+the last live worker finishes a dead worker's shards once their lease expires.
+
+NOTE [read-ahead]: a lease is held from its claim until its shard is committed, so the leases
+held are what the pipeline can work on. Holding the shard being scored and the next is enough
+where a shard is many batches or one stage takes most of the time; small shards through
+several stages (models on devices) leave stages waiting. So the worker holds a window of
+tries: two at first, one more each time a shard settles after the first model stage waited
+for input while the reader waited for the window (``_adapt_window``), up to MAX_LEASES and
+to as many rows as the pipeline holds when fed (a batch in each stage's hands and a full
+queue before the first model: ``read_ahead_rows``). Each lease is one claim either way; what
+costs is holding: tries held ahead are out of reach of idle workers' steals, and without
+backups the job waits for them. So the window widens only where it buys throughput, it never
+holds more than its run has left (so it reaches the tail with two at most), and at the tail
+(its run and retries out), or after a failed try until one commits (a broken hook fails what
+is read ahead too), it claims no more than the try being scored and one ahead.
 
 NOTE [races]: at the tail a try may be raced by a backup (docs/adr/0002-ledger-protocol.md,
 Backups). A thread watches the tries in such a race, only there, one GET each per watch
@@ -33,10 +46,12 @@ from airflow_antbatch.worker.backoff import retry_store
 from airflow_antbatch.worker.claims import Claimer
 from airflow_antbatch.worker.heartbeat import Heartbeat
 from airflow_antbatch.worker.local import available_cpus
+from airflow_antbatch.worker.model_stage import ScoringStage
 from airflow_antbatch.worker.near_cache import CacheOptions, NearCache
 from airflow_antbatch.worker.pipeline import Pipeline, PipelineOptions
 from airflow_antbatch.worker.progress import ProgressLog
 from airflow_antbatch.worker.reader import iter_batches
+from airflow_antbatch.worker.stages import QUEUE_DEPTH
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -60,7 +75,11 @@ class Overtaken(AntBatchError):
         self.handed_over = handed_over
 
 
-MAX_LEASES = 2  # the shard in the model stages and the next, being read
+MAX_LEASES = 6  # tries held at once, however small the shards (NOTE [read-ahead])
+TAIL_LEASES = 2  # the window at first and at the tail: the shard being scored and one read ahead
+# The window widens when, since the last shard settled, the first model stage waited for input
+# more than this share of the time while the reader waited for the window.
+STARVED_SHARE = 0.05
 RACE_WATCHES_PER_POLL = 8  # how often a try in a race looks for its rival's commit, per poll interval
 # ... but never more often than this: each look is a GET per try in hand, and a thousand workers
 # at the tail watching every 10 ms (an eighth of a fast pace) would cost 10^5 GETs a second.
@@ -146,6 +165,9 @@ class Worker:
         self._races = threading.Thread(target=self._watch_races, name="antbatch-races", daemon=True)
         self._timeline: dict[int, int] = {}  # bucket start (epoch s) -> rows committed
         self._streak: tuple[str, list[str]] = ("", [])  # an error, and the shards it failed in a row
+        self._window = TAIL_LEASES  # tries it may hold (NOTE [read-ahead])
+        self._window_wait_s = 0.0  # the reader's time waiting for the window to open
+        self._starved: tuple[float, float, float] | None = None  # first model's wait, reader's, at: last settle
         self.claimer = Claimer(ledger, identity, slot=slot, poll_interval_s=self.poll_interval_s, stop=self.stop)
         self._heartbeat = Heartbeat(ledger, identity, max(0.05, ttl / 4), self._stats)
         self._progress = ProgressLog(self.summary, self.claimer.run_left, progress_interval_s)
@@ -195,20 +217,52 @@ class Worker:
         summary.stages = {name: clock.to_dict() for name, clock in self.pipeline.clocks.items()}
         summary.scaling = [d.to_dict() for d in self.pipeline.scaler.decisions]
         summary.cache = self.cache.stats.to_dict()
-        summary.claiming = self.claimer.stats.to_dict()
+        summary.claiming = {**self.claimer.stats.to_dict(), "read_ahead_window": self._window}
         summary.shards_skipped = self.claimer.stats.skipped
         summary.failed_for_good = list(self.claimer.failed_for_good)
         summary.stopped_job = summary.stopped_job or self.claimer.stopped_by
 
     # -- claiming ------------------------------------------------------------------------------
 
+    def read_ahead_rows(self) -> int:
+        """The rows the pipeline holds when fed: a batch in each stage's hands and a full queue
+        before the first model (NOTE [read-ahead])."""
+        spec = self.plan.spec
+        batch_size = spec.model_stages[0].batch_size or spec.batch_size
+        return batch_size * (len(self.pipeline.stages) + QUEUE_DEPTH)
+
+    def _wants_another(self) -> bool:
+        with self._changed:
+            held = [self.plan.shard_rows(self.plan.index_of(shard_id)) for shard_id in self._leases]
+            one_ahead = self.claimer.at_tail() or bool(self._streak[1])
+            return wants_another(
+                held, self.read_ahead_rows(), window=self._window, run_left=self.claimer.run_left(), one_ahead=one_ahead
+            )
+
+    def _adapt_window(self) -> None:
+        """One more try in the window when, since the last shard settled, the first model stage
+        waited for input while the reader waited for the window (NOTE [read-ahead]). The first
+        settle only starts the count: every stage waits for the job's first batch."""
+        first = next((stage for stage in self.pipeline.stages if isinstance(stage, ScoringStage)), None)
+        if first is None:
+            return
+        model, now = first.clock, time.monotonic()
+        last, self._starved = self._starved, (model.wait_in_s, self._window_wait_s, now)
+        if last is None:
+            return
+        model_waited, reader_waited, since = last
+        if model.wait_in_s - model_waited > STARVED_SHARE * (now - since) and self._window_wait_s > reader_waited:
+            self._window = min(MAX_LEASES, self._window + 1)
+
     def _claims(self) -> Iterator[tuple[Lease, Shard]]:
-        """Claimed shards for the pipeline's reader, while it holds fewer than MAX_LEASES."""
+        """Claimed shards for the pipeline's reader, as many as it needs ahead (NOTE [read-ahead])."""
         self._progress.start()
         while not self.stop.is_set():
-            with self._changed:
-                if len(self._leases) >= MAX_LEASES:
+            with self._changed:  # woken by a shard settling (_finish), checked under the same lock
+                if not self._wants_another():
+                    started = time.monotonic()
                     self._changed.wait(self.poll_interval_s)
+                    self._window_wait_s += time.monotonic() - started
                     continue
             lease = self._patiently(lambda: self.claimer.next_lease(self._wait), "claiming")
             if lease is None:
@@ -270,6 +324,7 @@ class Worker:
             with self._changed:
                 self._leases.pop(shard_id, None)
                 self._raced.discard(shard_id)
+                self._adapt_window()
                 self._changed.notify_all()
         if done:  # fresh counts for status, and the claimer's pace for backups; the thread retries
             with contextlib.suppress(StoreError):
@@ -454,6 +509,20 @@ class Worker:
             self.ledger.release(lease, reason=reason, failed=False)
         except StoreError as exc:
             log.warning("could not release %s after a store error: %s", lease.shard_id, exc)
+
+
+def wants_another(
+    held_rows: list[int | None], read_ahead_rows: int, *, window: int, run_left: int, one_ahead: bool
+) -> bool:
+    """Whether a worker holding tries of ``held_rows`` rows (None: not known before reading)
+    claims one more (NOTE [read-ahead]); ``one_ahead``: at the tail, or after a failed try.
+    Holding no more than its run has left, it reaches the tail holding two at most."""
+    held = len(held_rows)
+    if held < TAIL_LEASES:
+        return True
+    if one_ahead or held >= min(window, MAX_LEASES, run_left) or None in held_rows:
+        return False
+    return sum(r for r in held_rows if r is not None) < read_ahead_rows
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
