@@ -9,7 +9,9 @@ create a pod for and the pod names to delete, one API request each, nothing else
   taking back (being deleted with reason DisruptionTarget, Preempted or Evicted) is replaced in
   the same tick on the same slot: the new worker has the same worker id, ``slot-{slot}``, so it
   takes its predecessor's tries in its slot's run over at once (``Ledger.try_claim``,
-  ``own_slot``) instead of waiting out a lease TTL.
+  ``own_slot``) instead of waiting out a lease TTL. The tries a lost worker released on its way
+  out (the status counts them pending) are its heir's until the heir's worker beats: no other
+  pod is made for them, and the heir is not let go as idle while it starts.
 - A Succeeded pod (its worker found the job done) is deleted and not replaced.
 - Scaling down deletes pods that hold no try: pods not created yet first, then unschedulable
   and pending pods (youngest first), then idle running pods (highest slot first): those whose
@@ -119,7 +121,10 @@ class PoolController:
         occupied = {p.slot for p in pods if p.name not in gone}
         replace = sorted({p.slot for p in lost} - occupied)
         orphaned = {s: len(w.leases) for s in replace if (w := beats.last.get(worker_id(s)))}
-        snapshot = _snapshot(alive, replace, orphaned, status, beats, (now_s, elapsed_s))
+        # The slots whose next worker is coming: replacements made now, and pods whose worker has
+        # not beaten yet. Each takes its slot's last worker's tries over at once.
+        heirs = set(replace) | {p.slot for p in alive if beats.released(p.slot)}
+        snapshot = _snapshot(alive, (replace, orphaned, heirs), status, beats, (now_s, elapsed_s))
         self._starved = self._starved or any(beats.marked(p.slot) for p in alive if p.phase == "Running")
         self._time_starts(alive, beats, elapsed_s)
         start_s = statistics.median(self._starts) if self._starts else None
@@ -253,6 +258,20 @@ class _Beats:
         w = self.live.get(worker_id(slot))
         return w is not None and not w.idle
 
+    def idle(self, slot: int) -> bool:
+        """Whether a running pod of the slot may go with nothing lost: not busy, and not an heir
+        still starting that is to take its slot's released tries over."""
+        return not self.busy(slot) and not self.released(slot)
+
+    def released(self, slot: int) -> int:
+        """Tries the slot's last worker released when it exited (a preempted worker does, and
+        still lists them in its final heartbeat): the status counts them pending, but they are
+        the slot's next worker's, which takes them over at once. None while a worker of the slot runs."""
+        if worker_id(slot) in self.live:
+            return 0
+        w = self.last.get(worker_id(slot))
+        return len(w.leases) if w is not None and w.state in EXITED_STATES else 0
+
     def marked(self, slot: int) -> bool:
         """Whether the slot's running worker has put its idle marker up: it found nothing to claim."""
         w = self.live.get(worker_id(slot))
@@ -261,17 +280,24 @@ class _Beats:
 
 def _snapshot(
     alive: list[PodView],
-    replace: list[int],
-    orphaned: dict[int, int],
+    succession: tuple[list[int], dict[int, int], set[int]],
     status: JobStatus,
     beats: _Beats,
     clock: tuple[float, float],
 ) -> PoolSnapshot:
-    """The tick's counts; ``clock`` is (now_s, elapsed_s)."""
+    """The tick's counts; ``succession``: the slots of lost pods, the leases their workers held,
+    and the slots whose next worker is coming (``heirs``); ``clock``: (now_s, elapsed_s).
+
+    The tries a lost worker released (it exited) are counted as its heir's, not pending: a pod
+    made for them besides the heir would find them taken. Those it did not release (it has not
+    exited yet) are still leased."""
+    replace, orphaned, heirs = succession
     running = [p for p in alive if p.phase == "Running"]
     stuck = [p.age_s for p in alive if p.phase == "Pending" and p.unschedulable]
     rates = [w.rows_per_s for w in status.workers if w.state == "running" and w.rows_per_s > 0]
-    idle = sum(1 for p in running if not beats.busy(p.slot))
+    idle = sum(1 for p in running if beats.idle(p.slot))
+    released = min(status.pending, sum(beats.released(s) for s in heirs))
+    held = min(status.leased, sum(n for s, n in orphaned.items() if not beats.released(s)))
     if status.rows_planned is not None:
         remaining = max(0, status.rows_planned - status.rows_committed)
     else:  # rows unknown until planned with counts: the committed shards' mean size
@@ -280,8 +306,8 @@ def _snapshot(
     return PoolSnapshot(
         now_s=clock[0],
         elapsed_s=clock[1],
-        pending_shards=status.pending,
-        leased_shards=status.leased,
+        pending_shards=status.pending - released,
+        leased_shards=status.leased + released,
         remaining_rows=remaining,
         running=len(running),
         pending=len(alive) - len(running) + len(replace),
@@ -289,7 +315,8 @@ def _snapshot(
         oldest_unschedulable_s=max(stuck) if stuck else None,
         rows_per_s_per_worker=statistics.median(rates) if rates else None,
         idle_workers=idle,
-        orphaned_shards=min(status.leased, sum(orphaned.values())),
+        orphaned_shards=held + released,
+        coming=len(replace) + sum(1 for p in alive if p.phase == "Pending" and p.slot in heirs),
     )
 
 
@@ -315,7 +342,7 @@ def _reconcile(
     excess -= len(dropped)
     waiting = sorted((p for p in alive if p.phase == "Pending"), key=lambda p: (not p.unschedulable, p.age_s))
     idle = sorted(
-        (p for p in alive if p.phase == "Running" and not beats.busy(p.slot)),
+        (p for p in alive if p.phase == "Running" and beats.idle(p.slot)),
         key=lambda p: -p.slot,
     )
     delete = [p.name for p in (waiting + idle)[: max(0, excess)]]

@@ -9,7 +9,8 @@ decision's reason (docs/kubernetes.md, "Scaling policy"):
    replacements take over at once). A pod past that cap would find nothing to claim, so the
    pool shrinks as the work drains and no pod idles at the tail. Pending shards count only
    while some pod can reach them: once a worker has put its idle marker up, having found
-   nothing to claim (``starved``), and no more shards are pending than workers hold tries, the pending
+   nothing to claim (``starved``), and no more shards are pending than there are owners (workers
+   holding tries or claiming, and replacements coming for lost ones), the pending
    ones are the unclaimed ends of busy workers' runs (a run of one position is not split, NOTE
    [claiming]); their owners take them next, and another pod would only wait. (Shards that come
    back from a lost pod are its replacement's, counted apart; from one that fails, its own
@@ -94,6 +95,9 @@ class PoolSnapshot:
     # the rest of the job: the starved pod goes, the evidence stays.
     starved: bool = False
     start_s: float | None = None  # measured: from a pod running to its worker's first heartbeat (median)
+    # Pods not running yet that take a lost worker's slot over (replacements made this tick, and
+    # pending ones whose slot's worker released tries): each owns its slot's run.
+    coming: int = 0
 
     @property
     def pods(self) -> int:
@@ -113,8 +117,10 @@ class PoolSnapshot:
     @property
     def unreachable(self) -> bool:
         """Whether the pending shards are out of reach of any pod but their runs' owners: a worker
-        starved while no more were pending than the busy workers hold (NOTE [pool policy], step 2)."""
-        return self.starved and 0 < self.pending_shards <= self.holders
+        starved while no more were pending than there are owners, the running workers that are
+        not idle (holding tries or claiming) and the replacements coming (NOTE [pool policy], step 2)."""
+        owners = max(0, self.running - self.idle_workers) + self.coming
+        return self.starved and 0 < self.pending_shards <= owners
 
 
 @dataclasses.dataclass(frozen=True)

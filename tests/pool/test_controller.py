@@ -108,6 +108,24 @@ def test_succeeded_pods_go_and_the_tail_lets_idle_workers_go_highest_slot_first(
     assert plan.decision.wanted == 1
 
 
+def test_tries_a_preempted_worker_released_are_its_heirs_not_pending() -> None:
+    """At the tail, slot 2's worker is preempted holding two tries: it releases them (the status
+    counts them pending) and lists them in its final heartbeat. Its replacement takes them over:
+    no other pod is made for them, and the replacement is not let go while it starts."""
+    controller = PoolController(POOL)
+    gone = dataclasses.replace(beat(2, ("a", "b"), token="slot-2--old"), state="preempted")
+    workers = (*busy(0, 1), beat(3, idle=True), gone)
+    lost = pod(2, "Failed", reason="DisruptionTarget", name="pool-2-old")
+    plan = controller.tick([pod(0), pod(1), lost, pod(3)], status(2, workers), 0.0, 0.0)
+    assert plan.snapshot is not None and (plan.snapshot.pending_shards, plan.snapshot.orphaned_shards) == (0, 2)
+    assert (plan.create, plan.delete) == ((2,), ("pool-2-old",))  # counted pending too, it made 2 pods more
+    # Slot 3's marker is up, so the tail is known: were the two tries pending, no more than the
+    # busy workers hold, they would count as out of reach and the starting heir would go.
+    pods = [pod(0), pod(1), pod(2, name="pool-2-new"), pod(3)]
+    starting = controller.tick(pods, status(2, workers), 10.0, 10.0)
+    assert starting.create == () and "pool-2-new" not in starting.delete
+
+
 def test_a_worker_between_tries_is_kept_until_its_idle_marker_is_up() -> None:
     """worker.loop beats after each commit, before it claims again: a heartbeat without a lease
     is no proof of idleness. Only the idle marker (or no heartbeat yet) lets a running pod go."""

@@ -153,6 +153,7 @@ def snapshots(draw: st.DrawFn) -> PoolSnapshot:
         orphaned_shards=draw(st.integers(0, leased)),
         starved=draw(st.booleans()),
         start_s=draw(st.none() | st.floats(0.0, 5000.0)),
+        coming=draw(st.integers(0, pending)),
     )
 
 
