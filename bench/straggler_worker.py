@@ -42,7 +42,10 @@ def main() -> None:
             shards=summary.shards_committed, rows_lost=summary.rows_lost, handed_over=summary.shards_handed_over
         )
         with open(phase["result_file"] + ".tmp", "w") as handle:  # the harness polls for the file: whole or absent
-            json.dump({**result, "backups": summary.claiming.get("backups", 0)}, handle)
+            claiming = summary.claiming
+            json.dump(
+                {**result, "backups": claiming.get("backups", 0), "window": claiming.get("read_ahead_window")}, handle
+            )
         os.replace(phase["result_file"] + ".tmp", phase["result_file"])
 
 

@@ -126,7 +126,11 @@ def test_eight_workers_commit_every_shard_and_row_exactly_once(
     per_shard = sum(n for kind, n in requests.items() if kind != "heartbeat") / shards
     record_property("ledger_requests", dict(requests))
     record_property("ledger_requests_per_shard", round(per_shard, 2))
+    looks: Counter[str] = Counter()
+    for summary in summaries:
+        looks.update({k: v for k, v in summary["claiming"].items() if k != "read_ahead_window"})
     print(f"\n{location.backend}: {per_shard:.2f} ledger requests per shard (heartbeats aside): {dict(requests)}")
+    print(f"{location.backend}: claiming and looking: {dict(looks)}")
     # The tail's looks (steals by speed, backups, the race watch: ADR 0002, Backups) cost GETs per
     # worker per job, which 8 workers on 2 cores, each at its own pace, spread over only 64 shards:
     # 6.05 and 6.39 in two full runs (5.x before them). At scale they vanish per shard

@@ -74,6 +74,11 @@ class ClaimStats:
     sweeps: int = 0
     skipped: int = 0  # shards found committed (a rerun, or a lost race)
     backups: int = 0  # speculative tries of shards that a slower worker still held
+    # What looking costs (requests): heartbeats read to steal, back up or take over; looks at
+    # done.json while idle; roster listings (two listings each).
+    beats_read: int = 0
+    idle_looks: int = 0
+    rosters: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -358,6 +363,7 @@ class Claimer:
         chosen = [t for t in watched if due(t)] + self._rng.sample(others, len(others))
         for token in chosen[:VICTIMS_READ]:
             heartbeat = self.ledger.read_heartbeat(token)
+            self.stats.beats_read += 1
             if heartbeat is None:
                 continue
             self._seen_beats[token] = (self.ledger.clock(), heartbeat)
@@ -492,6 +498,7 @@ class Claimer:
         for token in self._rng.sample(fresh, min(VICTIMS_READ, len(fresh))):
             self._read_victims[token] = roster.versions[token]
             heartbeat = self.ledger.read_heartbeat(token)
+            self.stats.beats_read += 1
             if heartbeat is None:
                 continue
             self._seen_beats[token] = (self.ledger.clock(), heartbeat)
@@ -581,6 +588,7 @@ class Claimer:
         now = self.ledger.clock()
         if self._roster is None or now - self._roster.read_at >= self._poll:
             versions, idle = self.ledger.worker_versions(), self.ledger.idle_tokens()
+            self.stats.rosters += 1
             busy = [t for t in versions if t != self._token and t not in idle]
             self._roster = _Roster(now, versions, idle, busy)
         return self._roster
@@ -601,6 +609,7 @@ class Claimer:
             with self._lock:
                 self._idle = True
         done = self.ledger.read_done()
+        self.stats.idle_looks += 1
         if done is not None:
             self.stopped_by = done.get("stopped")
             self.finished = True
@@ -618,6 +627,7 @@ class Claimer:
             )
             if gone and not self._has_work():
                 heartbeat = self.ledger.read_heartbeat(token)
+                self.stats.beats_read += 1
                 if heartbeat is not None and self._take_over(token, heartbeat):
                     self._scanned_at = None  # once that work is done, judge this roster again
                     return False

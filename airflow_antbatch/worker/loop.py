@@ -8,9 +8,10 @@ held are what the pipeline can work on. Holding the shard being scored and the n
 where a shard is many batches or one stage takes most of the time; small shards through
 several stages (models on devices) leave stages waiting. So the worker holds a window of
 tries: two at first, one more each time a shard settles after the first model stage waited
-for input while the reader waited for the window (``_adapt_window``), up to MAX_LEASES and
-to as many rows as the pipeline holds when fed (a batch in each stage's hands and a full
-queue before the first model: ``read_ahead_rows``). Each lease is one claim either way; what
+for input while the reader waited for the window (``_adapt_window``), one fewer after
+CALM_SETTLES settles without, up to MAX_LEASES and to as many rows as the pipeline holds
+when fed (a batch in each stage's hands and a full queue before the first model:
+``read_ahead_rows``). Each lease is one claim either way; what
 costs is holding: tries held ahead are out of reach of idle workers' steals, and without
 backups the job waits for them. So the window widens only where it buys throughput, it never
 holds more than its run has left (so it reaches the tail with two at most), and at the tail
@@ -80,6 +81,7 @@ TAIL_LEASES = 2  # the window at first and at the tail: the shard being scored a
 # The window widens when, since the last shard settled, the first model stage waited for input
 # more than this share of the time while the reader waited for the window.
 STARVED_SHARE = 0.05
+CALM_SETTLES = 4  # ... and narrows by one after this many settles in a row with no such wait
 RACE_WATCHES_PER_POLL = 8  # how often a try in a race looks for its rival's commit, per poll interval
 # ... but never more often than this: each look is a GET per try in hand, and a thousand workers
 # at the tail watching every 10 ms (an eighth of a fast pace) would cost 10^5 GETs a second.
@@ -161,6 +163,7 @@ class Worker:
         self._changed = threading.Condition()
         self._leases: dict[str, Lease] = {}  # the tries in flight, in claim order (the first is being scored)
         self._raced: set[str] = set()  # tries known to have a rival: watched for its commit
+        self._race_reads = 0  # GETs of the race watch
         self._races_stop = threading.Event()
         self._races = threading.Thread(target=self._watch_races, name="antbatch-races", daemon=True)
         self._timeline: dict[int, int] = {}  # bucket start (epoch s) -> rows committed
@@ -168,6 +171,8 @@ class Worker:
         self._window = TAIL_LEASES  # tries it may hold (NOTE [read-ahead])
         self._window_wait_s = 0.0  # the reader's time waiting for the window to open
         self._starved: tuple[float, float, float] | None = None  # first model's wait, reader's, at: last settle
+        self._calm = 0  # settles in a row since the first model last waited for want of a claim
+        self._widest = TAIL_LEASES  # the widest the window has been: the summary's read_ahead_window
         self.claimer = Claimer(ledger, identity, slot=slot, poll_interval_s=self.poll_interval_s, stop=self.stop)
         self._heartbeat = Heartbeat(ledger, identity, max(0.05, ttl / 4), self._stats)
         self._progress = ProgressLog(self.summary, self.claimer.run_left, progress_interval_s)
@@ -217,7 +222,11 @@ class Worker:
         summary.stages = {name: clock.to_dict() for name, clock in self.pipeline.clocks.items()}
         summary.scaling = [d.to_dict() for d in self.pipeline.scaler.decisions]
         summary.cache = self.cache.stats.to_dict()
-        summary.claiming = {**self.claimer.stats.to_dict(), "read_ahead_window": self._window}
+        summary.claiming = {
+            **self.claimer.stats.to_dict(),
+            "race_reads": self._race_reads,
+            "read_ahead_window": self._widest,
+        }
         summary.shards_skipped = self.claimer.stats.skipped
         summary.failed_for_good = list(self.claimer.failed_for_good)
         summary.stopped_job = summary.stopped_job or self.claimer.stopped_by
@@ -241,8 +250,9 @@ class Worker:
 
     def _adapt_window(self) -> None:
         """One more try in the window when, since the last shard settled, the first model stage
-        waited for input while the reader waited for the window (NOTE [read-ahead]). The first
-        settle only starts the count: every stage waits for the job's first batch."""
+        waited for input while the reader waited for the window; one fewer after CALM_SETTLES
+        settles without (NOTE [read-ahead]). The first settle only starts the count: every
+        stage waits for the job's first batch."""
         first = next((stage for stage in self.pipeline.stages if isinstance(stage, ScoringStage)), None)
         if first is None:
             return
@@ -252,7 +262,12 @@ class Worker:
             return
         model_waited, reader_waited, since = last
         if model.wait_in_s - model_waited > STARVED_SHARE * (now - since) and self._window_wait_s > reader_waited:
-            self._window = min(MAX_LEASES, self._window + 1)
+            self._window, self._calm = min(MAX_LEASES, self._window + 1), 0
+            self._widest = max(self._widest, self._window)
+            return
+        self._calm += 1
+        if self._calm >= CALM_SETTLES:  # a wait now and then (a slow claim) must not ratchet it up
+            self._window, self._calm = max(TAIL_LEASES, self._window - 1), 0
 
     def _claims(self) -> Iterator[tuple[Lease, Shard]]:
         """Claimed shards for the pipeline's reader, as many as it needs ahead (NOTE [read-ahead])."""
@@ -450,13 +465,17 @@ class Worker:
         for place, lease in enumerate(leases):
             shard_id = lease.shard_id
             if shard_id not in self._raced:
-                if self.claimer.is_backup(shard_id) or (at_tail and self.ledger.backed_up(lease)):
+                backup = self.claimer.is_backup(shard_id)
+                if not backup and at_tail:
+                    self._race_reads += 1
+                if backup or (at_tail and self.ledger.backed_up(lease)):
                     self._raced.add(shard_id)
                 else:
                     continue
-                if place > 0 and not self.claimer.is_backup(shard_id):
+                if place > 0 and not backup:
                     self._drop(shard_id, Overtaken(shard_id, handed_over=True))
                     continue
+            self._race_reads += 1
             if self.ledger.committed_by_another(lease):
                 self._drop(shard_id, Overtaken(shard_id, handed_over=False))
 
