@@ -180,7 +180,7 @@ def run_once(root: str, cfg: StragglerConfig, env: dict[str, str], repeat: int) 
         "rows_wasted": sum(r["rows_lost"] for r in dyn),
         "handed_over": sum(r.get("handed_over", 0) for r in dyn),
         "rows_wasted_no_backup": sum(r["rows_lost"] for r in off),
-        # The widest read-ahead window of each worker (NOTE [read-ahead] in worker/loop.py).
+        # The most tries each worker held at once (NOTE [read-ahead] in worker/loop.py).
         "read_ahead_windows": [r.get("window") for r in dyn],
         "read_ahead_windows_no_backup": [r.get("window") for r in off],
         "dynamic_shards_by_worker": _commits_by_worker(dyn_out),
