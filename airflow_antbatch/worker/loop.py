@@ -5,20 +5,24 @@ the last live worker finishes a dead worker's shards once their lease expires.
 
 NOTE [read-ahead]: a lease is held from its claim until its shard is committed, so the leases
 held are what the pipeline can work on. Holding the shard being scored and the next is enough
-where a shard is many batches or one stage takes most of the time; small shards through
-several stages (models on devices) leave stages waiting. So the worker holds a window of
-tries. It starts wide, at MAX_LEASES and no more rows than the pipeline holds when fed (a
-batch in each stage's hands and a full queue before the first model: ``read_ahead_rows``),
-because at the start every stage waits for input and a window of two would stall the fill
-until the first shard commits (device_chain, 12 shards of two batches: 3.8 s -> 3.2 s). It
-narrows to half what it held after CALM_SETTLES settles in a row in which the first model
-stage never waited for input while the reader waited for the window, and widens again by one
-at each settle after such a wait (``_adapt_window``). Each lease is one claim either way; what costs is
-holding: tries held ahead are out of reach of idle workers' steals, and without backups the
-job waits for them. So the window stays wide only where it buys throughput, it never holds
-more than its run has left (so it reaches the tail with two at most), and at the tail (its
-run and retries out), or after a failed try until one commits (a broken hook fails what is
-read ahead too), it claims no more than the try being scored and one ahead.
+where a shard is many batches or one stage takes most of the time; small shards through several
+stages (models on devices) leave stages waiting. So the worker holds a window of tries. It
+starts at one per model stage and one ahead (``first_window``): at the start every stage waits
+for input, and through a chain of models on devices a window of two stalled the fill until the
+first shard committed (device_chain, 12 shards of two batches through three simulated devices:
+3.8 s to score them with two, 3.3-3.6 s with four). No wider: a window that starts wide
+everywhere walks each worker's read-ahead into the parts of its run that thieves took while it
+started (16 workers on 400 tiny shards: collisions 30 -> 160, steals 28 -> 65, ledger requests
+per shard 5.2-5.5 -> 6.0-6.3). It widens by one at each settle after which the first model
+stage waited for input while the reader waited for the window (``_adapt_window``), up to
+MAX_LEASES and no more rows than the pipeline holds when fed (a batch in each stage's hands and
+a full queue before the first model: ``read_ahead_rows``), and narrows by one after
+CALM_SETTLES settles in a row without such a wait. Each lease is one claim either way; what
+costs is holding: tries held ahead are out of reach of idle workers' steals, and without
+backups the job waits for them. So the window stays wide only where it buys throughput, it
+never holds more than its run has left (so it reaches the tail with two at most), and at the
+tail (its run and retries out), or after a failed try until one commits (a broken hook fails
+what is read ahead too), it claims no more than the try being scored and one ahead.
 
 NOTE [races]: at the tail a try may be raced by a backup (docs/adr/0002-ledger-protocol.md,
 Backups). A thread watches the tries in such a race, only there, one GET each per watch
@@ -78,12 +82,12 @@ class Overtaken(AntBatchError):
         self.handed_over = handed_over
 
 
-MAX_LEASES = 6  # tries held at once, however small the shards: the window at first (NOTE [read-ahead])
+MAX_LEASES = 6  # tries held at once, however small the shards (NOTE [read-ahead])
 TAIL_LEASES = 2  # the narrowest window, and the one at the tail: the shard being scored and one read ahead
 # The window widens when, since the last shard settled, the first model stage waited for input
 # more than this share of the time while the reader waited for the window.
 STARVED_SHARE = 0.05
-CALM_SETTLES = 4  # ... and halves after this many settles in a row with no such wait
+CALM_SETTLES = 4  # ... and narrows by one after this many settles in a row with no such wait
 RACE_WATCHES_PER_POLL = 8  # how often a try in a race looks for its rival's commit, per poll interval
 # ... but never more often than this: each look is a GET per try in hand, and a thousand workers
 # at the tail watching every 10 ms (an eighth of a fast pace) would cost 10^5 GETs a second.
@@ -170,7 +174,7 @@ class Worker:
         self._races = threading.Thread(target=self._watch_races, name="antbatch-races", daemon=True)
         self._timeline: dict[int, int] = {}  # bucket start (epoch s) -> rows committed
         self._streak: tuple[str, list[str]] = ("", [])  # an error, and the shards it failed in a row
-        self._window = MAX_LEASES  # tries it may hold: wide for the fill (NOTE [read-ahead])
+        self._window = first_window(len(code.runners))  # tries it may hold (NOTE [read-ahead])
         self._window_wait_s = 0.0  # the reader's time waiting for the window to open
         self._starved: tuple[float, float, float] | None = None  # first model's wait, reader's, at: last settle
         self._calm = 0  # settles in a row since the first model last waited for want of a claim
@@ -252,8 +256,8 @@ class Worker:
 
     def _adapt_window(self) -> None:
         """One more try in the window when, since the last shard settled, the first model stage
-        waited for input while the reader waited for the window; half what it held after
-        CALM_SETTLES settles without (NOTE [read-ahead]). The first settle only starts the count: every
+        waited for input while the reader waited for the window; one fewer after CALM_SETTLES
+        settles without (NOTE [read-ahead]). The first settle only starts the count: every
         stage waits for the job's first batch."""
         first = next((stage for stage in self.pipeline.stages if isinstance(stage, ScoringStage)), None)
         if first is None:
@@ -268,10 +272,7 @@ class Worker:
             return
         self._calm += 1
         if self._calm >= CALM_SETTLES:  # a wait now and then (a slow claim) must not ratchet it up
-            # Half what it held (the rows may have capped that below the window), as AIMD
-            # congestion windows do: a window wider than the pipeline needs is let go quickly.
-            held = min(self._window, len(self._leases) + 1)  # the settled try was held too
-            self._window, self._calm = max(TAIL_LEASES, held // 2), 0
+            self._window, self._calm = max(TAIL_LEASES, self._window - 1), 0
 
     def _claims(self) -> Iterator[tuple[Lease, Shard]]:
         """Claimed shards for the pipeline's reader, as many as it needs ahead (NOTE [read-ahead])."""
@@ -533,6 +534,12 @@ class Worker:
             self.ledger.release(lease, reason=reason, failed=False)
         except StoreError as exc:
             log.warning("could not release %s after a store error: %s", lease.shard_id, exc)
+
+
+def first_window(model_stages: int) -> int:
+    """The window at the start: a try for each model stage to work on and one read ahead, so
+    that a chain fills without waiting for the first commit (NOTE [read-ahead])."""
+    return max(TAIL_LEASES, min(MAX_LEASES, model_stages + 1))
 
 
 def wants_another(

@@ -11,6 +11,13 @@ The pool starts in the background: starting a child waits for the forkserver, wh
 be importing torch and the hook, so the first children are started by a thread of their own
 and say they are ready through ``poll``. Until then (``started`` is False) the caller has
 no process to run the hook in and may run it itself (``preprocess_stage``).
+
+A child added to a running pool warms up first: its first call of the hook may pay set-up the
+hook does lazily (a tokenizer's vocabulary, a lookup table: 0.25 s on a batch of 0.1 s in the
+bench's), and results leave in input order, so a real batch sent to it would hold up every
+batch behind it for that long. So it is sent a copy of the batch submitted last, whose output
+is dropped, and real batches only once that comes back. The hook may run on rows more than once
+already (a batch is retried after a child dies), so a hook must not count on once.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ READY_TIMEOUT_S = 300.0
 # so that it never idles for the round trip through the parent (a few milliseconds, against
 # a batch's few milliseconds of feature code).
 TASKS_PER_CHILD = 2
+WARM_UP_KEY = -1  # the key of a warm-up task (a copy: its outcome is dropped)
 
 
 @dataclasses.dataclass
@@ -83,6 +91,7 @@ class _Child:
         self.conn = conn
         self.tasks: collections.deque[Task] = collections.deque()  # in the order sent; the first is running
         self.retiring = False
+        self.warm_up: pa.RecordBatch | None = None  # a copy to run before real batches (module docstring)
         self.ready = False  # it has imported the hook: only now may it be blamed for a death
 
 
@@ -97,6 +106,7 @@ class PreprocessPool:
         self._queue: collections.deque[Task] = collections.deque()
         self._target = max(1, size)
         self._busy_s = 0.0
+        self._last_batch: pa.RecordBatch | None = None  # what a child added later warms up on
         self._start_failures = 0
         self.restarts = 0
         self.started = False  # a child has been ready: from now on the pool never lacks processes for long
@@ -136,6 +146,7 @@ class PreprocessPool:
 
     def submit(self, key: int, batch: pa.RecordBatch) -> None:
         self._queue.append(Task(key, 0, batch))
+        self._last_batch = batch
 
     def resize(self, size: int) -> None:
         """Grow at once; shrink by retiring idle children now and busy ones when they finish.
@@ -147,7 +158,9 @@ class PreprocessPool:
         for child in live[self._target :]:
             child.retiring = True
         while len([c for c in self._children if not c.retiring]) < self._target:
-            self._children.append(self._start())
+            child = self._start()
+            child.warm_up = self._last_batch if self.started else None  # the first children have nothing to wait behind
+            self._children.append(child)
         self._retire_idle()
 
     def poll(self, timeout: float) -> list[Outcome]:
@@ -255,23 +268,34 @@ class PreprocessPool:
             self._stop_child(child)
 
     def _dispatch(self) -> None:
-        """A task to every child with none, then a second to each: the load spreads first."""
+        """A task to every child with none, then a second to each: the load spreads first. A child
+        warming up gets its copy first and nothing more until that is back."""
+        for child in [c for c in self._children if c.warm_up is not None and c.ready and not c.retiring]:
+            task, child.warm_up = Task(WARM_UP_KEY, 0, child.warm_up), None
+            if not self._send(child, task):
+                self._replace(child)
         for depth in range(TASKS_PER_CHILD):
             for child in list(self._children):
                 if not self._queue:
                     return
-                if len(child.tasks) != depth or child.retiring or not child.ready:
+                warming = bool(child.tasks) and child.tasks[0].key == WARM_UP_KEY
+                if len(child.tasks) != depth or child.retiring or not child.ready or warming:
                     continue
                 task = self._queue.popleft()
-                try:
-                    child.conn.send(len(task.batch))
-                    child.conn.send_bytes(batch_to_bytes(task.batch))
-                except OSError:
+                if not self._send(child, task):
                     self._queue.appendleft(task)
                     if not child.tasks:  # it died while idle; one with tasks is judged by poll
                         self._replace(child)
-                    continue
-                child.tasks.append(task)
+
+    def _send(self, child: _Child, task: Task) -> bool:
+        """Whether the task reached the child's pipe (False: the child is gone)."""
+        try:
+            child.conn.send(len(task.batch))
+            child.conn.send_bytes(batch_to_bytes(task.batch))
+        except OSError:
+            return False
+        child.tasks.append(task)
+        return True
 
     def _receive(self, child: _Child) -> list[Outcome]:
         try:
@@ -280,6 +304,8 @@ class PreprocessPool:
             return self._died(child)
         task = child.tasks.popleft()
         seconds, value = value
+        if task.key == WARM_UP_KEY:  # dropped, whatever it says; not counted as the job's preprocessing
+            return []
         self._busy_s += seconds
         if tag == "ok":
             return [Outcome(task.key, task.offset, task.batch, output=value)]
@@ -296,6 +322,9 @@ class PreprocessPool:
         task, waiting = child.tasks.popleft(), list(child.tasks)  # it died on the first; the rest never started
         self._replace(child)
         self._queue.extendleft(reversed(waiting))
+        if task.key == WARM_UP_KEY:  # nothing to retry; its replacement starts cold (no warm_up)
+            log.warning("a preprocess process %s while warming up; replaced", reason)
+            return []
         task.deaths += 1
         return self._after_death(task, reason)
 

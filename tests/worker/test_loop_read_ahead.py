@@ -24,7 +24,14 @@ from airflow_antbatch.planning import plan_job
 from airflow_antbatch.spec import JobSpec
 from airflow_antbatch.worker.job_code import JobCode
 from airflow_antbatch.worker.local import worker_command
-from airflow_antbatch.worker.loop import CALM_SETTLES, MAX_LEASES, TAIL_LEASES, Worker, WorkerSummary, wants_another
+from airflow_antbatch.worker.loop import (
+    MAX_LEASES,
+    TAIL_LEASES,
+    Worker,
+    WorkerSummary,
+    first_window,
+    wants_another,
+)
 from tests.conftest import write_transactions
 
 
@@ -134,24 +141,26 @@ def test_small_shards_through_slow_stages_are_read_ahead_and_the_tail_holds_one_
     assert at_tail and max(at_tail) <= TAIL_LEASES
 
 
-def test_a_model_that_never_waits_narrows_the_window_to_two(
+def test_a_model_that_never_waits_keeps_the_window_at_two(
     small: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path
 ) -> None:
     """One slow stage (100 ms a batch) and fast hooks: the next shard is read long before the
-    model wants it, so holding more would only keep shards from idle workers. The window
-    starts wide for the fill and is halved after each CALM_SETTLES calm settles: from six to
-    two within the first 2 * CALM_SETTLES + 1 settles, and it stays there."""
+    model wants it, so holding more would only keep shards from idle workers."""
     directory, _ = small
     plan_uri = _one_batch_shards(directory, tmp_path / "out")
     holder: list[Worker] = []
     model = _Sampling(0.1, holder)
     summary = _run(plan_uri, model, holder, preprocess=tabular.preprocess)
     assert summary.shards_committed == 30
-    held = [n for n, _ in model.seen]  # one sample per batch: one per shard here
-    assert max(held[:3]) == MAX_LEASES  # wide for the fill (the rows allow 9 one-batch shards)
-    calm_from = 2 * CALM_SETTLES + 2  # the first settle starts the count; one more to take effect
-    assert held[calm_from:] and max(held[calm_from:]) <= TAIL_LEASES, held
-    assert summary.claiming["read_ahead_window"] == MAX_LEASES  # the most held at once
+    assert max(n for n, _ in model.seen) == TAIL_LEASES
+    assert summary.claiming["read_ahead_window"] == TAIL_LEASES  # the most tries held at once
+
+
+@pytest.mark.parametrize(("model_stages", "window"), [(1, TAIL_LEASES), (2, 3), (3, 4), (MAX_LEASES + 3, MAX_LEASES)])
+def test_a_chain_starts_with_a_try_for_each_model_and_one_ahead(model_stages: int, window: int) -> None:
+    """A chain of models on devices fills without waiting for the first commit; one model
+    starts with two, as every worker did before chains needed more."""
+    assert first_window(model_stages) == window
 
 
 def _held(ledger: Ledger) -> set[str]:

@@ -99,3 +99,43 @@ def test_a_death_is_blamed_on_the_running_task_not_the_waiting_one(pool: Preproc
     assert outcomes[1].quarantine_reason is None
     assert outcomes[1].output.shape[0] == 1
     assert pool.restarts == 2  # the poisoned record got its two tries
+
+
+@pytest.mark.parametrize("pool", ["tests.fault_hooks:lazy_preprocess"], indirect=True)
+def test_a_child_added_later_warms_up_on_a_copy_before_it_takes_real_batches(pool: PreprocessPool) -> None:
+    """A hook that sets up lazily (400 ms on its first call in a process): a child added to a
+    running pool pays that on a copy of the last batch, whose output is dropped, so no real
+    batch waits for it (results leave the stage in input order: one slow batch would hold up
+    every batch behind it). Then both children take batches."""
+    pool.submit(0, _batch(["shop"] * 10))
+    assert len(_drain(pool, 1)) == 1  # the first child sets up on its first batch: nothing to wait behind
+    pool.resize(2)
+    sent: dict[int, float] = {}
+    outcomes: list[tuple[Outcome, float]] = []
+    key = 1
+    stop = time.monotonic() + 1.5
+    while time.monotonic() < stop or len(outcomes) < len(sent):
+        while time.monotonic() < stop and pool.wants_more():
+            pool.submit(key, _batch(["shop"] * 10, key * 10))
+            sent[key], key = time.monotonic(), key + 1
+        outcomes.extend((o, time.monotonic()) for o in pool.poll(0.01))
+    assert sorted(o.key for o, _ in outcomes) == sorted(sent)  # the copy's outcome is not among them
+    waits = {o.key: round(at - sent[o.key], 3) for o, at in outcomes}
+    assert max(waits.values()) < 0.35, waits  # three 60 ms batches at most ahead of any; set-up is 400 ms
+    assert len({o.output["pid"] for o, _ in outcomes}) == 2  # the new child took real batches once warm
+
+
+def test_a_child_that_dies_warming_up_is_replaced_and_nothing_is_retried_for_it(pool: PreprocessPool) -> None:
+    """The copy a new child warms up on is the last batch submitted: here a record that kills
+    every process. The new child dies on the copy and is replaced, cold, with nothing charged:
+    the record itself is quarantined after its own two tries, as without the new child."""
+    pool.submit(0, _batch(["shop"], 0))
+    assert len(_drain(pool, 1)) == 1
+    pool.submit(1, _batch(["POISON-exit"], 1))
+    pool.resize(2)
+    pool.submit(2, _batch(["shop"], 2))
+    outcomes = {o.key: o for o in _drain(pool, 2)}
+    assert "exited with code 3" in (outcomes[1].quarantine_reason or "")
+    assert outcomes[2].quarantine_reason is None and outcomes[2].output.shape[0] == 1
+    assert pool.restarts == 3  # the record's two tries, and the new child's copy of it
+    assert pool.size == 2
