@@ -188,6 +188,29 @@ def test_thieves_reading_the_same_beat_take_different_parts_through_the_steal_re
     assert first.claimer.stats.collisions == second.claimer.stats.collisions == 1  # each at position 0
 
 
+def test_a_worker_stops_probing_slots_once_a_probe_finds_its_worker_started() -> None:
+    """Three slots' workers have started (each claimed its first shard) but not yet beaten, so
+    the idle worker's roster counts one worker of four: it probes, collides at once, and
+    probes no more. Each probe that collides costs a create and a commit read; a worker
+    probing every slot it draws would pay that up to MAX_SLOT_PROBES times."""
+    sim = Sim.create(shards=40)
+    idle = sim.worker("w0", slot=(0, 4))
+    late = Ledger(AtomicStore(f"{sim.root}/state/attempt-000"), sim.plan, clock=sim.clock)
+    for slot in (1, 2, 3):
+        start, _ = first_run(40, "", (slot, 4))
+        assert isinstance(late.try_claim(sim.plan.shard_ids[start], WorkerIdentity(f"late{slot}")), Lease)
+    while idle.committed < 10:  # its own run
+        idle.step()
+        sim.clock.advance(POLL / 8)
+    for _ in range(16):  # two poll intervals idle: well within the late workers' TTL
+        idle.step()
+        sim.clock.advance(POLL / 8)
+    assert idle.claimer.stats.claims == 10 and idle.claimer.stats.takeovers == 0
+    # One probe collided; the sweep (every worker in its roster idle) walks what is left and
+    # ends at the first late claim: one more. Probing on, it collided 5 times here.
+    assert (idle.claimer.stats.collisions, idle.claimer.stats.sweeps) == (2, 1)
+
+
 def test_a_dead_workers_leases_and_run_are_taken_over_after_a_ttl() -> None:
     sim = Sim.create(shards=10)
     dead = sim.worker("dead", slot=(0, 2))
