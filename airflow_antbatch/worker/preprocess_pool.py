@@ -72,6 +72,7 @@ class Task:
     batch: pa.RecordBatch
     deaths: int = 0
     is_part: bool = False
+    sent_at: float = 0.0  # when it went down the child's pipe (time.monotonic)
 
 
 @dataclasses.dataclass
@@ -93,6 +94,7 @@ class _Child:
         self.retiring = False
         self.warm_up: pa.RecordBatch | None = None  # a copy to run before real batches (module docstring)
         self.ready = False  # it has imported the hook: only now may it be blamed for a death
+        self.free_at = 0.0  # when its last result came back: the next task in its pipe started then
 
 
 class PreprocessPool:
@@ -133,11 +135,18 @@ class PreprocessPool:
         return self.in_flight < self._target * TASKS_PER_CHILD + 1
 
     def busy_seconds(self) -> float:
-        """Time children have spent inside the hook, as they measured it: the CPU preprocess takes.
+        """Time children have spent inside the hook up to now: the CPU preprocess takes.
 
-        Measured in the child, because the time a task is out also holds the time the parent
-        took to collect it, which grows when the model stages are the bottleneck."""
-        return self._busy_s
+        Finished tasks count as the child measured them, because the time a task is out also
+        holds the time the parent took to collect it, which grows when the model stages are the
+        bottleneck. A task still running counts from when it started (sent, or its child's last
+        result back, whichever is later), so that the scaler's windows each get the time spent
+        in them: counted whole when it comes back, a batch begun before a window opened (the
+        first, with the hook's lazy set-up) once read as 1.6 cores busy for one process and
+        took a core from the model."""
+        now = time.monotonic()
+        running = (c for c in self._children if c.tasks and c.tasks[0].key != WARM_UP_KEY)
+        return self._busy_s + sum(max(0.0, now - max(c.tasks[0].sent_at, c.free_at)) for c in running)
 
     def wait_ready(self) -> None:
         """Block until every child has imported the hook (or raise why one cannot)."""
@@ -294,6 +303,7 @@ class PreprocessPool:
             child.conn.send_bytes(batch_to_bytes(task.batch))
         except OSError:
             return False
+        task.sent_at = time.monotonic()
         child.tasks.append(task)
         return True
 
@@ -303,6 +313,7 @@ class PreprocessPool:
         except (EOFError, OSError):
             return self._died(child)
         task = child.tasks.popleft()
+        child.free_at = time.monotonic()
         seconds, value = value
         if task.key == WARM_UP_KEY:  # dropped, whatever it says; not counted as the job's preprocessing
             return []

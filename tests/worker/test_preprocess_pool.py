@@ -102,6 +102,22 @@ def test_a_death_is_blamed_on_the_running_task_not_the_waiting_one(pool: Preproc
 
 
 @pytest.mark.parametrize("pool", ["tests.fault_hooks:lazy_preprocess"], indirect=True)
+def test_busy_seconds_count_a_running_batch_as_it_runs(pool: PreprocessPool) -> None:
+    """The scaler reads busy time by windows: a batch still in the hook counts up to now, and
+    once it is back it counts as long as the child measured (400 ms set-up and 60 ms), so a
+    batch begun before a window is not charged to it whole."""
+    pool.submit(0, _batch(["shop"] * 10))
+    pool.poll(0)  # sent
+    time.sleep(0.2)
+    assert 0.15 < pool.busy_seconds() < 0.4  # no result yet: about the 0.2 s it has run
+    (outcome,) = _drain(pool, 1)
+    assert outcome.quarantine_reason is None
+    assert 0.45 < pool.busy_seconds() < 0.6  # the child's own measure: set-up and batch
+    time.sleep(0.1)
+    assert pool.busy_seconds() < 0.6  # idle: nothing more
+
+
+@pytest.mark.parametrize("pool", ["tests.fault_hooks:lazy_preprocess"], indirect=True)
 def test_a_child_added_later_warms_up_on_a_copy_before_it_takes_real_batches(pool: PreprocessPool) -> None:
     """A hook that sets up lazily (400 ms on its first call in a process): a child added to a
     running pool pays that on a copy of the last batch, whose output is dropped, so no real
