@@ -206,6 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     -m airflow_antbatch``): once a ``run`` or ``worker`` command has finished and its output is
     flushed, it ends the process itself (see :func:`_exit_now`).
     """
+    if argv is None:
+        # The process's entry point, before torch loads (the ``antbatch`` script and ``python -m
+        # airflow_antbatch`` alike): OpenMP threads that spin while they wait steal the cores the
+        # preprocess processes need (docs/operations.md, "Performance notes"); waiting passively
+        # costs little. An explicit setting in the environment wins.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.storage_options is None:
