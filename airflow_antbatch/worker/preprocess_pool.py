@@ -107,7 +107,8 @@ class PreprocessPool:
         self._children: list[_Child] = []
         self._queue: collections.deque[Task] = collections.deque()
         self._target = max(1, size)
-        self._busy_s = 0.0
+        self._busy_s = 0.0  # finished tasks, as the children measured them
+        self._busy_seen = 0.0  # the most busy_seconds has said
         self._last_batch: pa.RecordBatch | None = None  # what a child added later warms up on
         self._start_failures = 0
         self.restarts = 0
@@ -146,7 +147,11 @@ class PreprocessPool:
         took a core from the model."""
         now = time.monotonic()
         running = (c for c in self._children if c.tasks and c.tasks[0].key != WARM_UP_KEY)
-        return self._busy_s + sum(max(0.0, now - max(c.tasks[0].sent_at, c.free_at)) for c in running)
+        counted = self._busy_s + sum(max(0.0, now - max(c.tasks[0].sent_at, c.free_at)) for c in running)
+        # Never less than before: a batch done but not yet collected counted on until it came
+        # back, longer than the child measured, and a window must not see negative time.
+        self._busy_seen = max(self._busy_seen, counted)
+        return self._busy_seen
 
     def wait_ready(self) -> None:
         """Block until every child has imported the hook (or raise why one cannot)."""

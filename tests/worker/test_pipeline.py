@@ -165,7 +165,10 @@ def test_rows_keep_their_order_when_processes_finish_out_of_order(tmp_path: path
     assert _output(ledger)["txn_id"].to_pylist() == table["txn_id"].to_pylist()
 
 
-def test_preprocess_heavy_work_grows_the_pool_and_shrinks_torch_threads(tmp_path: pathlib.Path) -> None:
+def test_preprocess_heavy_work_grows_the_pool_and_shrinks_torch_threads(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # spinning threads: they make room (test_scaling)
     write_transactions(tmp_path / "in", files=2, rows_per_file=1500, row_group_size=500)
     spec = _spec(tmp_path, preprocess=f"{FAULTS}:slow_preprocess", max_shard_rows=500)
     summary, _ = _run(spec, cpu_budget=4, scale_interval_s=0.5)

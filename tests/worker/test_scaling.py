@@ -21,6 +21,12 @@ from airflow_antbatch.worker.scaling import CpuMeter, CpuSample, ElasticScaler, 
 T0 = 100.0  # when the first batch has been scored and the first window opens
 
 
+@pytest.fixture(autouse=True)
+def _spinning_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The policy for OpenMP threads that spin (the default) unless a test says otherwise."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+
+
 def opened(budget: int, model_stages: int = 1, processes: int = 1, **kwargs: float | int | None) -> ElasticScaler:
     """A scaler whose first window opened at T0 with every counter at zero."""
     scaler = ElasticScaler(cpu_budget=budget, cpu_model_stages=model_stages, **kwargs)  # type: ignore[arg-type]
@@ -56,6 +62,24 @@ def test_the_scaler_grows_on_a_preprocess_bottleneck_only(
     model = StageClock(wait_in_s=starved * w, rows=1)
     assert scaler.observe(pool_busy_s=busy * processes * w, models=[model], now=T0 + w) == expected
     assert scaler.torch_threads() == threads
+
+
+@pytest.mark.parametrize("policy", ["PASSIVE", "passive"])
+def test_threads_that_wait_passively_keep_every_core_beside_busy_processes(
+    policy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A saturated pool grows, and the model keeps its four threads: sleeping threads share cores
+    with the processes gracefully, where spinning ones would be left one core."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    scaler = opened(4)
+    assert scaler.passive_wait
+    w = scaler._window_s
+    model = StageClock(wait_in_s=0.5 * w, rows=1)
+    assert scaler.observe(pool_busy_s=0.95 * w, models=[model], now=T0 + w) == 2
+    assert scaler.torch_threads() == 4
+    spinning = opened(4, passive_wait=False)
+    assert spinning.observe(pool_busy_s=0.95 * w, models=[model], now=T0 + w) == 2
+    assert spinning.torch_threads() == 2
 
 
 @pytest.mark.parametrize(
