@@ -317,16 +317,20 @@ class ElasticScaler:
         elif self.elastic and not grew and processes > 1 and w.demand < (processes - 1) * SHRINK_BELOW:
             processes, reason = processes - 1, f"preprocess has spare capacity: {figures}"
         threads = self.torch_threads()
-        # A process that is added is assumed busy; otherwise preprocessing keeps the cores it
-        # mostly uses, and a core it uses only now and then is offered to the model (on probation).
-        # Counted by the clock, not the kernel: a process with work competes for a core even while
-        # it waits for one, and torch threads that outnumber the free cores collapse.
-        cores = processes if processes > self.processes else min(processes, math.floor(w.demand + 0.25))
         if self.passive_wait:
-            # Sleeping threads share cores gracefully (module docstring). Measured, interleaved:
-            # the full profile's single job 1,281 against 1,076 rows/s, its chain 1,151 against
-            # 1,100, the new-user job 3.54 against 3.76 s (120k rows) and 11.4 against 11.9 s (600k).
+            # Sleeping threads share cores gracefully (module docstring): preprocessing keeps none.
+            # Measured, interleaved: the full profile's single job 1,281 against 1,076 rows/s, its
+            # chain 1,151 against 1,100, the new-user job 3.54 against 3.76 s (120k rows) and
+            # 11.4 against 11.9 s (600k).
             cores = 0
+        elif processes > self.processes:  # a process that is added is assumed busy
+            cores = processes
+        else:
+            # Preprocessing keeps the cores it mostly uses, and a core it uses only now and then
+            # is offered to the model (on probation). Counted by the clock, not the kernel: a
+            # process with work competes for a core even while it waits for one, and spinning
+            # torch threads that outnumber the free cores collapse.
+            cores = min(processes, math.floor(w.demand + 0.25))
         self._grew = processes > self.processes
         before, self.processes, self.preprocess_cores = self.processes, processes, cores
         # Threads matter only to stages that compute on the CPU.
