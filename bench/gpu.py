@@ -73,6 +73,7 @@ WORKLOADS = (
     Workload("text", "bench.gpu_models:build_bert_base", "bench.gpu_models:tokenize", 256, 65_536, compile_s=150),
 )
 POSTPROCESS = "bench.gpu_models:top1"
+NOT_MODEL = {"read", "preprocess", "postprocess", "write"}  # the worker's other stage clocks
 
 
 class Budget:
@@ -227,9 +228,10 @@ def antbatch(
     """One antbatch worker in this process, planned and run as ``antbatch run`` would, timed whole."""
     from airflow_antbatch.planning import plan_job
     from airflow_antbatch.spec import JobSpec
-    from airflow_antbatch.worker.run import run_worker
+    from airflow_antbatch.worker.run import process_started, run_worker
 
     started = time.perf_counter()
+    since_process_start = time.monotonic() - process_started()  # the summary counts from there
     spec = JobSpec(
         input_uri=tuple(files),
         output_uri=out_dir,
@@ -248,12 +250,20 @@ def antbatch(
     seconds = time.perf_counter() - started
     if summary.outcome != "finished":
         raise RuntimeError(f"the antbatch worker ended {summary.outcome!r}: {summary.failed_for_good}")
+    model_busy_s = sum(clock.get("busy_s", 0.0) for name, clock in summary.stages.items() if name not in NOT_MODEL)
+    first_batch = summary.time_to_first_batch_s
+    resized = [d for d in summary.scaling if d["processes_from"] != d["processes_to"]]
     return {
         "rows": summary.rows_committed,
         "seconds": round(seconds, 3),
         "rows_s": round(summary.rows_committed / seconds, 1),
         "worker_rows_s": round(summary.rows_per_s, 1),
+        # From the step's start: planning, the model's load and (with torch.compile) its compile.
+        "first_batch_s": None if first_batch is None else round(first_batch - since_process_start, 3),
+        # What the model stage could score if never starved: rows per second of its busy time.
+        "model_bound_rows_s": round(summary.rows_committed / model_busy_s, 1) if model_busy_s else None,
         "preprocess_processes": summary.preprocess_processes,
+        "pool_sizes": [(d["at_s"], d["processes_to"]) for d in resized],  # seconds from the pipeline's start
         "stages": {
             name: {k: v for k, v in clock.items() if k.endswith("_s")} for name, clock in summary.stages.items()
         },

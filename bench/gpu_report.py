@@ -18,8 +18,10 @@ def _cell(entry: dict[str, Any] | None) -> str:
         return f"skipped: {entry['skipped']}"
     if "error" in entry:
         return f"failed: {entry['error'].splitlines()[0][:80]}"
+    first = f", first batch at {entry['first_batch_s']:.1f} s" if entry.get("first_batch_s") is not None else ""
     util = f", GPU {entry['gpu_util_mean']:.0f}% busy" if "gpu_util_mean" in entry else ""
-    return f"{entry['rows_s']:,.0f} rows/s ({entry['seconds']:.1f} s{util})"
+    pool = f", {entry['preprocess_processes']} preprocess processes" if "preprocess_processes" in entry else ""
+    return f"{entry['rows_s']:,.0f} rows/s ({entry['seconds']:.1f} s{first}{util}{pool})"
 
 
 def render(results_dir: pathlib.Path) -> str:

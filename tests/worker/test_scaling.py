@@ -103,6 +103,30 @@ def test_a_process_grows_only_into_a_core_left_free_or_held_by_the_starved_model
     assert any(d.reason.startswith("preprocess is the bottleneck") for d in scaler.decisions) is grows
 
 
+@pytest.mark.parametrize(
+    ("processes", "starved", "worker_cores", "children_cores", "expected"),
+    [
+        (1, 0.9, 0.5, 1.0, 4),  # the model waits 90%: ten would feed it; four times the pool at most
+        (4, 0.75, 0.5, 4.0, 14),  # sixteen would feed it; fed, the worker's threads would use two cores
+        (4, 0.2, 0.5, 4.0, 5),  # the model waits 20%: one more feeds it
+        (8, 0.5, 2.0, 8.0, 12),  # sixteen would feed it, but the worker's threads would then use four cores
+        (8, 0.5, 6.0, 8.0, 9),  # ... or twelve: one more, into the cores the model's threads give up
+        (15, 0.9, 0.2, 14.5, 16),  # never past the budget
+    ],
+)
+def test_a_saturated_pool_grows_to_feed_the_model_within_the_cores_left(
+    processes: int, starved: float, worker_cores: float, children_cores: float, expected: int
+) -> None:
+    """A 16-core GPU machine whose model waits on the CUDA device: the worker's own threads (the
+    model's launch and wait, the reader, the writer) do more as the model is fed."""
+    scaler = opened(16, processes=processes)
+    w = scaler._window_s
+    model = StageClock(busy_s=(1 - starved) * w, wait_in_s=starved * w, rows=100, cpu_s=0.01 * w)
+    cpu = CpuSample(worker_cores * w, children_cores * w)
+    assert scaler.observe(pool_busy_s=0.95 * processes * w, models=[model], now=T0 + w, cpu=cpu) == expected
+    assert scaler.decisions[-1].reason.startswith("preprocess is the bottleneck")
+
+
 def test_a_process_just_added_is_not_taken_back_in_its_first_window() -> None:
     """It may still be starting (forked, importing): the pool shrinks only after a whole window at its new size."""
     scaler = opened(2)
@@ -240,8 +264,10 @@ windows = st.fixed_dictionaries(
 def test_any_run_of_windows_keeps_the_pool_and_threads_in_the_budget(
     budget: int, stages: int, seen: list[dict[str, float]]
 ) -> None:
-    """Whatever is measured: 1 <= processes <= budget, 1 <= threads <= budget, one process at a
-    time, a grow only into a free core while the model starves, and every decision says why."""
+    """Whatever is measured: 1 <= processes <= budget, 1 <= threads <= budget, one process fewer
+    at a time, a grow only while the model starves, into a free core (or one the starved model's
+    threads hold), by more only within the cores the worker would leave once the model is fed
+    and to four times the pool at most, and every decision says why."""
     scaler = opened(budget, model_stages=stages)
     now, pool, clocks, cpu = T0, 0.0, [StageClock(rows=1) for _ in range(stages)], CpuSample(0.0, 0.0)
     for w in seen:
@@ -257,7 +283,7 @@ def test_any_run_of_windows_keeps_the_pool_and_threads_in_the_budget(
         cpu = CpuSample(cpu.worker_s + w["worker_cores"] * length, cpu.children_s + children)
         decided = scaler.observe(pool, clocks, now=now, cpu=cpu)
         assert 1 <= scaler.processes <= budget
-        assert abs(scaler.processes - before) <= 1
+        assert before - 1 <= scaler.processes <= scaling.MAX_GROWTH * before
         assert decided in (None, scaler.processes)
         assert all(1 <= scaler.torch_threads(i) <= budget for i in range(stages))
         if scaler.processes > before:
@@ -265,6 +291,8 @@ def test_any_run_of_windows_keeps_the_pool_and_threads_in_the_budget(
             on_their_cores = children >= scaling.GROW_WHEN_ON_CPU * w["busy"] * before * length - 1e-9
             assert w["starved"] >= scaling.GROW_WHEN_STARVED
             assert free >= scaling.GROW_WHEN_FREE - 1e-9 or on_their_cores
+            speedup = 1 / max(1 - w["starved"], 1 / scaling.MAX_GROWTH)
+            assert scaler.processes == before + 1 or scaler.processes <= budget - w["worker_cores"] * speedup + 1e-9
     assert all(d.reason for d in scaler.decisions)
 
 
