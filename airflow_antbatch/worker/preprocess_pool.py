@@ -37,10 +37,19 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_antbatch.errors import WorkerError
 from airflow_antbatch.worker import forkserver
-from airflow_antbatch.worker.codec import batch_from_bytes, batch_to_bytes, recv_tree, send_tree
+from airflow_antbatch.worker.codec import (
+    SharedBuffer,
+    SharedBuffers,
+    batch_from_bytes,
+    recv_batch,
+    recv_tree,
+    send_batch,
+    send_tree,
+)
 from airflow_antbatch.worker.user_code import load_callable
 
 if TYPE_CHECKING:
+    import mmap
     from multiprocessing.connection import Connection
     from multiprocessing.process import BaseProcess
 
@@ -73,6 +82,7 @@ class Task:
     deaths: int = 0
     is_part: bool = False
     sent_at: float = 0.0  # when it went down the child's pipe (time.monotonic)
+    shared: SharedBuffer | None = None  # the shared memory the child reads it from, until it is back
 
 
 @dataclasses.dataclass
@@ -106,6 +116,7 @@ class PreprocessPool:
         self._ctx = forkserver.context(preprocess_ref)
         self._children: list[_Child] = []
         self._queue: collections.deque[Task] = collections.deque()
+        self._buffers = SharedBuffers()  # large batches go to the children in shared memory
         self._target = max(1, size)
         self._busy_s = 0.0  # finished tasks, as the children measured them
         self._busy_seen = 0.0  # the most busy_seconds has said
@@ -211,8 +222,11 @@ class PreprocessPool:
             self._first = None
         for child in [*self._children, *first]:
             self._stop_child(child)
+            for task in child.tasks:
+                self._release(task)
         self._children.clear()
         self._queue.clear()
+        self._buffers.close()
 
     # -- the first children, in the background ------------------------------------------------
 
@@ -304,8 +318,7 @@ class PreprocessPool:
     def _send(self, child: _Child, task: Task) -> bool:
         """Whether the task reached the child's pipe (False: the child is gone)."""
         try:
-            child.conn.send(len(task.batch))
-            child.conn.send_bytes(batch_to_bytes(task.batch))
+            task.shared = send_batch(child.conn, task.batch, self._buffers)
         except OSError:
             return False
         task.sent_at = time.monotonic()
@@ -318,6 +331,7 @@ class PreprocessPool:
         except (EOFError, OSError):
             return self._died(child)
         task = child.tasks.popleft()
+        self._release(task)
         child.free_at = time.monotonic()
         seconds, value = value
         if task.key == WARM_UP_KEY:  # dropped, whatever it says; not counted as the job's preprocessing
@@ -336,6 +350,8 @@ class PreprocessPool:
         child.process.join(timeout=5)
         reason = _exit_reason(child.process.exitcode)
         task, waiting = child.tasks.popleft(), list(child.tasks)  # it died on the first; the rest never started
+        for sent in (task, *waiting):  # sent again, to another child, from a buffer of their own
+            self._release(sent)
         self._replace(child)
         self._queue.extendleft(reversed(waiting))
         if task.key == WARM_UP_KEY:  # nothing to retry; its replacement starts cold (no warm_up)
@@ -362,6 +378,12 @@ class PreprocessPool:
             log.warning("the preprocess process %s; retrying its batch of %d rows", reason, rows)
             self._queue.appendleft(task)
         return []
+
+    def _release(self, task: Task) -> None:
+        """The child is done with the task's shared memory: the next batch may be written there."""
+        if task.shared is not None:
+            self._buffers.give_back(task.shared, keep=self._target * TASKS_PER_CHILD + 1)
+            task.shared = None
 
     def _split(self, task: Task) -> None:
         """Halves of the task go first in the queue, in order."""
@@ -426,7 +448,7 @@ def _child_main(conn: Connection, preprocess_ref: str) -> None:
         send_tree(conn, "fatal", str(exc))
         return
     send_tree(conn, "ready", None)
-    tasks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    tasks: queue.SimpleQueue[bytes | mmap.mmap | None] = queue.SimpleQueue()
     # Tasks are taken off the pipe as they come, so that the parent's send of the next one never
     # waits for this process, which may itself be waiting to send a result: with both pipes
     # full, neither would move.
@@ -443,11 +465,11 @@ def _child_main(conn: Connection, preprocess_ref: str) -> None:
         send_tree(conn, "ok", (time.perf_counter() - started, output))
 
 
-def _take_tasks(conn: Connection, tasks: queue.SimpleQueue[bytes | None]) -> None:
-    """The child's reader: each task's bytes, then None once the parent says stop or goes away."""
+def _take_tasks(conn: Connection, tasks: queue.SimpleQueue[bytes | mmap.mmap | None]) -> None:
+    """The child's reader: each task's batch, then None once the parent says stop or goes away."""
     try:
-        while conn.recv() is not None:
-            tasks.put(conn.recv_bytes())
+        while (data := recv_batch(conn)) is not None:
+            tasks.put(data)
     except (EOFError, OSError):
         pass
     tasks.put(None)

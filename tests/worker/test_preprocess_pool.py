@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import signal
 import time
 from typing import TYPE_CHECKING
@@ -12,6 +14,7 @@ import torch
 
 from airflow_antbatch.examples import tabular
 from airflow_antbatch.worker import forkserver
+from airflow_antbatch.worker.codec import SHARED_MIN_BYTES, shares_memory
 from airflow_antbatch.worker.preprocess_pool import TASKS_PER_CHILD, Outcome, PreprocessPool
 
 if TYPE_CHECKING:
@@ -155,3 +158,47 @@ def test_a_child_that_dies_warming_up_is_replaced_and_nothing_is_retried_for_it(
     assert outcomes[2].quarantine_reason is None and outcomes[2].output.shape[0] == 1
     assert pool.restarts == 3  # the record's two tries, and the new child's copy of it
     assert pool.size == 2
+
+
+def _shared_memory_open() -> int:
+    """memfds this process holds open: the pool's buffers for batches, and mappings of results."""
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+    return sum(link.startswith("/memfd:antbatch") for link in links)
+
+
+@pytest.mark.skipif(not shares_memory(), reason="memfd is Linux's")
+def test_large_batches_cross_in_shared_memory_and_a_death_loses_none_of_them(pool: PreprocessPool) -> None:
+    """Batches of 1.5 MB go to the child in shared memory and their features come back in it. A
+    record that kills the child is found by splitting its batch, the halves sent again from
+    buffers of their own; every other row comes back once, and closing the pool leaves no
+    shared memory open."""
+    rows = 30_000
+    merchants = [f"merchant-{i % 997:05d}" for i in range(rows)]
+    merchants[rows // 3] = "POISON-exit"
+    batches = [_batch(merchants), _batch([f"m{i % 97}" for i in range(rows)], rows)]
+    assert all(b.nbytes > SHARED_MIN_BYTES for b in batches)
+    for key, batch in enumerate(batches):
+        pool.submit(key, batch)
+    outcomes: list[Outcome] = []
+    deadline = time.monotonic() + 120
+    while sum(len(o.batch) for o in outcomes) < 2 * rows:
+        assert time.monotonic() < deadline, f"{sum(len(o.batch) for o in outcomes)} of {2 * rows} rows back"
+        outcomes.extend(pool.poll(0.5))
+    quarantined = [o for o in outcomes if o.quarantine_reason is not None]
+    assert [(o.key, o.offset) for o in quarantined] == [(0, rows // 3)]
+    for key in (0, 1):
+        parts = sorted((o.offset, len(o.batch)) for o in outcomes if o.key == key)
+        assert [offset for offset, _ in parts] == list(itertools.accumulate([0] + [n for _, n in parts[:-1]]))
+        expected = tabular.preprocess(batches[key])
+        for part in outcomes:
+            if part.key == key and part.quarantine_reason is None:
+                assert torch.equal(part.output, expected[part.offset : part.offset + len(part.batch)])
+    del part, quarantined
+    outcomes.clear()  # the features' mappings go with them
+    pool.close()
+    assert _shared_memory_open() == 0
