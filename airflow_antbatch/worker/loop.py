@@ -15,8 +15,9 @@ everywhere walks each worker's read-ahead into the parts of its run that thieves
 started (16 workers on 400 tiny shards: collisions 30 -> 160, steals 28 -> 65, ledger requests
 per shard 5.2-5.5 -> 6.0-6.3). It widens by one at each settle after which the first model
 stage waited for input while the reader waited for the window (``_adapt_window``), up to
-MAX_LEASES and no more rows than the pipeline holds when fed (a batch in each stage's hands and
-a full queue before the first model: ``read_ahead_rows``), and narrows by one after
+MAX_LEASES and no more rows than the pipeline holds when fed (the batches each stage works on
+at once, two a preprocess process, and a full queue before the first model:
+``read_ahead_rows``), and narrows by one after
 CALM_SETTLES settles in a row without such a wait. Each lease is one claim either way; what
 costs is holding: tries held ahead are out of reach of idle workers' steals, and without
 backups the job waits for them. So the window stays wide only where it buys throughput, it
@@ -240,11 +241,14 @@ class Worker:
     # -- claiming ------------------------------------------------------------------------------
 
     def read_ahead_rows(self) -> int:
-        """The rows the pipeline holds when fed: a batch in each stage's hands and a full queue
-        before the first model (NOTE [read-ahead])."""
+        """The rows the pipeline holds when fed: the batches each stage works on at once and a
+        full queue before the first model (NOTE [read-ahead]). A pool of preprocess processes
+        works on two a process: read only a batch a stage ahead, a pool grown to 13 processes on a
+        16-core GPU machine had three shards of four batches to share, and its processes sat idle
+        three quarters of the time while the model waited."""
         spec = self.plan.spec
         batch_size = spec.model_stages[0].batch_size or spec.batch_size
-        return batch_size * (len(self.pipeline.stages) + QUEUE_DEPTH)
+        return batch_size * (sum(stage.holds() for stage in self.pipeline.stages) + QUEUE_DEPTH)
 
     def _wants_another(self) -> bool:
         with self._changed:

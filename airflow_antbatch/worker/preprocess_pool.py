@@ -142,9 +142,15 @@ class PreprocessPool:
     def in_flight(self) -> int:
         return len(self._queue) + sum(len(c.tasks) for c in self._children)
 
+    @property
+    def capacity(self) -> int:
+        """Batches the pool takes at once: one running and one waiting in each child's pipe, and
+        one more in the parent's queue, ready for the first child that frees."""
+        return self._target * TASKS_PER_CHILD + 1
+
     def wants_more(self) -> bool:
         """True while a new chunk would find room in a child's pipe: keeps memory bounded."""
-        return self.in_flight < self._target * TASKS_PER_CHILD + 1
+        return self.in_flight < self.capacity
 
     def busy_seconds(self) -> float:
         """Time children have spent inside the hook up to now: the CPU preprocess takes.

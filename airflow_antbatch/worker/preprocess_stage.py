@@ -58,6 +58,9 @@ class PoolPreprocess(Stage):
             self.clock.busy_s = self._busy_s()
             self.pool.close()
 
+    def holds(self) -> int:
+        return self.pool.capacity
+
     def _busy_s(self) -> float:
         return self.pool.busy_seconds() + (self.inline.clock.busy_s if self.inline is not None else 0.0)
 
@@ -97,7 +100,7 @@ class PoolPreprocess(Stage):
                 self.put(item)
                 if item is DONE:
                     return
-            resize = self._scaler.observe(self._busy_s(), self._model_clocks)
+            resize = self._scaler.observe(self._busy_s(), self._model_clocks, pool_started=pool.started)
             if resize is not None:
                 pool.resize(resize)
 

@@ -192,6 +192,7 @@ class ElasticScaler:
         self._last_busy = 0.0
         self._last_cpu: CpuSample | None = None
         self._grew = False  # the last window's decision added a process
+        self._pool_starting = False  # the preprocess processes have not started yet (``observe``)
         self._meter = CpuMeter()
 
     @property
@@ -223,6 +224,8 @@ class ElasticScaler:
         models: Sequence[StageClock],
         now: float | None = None,
         cpu: CpuSample | None = None,
+        *,
+        pool_started: bool = True,
     ) -> int | None:
         """Feed cumulative counters (the pool's, the model stages'); returns a new pool size when decided.
 
@@ -232,6 +235,12 @@ class ElasticScaler:
         threads get the cores left: a light hook leaves the model every core, a heavy one gets
         its own. More threads are kept only if the model then scores faster: on a loaded
         machine they can make it slower, and the scaler goes back.
+
+        Until ``pool_started``, the worker preprocesses in its own thread while the first
+        processes start: a window then measures that thread, not the processes it counts, so it
+        never shrinks the pool, and the first window after the start opens afresh, short. On a
+        16-core GPU machine whose processes took 3 s to start, windows that read "4 processes
+        busy 25%" (the thread alone) held the pool at 4 until 6.5 s into a 9 s job.
         """
         # The kernel is read only when a window opens or closes: this runs on every turn of the
         # preprocess stage's loop, and a read of /proc costs about 0.4 ms of its CPU.
@@ -239,6 +248,11 @@ class ElasticScaler:
         now = time.monotonic() if now is None else now
         if self.processes == 0 or not models:
             return None
+        if not pool_started:
+            self._pool_starting = True
+        elif self._pool_starting and self._window_start is not None:
+            self._pool_starting, self._window_start = False, None  # the first window of the processes opens now
+            self._window_s = min(FIRST_WINDOW_S, self.interval_s)
         if self._window_start is None:
             if models[0].rows:
                 self._open(now, pool_busy_s, models, cpu or (self._meter.sample() if live else None))
@@ -307,8 +321,9 @@ class ElasticScaler:
     def _decide(self, w: Window, rate: float | None, now: float) -> int | None:
         figures = w.text(self.processes)
         # A process added in the last window may still be starting: its first window does not
-        # count against it (the pool is not shrunk straight back).
-        grew = self._grew
+        # count against it (the pool is not shrunk straight back). Nor do windows before the first
+        # processes have started.
+        grew = self._grew or self._pool_starting
         processes, reason = self.processes, f"preprocess keeps {w.demand:.1f} cores busy: {figures}"
         bottleneck = w.starved >= GROW_WHEN_STARVED and w.busy >= GROW_WHEN_BUSY
         # A core is there for another process if the worker leaves one unused, or if its processes

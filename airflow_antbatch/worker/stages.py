@@ -205,6 +205,10 @@ class Stage(abc.ABC):
     def wire(self, inbox: Inbox, outbox: Channel | None) -> None:
         self._inbox, self._outbox = inbox, outbox
 
+    def holds(self) -> int:
+        """Batches this stage works on at once when fed: the worker reads that many ahead for it."""
+        return 1
+
     @abc.abstractmethod
     def run(self) -> None:
         """Take items until DONE, forward it, and return (NOTE [pipeline shutdown])."""

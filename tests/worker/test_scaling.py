@@ -127,6 +127,28 @@ def test_a_saturated_pool_grows_to_feed_the_model_within_the_cores_left(
     assert scaler.decisions[-1].reason.startswith("preprocess is the bottleneck")
 
 
+def test_windows_before_the_processes_start_never_shrink_the_pool_and_their_start_opens_a_short_window() -> None:
+    """Until the first processes are ready the worker preprocesses in its own thread: 4 processes
+    counted, one thread's work measured. The pool stays at 4, and once it has started its first
+    window opens then, FIRST_WINDOW_S long, and grows it from what the processes did."""
+    scaler = opened(16, processes=4)
+    model = StageClock(wait_in_s=0.0, rows=100, busy_s=0.0, cpu_s=0.0)
+    now, busy = T0, 0.0
+    for _ in range(3):  # the thread alone, busy all the time: 25% of the 4 processes
+        now, busy = now + scaler._window_s, busy + scaler._window_s
+        model = dataclasses.replace(model, wait_in_s=model.wait_in_s + 0.9 * scaler._window_s)
+        decided = scaler.observe(busy, [model], now=now, cpu=CpuSample(0.0, 0.0), pool_started=False)
+        assert decided is None and scaler.processes == 4
+    started = now + 0.3
+    assert scaler.observe(busy, [model], now=started, cpu=CpuSample(0.0, 0.0)) is None  # opens the window
+    assert scaler._window_s == scaling.FIRST_WINDOW_S
+    end = started + scaling.FIRST_WINDOW_S
+    fed = dataclasses.replace(model, wait_in_s=model.wait_in_s + 0.9 * scaling.FIRST_WINDOW_S)
+    cpu = CpuSample(0.2 * scaling.FIRST_WINDOW_S, 4 * scaling.FIRST_WINDOW_S)
+    # Sixteen would feed the model; its threads, fed four times faster, would use a core of them.
+    assert scaler.observe(busy + 4 * scaling.FIRST_WINDOW_S, [fed], now=end, cpu=cpu) == 15
+
+
 def test_a_process_just_added_is_not_taken_back_in_its_first_window() -> None:
     """It may still be starting (forked, importing): the pool shrinks only after a whole window at its new size."""
     scaler = opened(2)
