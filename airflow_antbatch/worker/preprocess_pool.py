@@ -459,6 +459,15 @@ def _child_main(conn: Connection, preprocess_ref: str) -> None:
     # waits for this process, which may itself be waiting to send a result: with both pipes
     # full, neither would move.
     threading.Thread(target=_take_tasks, args=(conn, tasks), name="antbatch-tasks", daemon=True).start()
+    try:
+        _serve(conn, preprocess, tasks)
+    except (BrokenPipeError, ConnectionResetError):
+        # The parent closed the pool while this process worked (the job ended, or the pool shrank
+        # beside a warm-up copy): nobody wants the result, and a traceback would say otherwise.
+        return
+
+
+def _serve(conn: Connection, preprocess: Any, tasks: queue.SimpleQueue[bytes | mmap.mmap | None]) -> None:
     while (data := tasks.get()) is not None:
         batch = batch_from_bytes(data)
         started = time.perf_counter()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import subprocess
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -16,6 +18,7 @@ from airflow_antbatch.examples import tabular
 from airflow_antbatch.worker import forkserver
 from airflow_antbatch.worker.codec import SHARED_MIN_BYTES, shares_memory
 from airflow_antbatch.worker.preprocess_pool import TASKS_PER_CHILD, Outcome, PreprocessPool
+from tests.conftest import REPO_ROOT
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -202,3 +205,35 @@ def test_large_batches_cross_in_shared_memory_and_a_death_loses_none_of_them(poo
     outcomes.clear()  # the features' mappings go with them
     pool.close()
     assert _shared_memory_open() == 0
+
+
+_CLOSED_WHILE_WORKING = """
+import multiprocessing, sys, pyarrow as pa
+from airflow_antbatch.worker.codec import SharedBuffers, recv_tree, send_batch
+from airflow_antbatch.worker.preprocess_pool import _child_main
+context = multiprocessing.get_context("spawn")  # the child holds its own end only, as the pool's do
+parent, child_end = context.Pipe()
+child = context.Process(target=_child_main, args=(child_end, sys.argv[1]))
+child.start()
+child_end.close()
+assert recv_tree(parent)[0] == "ready"
+row = {"txn_id": [1], "amount": [1.0], "customer_age": [30], "hour": [1], "merchant": ["a"]}
+send_batch(parent, pa.RecordBatch.from_pydict(row), SharedBuffers())
+parent.close()  # the pool closes while the child is in the hook (60 ms)
+child.join(60)
+sys.exit(child.exitcode)
+"""
+
+
+def test_a_child_whose_pool_closed_while_it_worked_exits_quietly() -> None:
+    """At a job's end, a child still busy (a warm-up copy) finds the parent's end closed when
+    it sends its result: it exits without the traceback that would tell users something broke."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CLOSED_WHILE_WORKING, "tests.fault_hooks:slow_preprocess"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
