@@ -20,8 +20,24 @@ def _cell(entry: dict[str, Any] | None) -> str:
         return f"failed: {entry['error'].splitlines()[0][:80]}"
     first = f", first batch at {entry['first_batch_s']:.1f} s" if entry.get("first_batch_s") is not None else ""
     util = f", GPU {entry['gpu_util_mean']:.0f}% busy" if "gpu_util_mean" in entry else ""
-    pool = f", {entry['preprocess_processes']} preprocess processes" if "preprocess_processes" in entry else ""
+    processes = entry.get("preprocess_processes")
+    pool = "" if processes is None else f", {processes} preprocess process{'es' if processes != 1 else ''}"
     return f"{entry['rows_s']:,.0f} rows/s ({entry['seconds']:.1f} s{first}{util}{pool})"
+
+
+def _ceilings(workloads: dict[str, Any]) -> list[str]:
+    """Where each antbatch run's time went: what its model stage could score unstarved, and the pool's growth."""
+    lines = []
+    for name, record in workloads.items():
+        entry = record.get("antbatch", {})
+        if not entry.get("model_bound_rows_s"):
+            continue
+        grew = ", ".join(f"{size} at {at:.1f} s" for at, size in entry.get("pool_sizes", [])) or "none"
+        lines.append(
+            f"- {name}: the model stage, never starved, would score {entry['model_bound_rows_s']:,.0f} rows/s "
+            f"(rows over its busy time); the preprocess pool's sizes: 1 at the start, then {grew}."
+        )
+    return [*lines, ""] if lines else []
 
 
 def render(results_dir: pathlib.Path) -> str:
@@ -37,8 +53,9 @@ def render(results_dir: pathlib.Path) -> str:
     box = result.get("machine", {})
     lines = [
         f"Measured on {box.get('gpu', 'a GPU')} ({box.get('cpus', '?')} CPUs, torch {box.get('torch', '?')}, "
-        f"CUDA {box.get('cuda', '?')}), `{result.get('command', 'python3 -m bench.gpu')}`, "
-        f"{result.get('wall_s', 0):.0f} s, finished {result.get('finished_at', '?')}.",
+        f"CUDA {box.get('cuda', '?')}), `{result.get('command', 'python3 -m bench.gpu')}` with a budget of "
+        f"{result.get('budget_s', 0):.0f} s: {result.get('wall_s', 0):.0f} s, "
+        f"finished {result.get('finished_at', '?')}.",
         "",
         "| workload | rows | " + " | ".join(label for _, label in SYSTEMS) + " | antbatch / loop | labels equal |",
         "|---|---:|" + "---|" * len(SYSTEMS) + "---:|---:|",
@@ -51,5 +68,5 @@ def render(results_dir: pathlib.Path) -> str:
             + " | ".join(_cell(record.get(key)) for key, _ in SYSTEMS)
             + f" | {speedup} | {'-' if agreement is None else f'{agreement:.1%}'} |"
         )
-    lines += ["", f"Ray Data: {result.get('ray', {}).get('skipped', 'run')}."]
+    lines += ["", *_ceilings(result.get("workloads", {})), f"Ray Data: {result.get('ray', {}).get('skipped', 'run')}."]
     return "\n".join(lines)
