@@ -31,6 +31,7 @@ import dataclasses
 import datetime as dt
 import importlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -246,7 +247,8 @@ def antbatch(
         compile=compile_backend,
     )
     plan_uri = plan_job(spec).plan_uri
-    summary = run_worker(plan_uri, "gpu-0", cpu_budget=os.cpu_count() or 1, progress_interval_s=0)
+    with WindowLog() as windows:
+        summary = run_worker(plan_uri, "gpu-0", cpu_budget=os.cpu_count() or 1, progress_interval_s=0)
     seconds = time.perf_counter() - started
     if summary.outcome != "finished":
         raise RuntimeError(f"the antbatch worker ended {summary.outcome!r}: {summary.failed_for_good}")
@@ -264,10 +266,36 @@ def antbatch(
         "model_bound_rows_s": round(summary.rows_committed / model_busy_s, 1) if model_busy_s else None,
         "preprocess_processes": summary.preprocess_processes,
         "pool_sizes": [(d["at_s"], d["processes_to"]) for d in resized],  # seconds from the pipeline's start
+        "windows": windows.lines,  # every scaling window's figures, decided or not
         "stages": {
             name: {k: v for k, v in clock.items() if k.endswith("_s")} for name, clock in summary.stages.items()
         },
     }
+
+
+class WindowLog(logging.Handler):
+    """The scaler's window figures (its debug log), kept for the result: a pool that grows late
+    on the lent machine cannot be asked why afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self._logger = logging.getLogger("airflow_antbatch.worker.scaling")
+        self._level = self._logger.level
+        self._wall_start = time.time()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.created - self._wall_start:.2f} s: {record.getMessage()}")
+
+    def __enter__(self) -> WindowLog:
+        self._wall_start = time.time()  # log records carry wall-clock times
+        self._logger.addHandler(self)
+        self._logger.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
 
 
 def labels(directory: str) -> dict[int, int]:
