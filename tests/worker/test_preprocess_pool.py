@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import signal
@@ -180,6 +181,8 @@ def test_large_batches_cross_in_shared_memory_and_a_death_loses_none_of_them(poo
     record that kills the child is found by splitting its batch, the halves sent again from
     buffers of their own; every other row comes back once, and closing the pool leaves no
     shared memory open."""
+    gc.collect()
+    open_before = _shared_memory_open()  # another test's results, if something still holds them
     rows = 30_000
     merchants = [f"merchant-{i % 997:05d}" for i in range(rows)]
     merchants[rows // 3] = "POISON-exit"
@@ -204,7 +207,7 @@ def test_large_batches_cross_in_shared_memory_and_a_death_loses_none_of_them(poo
     del part, quarantined
     outcomes.clear()  # the features' mappings go with them
     pool.close()
-    assert _shared_memory_open() == 0
+    assert _shared_memory_open() <= open_before
 
 
 _CLOSED_WHILE_WORKING = """
