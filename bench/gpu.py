@@ -282,13 +282,12 @@ class WindowLog(logging.Handler):
         self.lines: list[str] = []
         self._logger = logging.getLogger("airflow_antbatch.worker.scaling")
         self._level = self._logger.level
-        self._wall_start = time.time()
+        self._wall_start = time.time()  # log records carry wall-clock times
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(f"{record.created - self._wall_start:.2f} s: {record.getMessage()}")
 
     def __enter__(self) -> WindowLog:
-        self._wall_start = time.time()  # log records carry wall-clock times
         self._logger.addHandler(self)
         self._logger.setLevel(logging.DEBUG)
         return self

@@ -128,23 +128,27 @@ def _write_batch(sink: pa.NativeFile, batch: pa.RecordBatch) -> None:
 
 def send_batch(conn: Connection, batch: pa.RecordBatch, buffers: SharedBuffers) -> SharedBuffer | None:
     """Send a record batch; returns the shared buffer it lies in, which the receiver reads until
-    it says it is done (then give it back to ``buffers``), or None when it went down the pipe."""
-    mock = pa.MockOutputStream()
-    _write_batch(mock, batch)
-    size = mock.size()
-    buffer = buffers.take(size) if size >= SHARED_MIN_BYTES and shares_memory() else None
-    if buffer is None:
-        conn.send(("pipe", size))
-        conn.send_bytes(batch_to_bytes(batch))
-        return None
-    try:
-        _write_batch(pa.FixedSizeBufferWriter(pa.py_buffer(buffer.map)), batch)
-        conn.send(("shared", size))
-        buffer.send(conn)
-    except BaseException:
-        buffer.close()
-        raise
-    return buffer
+    it says it is done (then give it back to ``buffers``), or None when it went down the pipe.
+    Only a batch large enough for shared memory is sized as IPC first (a pass over it): the
+    small ones, most of them, are written once."""
+    if batch.nbytes >= SHARED_MIN_BYTES and shares_memory():
+        mock = pa.MockOutputStream()
+        _write_batch(mock, batch)
+        size = mock.size()
+        buffer = buffers.take(size)
+        if buffer is not None:
+            try:
+                _write_batch(pa.FixedSizeBufferWriter(pa.py_buffer(buffer.map)), batch)
+                conn.send(("shared", size))
+                buffer.send(conn)
+            except BaseException:
+                buffer.close()
+                raise
+            return buffer
+    data = batch_to_bytes(batch)
+    conn.send(("pipe", data.size))
+    conn.send_bytes(data)
+    return None
 
 
 def recv_batch(conn: Connection) -> bytes | mmap.mmap | None:

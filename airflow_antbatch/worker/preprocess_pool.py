@@ -388,7 +388,7 @@ class PreprocessPool:
     def _release(self, task: Task) -> None:
         """The child is done with the task's shared memory: the next batch may be written there."""
         if task.shared is not None:
-            self._buffers.give_back(task.shared, keep=self._target * TASKS_PER_CHILD + 1)
+            self._buffers.give_back(task.shared, keep=self.capacity)
             task.shared = None
 
     def _split(self, task: Task) -> None:
