@@ -155,6 +155,7 @@ class Claimer:
         self._idle = False
         self._token = identity.token
         self._roster: _Roster | None = None
+        self._others_seen = False  # another worker's heartbeat was listed (``alone``)
         self._scanned_at: float | None = None  # the roster whose heartbeats _watch last judged
         self._last_sweep: float | None = None
         self._runs: deque[tuple[int, int]] = deque()  # runs a sweep found nobody working on
@@ -222,6 +223,15 @@ class Claimer:
         """Positions left in this worker's run (others may still steal part of it)."""
         with self._lock:
             return max(0, self._end - self._cursor)
+
+    def alone(self) -> bool:
+        """Whether no other worker of the job has beaten, but those whose leases it took over:
+        then nobody can steal from its run, and holding tries ahead keeps them from nobody (NOTE
+        [read-ahead] in the worker loop). Two listings, read again at most once a poll interval
+        while alone; once another worker has been seen, never again."""
+        if not self._others_seen:
+            self._others_seen = bool(set(self._current_roster().versions) - {self._token} - self._handled)
+        return not self._others_seen
 
     def heartbeat_fields(self) -> dict[str, Any]:
         """What other workers read to steal from this one or take its leases over."""

@@ -211,6 +211,25 @@ def test_a_worker_stops_probing_slots_once_a_probe_finds_its_worker_started() ->
     assert (idle.claimer.stats.collisions, idle.claimer.stats.sweeps) == (2, 1)
 
 
+def test_a_worker_is_alone_until_another_has_beaten_and_then_for_good() -> None:
+    """``alone`` lets a lone worker hold tries to the end (NOTE [read-ahead]): two listings a
+    poll interval while alone, none once another worker has been seen."""
+    sim = Sim.create(shards=8)
+    first = sim.worker("first")
+    before = sim.requests()
+    assert first.claimer.alone() and first.claimer.alone()
+    assert sim.requests() - before == 2  # the roster's two listings, cached for a poll interval
+    second = sim.worker("second")
+    assert first.claimer.alone()  # not yet listed again
+    sim.clock.advance(POLL)
+    assert not first.claimer.alone() and not second.claimer.alone()
+    second.beat("finished")  # an exited worker still counts: a listing does not say
+    sim.clock.advance(10 * POLL)
+    before = sim.requests()
+    assert not first.claimer.alone()
+    assert sim.requests() == before
+
+
 def test_a_dead_workers_leases_and_run_are_taken_over_after_a_ttl() -> None:
     sim = Sim.create(shards=10)
     dead = sim.worker("dead", slot=(0, 2))
