@@ -10,6 +10,7 @@ try; ``FLAKY:<path>`` kills it only while ``<path>`` does not exist yet (so once
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import time
@@ -63,3 +64,9 @@ def lazy_preprocess(batch: pa.RecordBatch) -> dict[str, object]:
         _SET_UP[:] = [os.getpid()]
     time.sleep(0.06)
     return {"features": tabular.preprocess(batch), "pid": os.getpid()}
+
+
+def frozen_objects(batch: pa.RecordBatch) -> torch.Tensor:
+    """How many objects this process inherited frozen from its server, for each row: what the
+    children's garbage collections leave out (``forkserver.preloaded``)."""
+    return torch.full((batch.num_rows,), gc.get_freeze_count())

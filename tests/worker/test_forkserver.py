@@ -60,7 +60,7 @@ if __name__ == "__main__":
     held = kept.fileno()  # the worker's own descriptor: not the server's to hold
     started = time.monotonic()
     forkserver.start("tests.fault_hooks:preprocess")
-    pool = PreprocessPool("tests.fault_hooks:preprocess", 1)
+    pool = PreprocessPool("tests.fault_hooks:frozen_objects", 1)
     pool.wait_ready()
     ready_s = time.monotonic() - started
     import multiprocessing.forkserver
@@ -78,6 +78,7 @@ if __name__ == "__main__":
         "ready_s": ready_s,
         "holds_worker_file": os.readlink(f"/proc/self/fd/{held}") in server_files,
         "rows": sum(o.batch.num_rows for o in outcomes),
+        "frozen": int(outcomes[0].output[0]),
     }))
 """
 
@@ -87,7 +88,8 @@ if __name__ == "__main__":
 def test_a_caller_that_imported_the_hook_forks_the_server_only_without_other_threads(caller: str) -> None:
     """Forked, the server costs no second torch import; with another Python thread alive (which
     could hold a lock the fork would copy held) the caller spawns one, as before. Either way
-    the server holds none of the worker's descriptors and the children preprocess."""
+    the server holds none of the worker's descriptors, the children preprocess, and what the
+    server imported is frozen out of the children's garbage collections."""
     root = pathlib.Path(__file__).parents[2]
     done = subprocess.run(
         [sys.executable, "-c", START_SCRIPT, caller], cwd=root, capture_output=True, text=True, timeout=300
@@ -97,5 +99,6 @@ def test_a_caller_that_imported_the_hook_forks_the_server_only_without_other_thr
     assert result["spawned"] is (caller == "threaded")
     assert not result["holds_worker_file"]
     assert result["rows"] == 10
+    assert result["frozen"] > 10_000, result  # torch's objects, the hook's: about 100,000 here
     if caller == "single-threaded":
         assert result["ready_s"] < 1.0, result  # a spawned server imports torch first: about 1.4 s here
