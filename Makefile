@@ -149,7 +149,7 @@ bench-scale: $(STAMP)
 	$(PY) -m bench.scale
 
 # Stragglers (issue 16): 4 workers, one throttled 2x (and again 5x), with dynamic dispatch and
-# speculative backups, without backups, and static; about 1 minute. bench/results/straggler.json.
+# speculative backups, without backups, and static; about 2 minutes. bench/results/straggler.json.
 .PHONY: bench-straggler
 
 bench-straggler: $(STAMP)

@@ -1,7 +1,7 @@
 """Stragglers: N antbatch workers, one throttled to half speed, with dynamic and static dispatch.
 
 ``python -m bench.straggler [--profile quick|full]`` (``make bench-straggler``: the quick
-profile, about 1 minute on 2 cores) writes ``bench/results/straggler.json``: the profile's job,
+profile, about 2 minutes on 2 cores) writes ``bench/results/straggler.json``: the profile's job,
 and the same job with the throttled worker ``HARSH_SLOWDOWN`` times slower, where backups
 have more to win. ``bench.run`` runs the profile's job into quick.json and full.json.
 docs/benchmarks.md's "straggler" block is rendered from them by ``bench.straggler_report``.
