@@ -419,10 +419,16 @@ def main(argv: list[str] | None = None) -> int:
     if "straggler" in workloads:
         from bench import straggler
 
+        # Its dynamic runs come first and its ideal from the static runs last: the tail of the
+        # work before it (Ray's teardown) would slow only the former. In quick.json at 4d67f0b the
+        # first two of three runs gave 1.060x and 1.058x the ideal, the third 1.021x, and runs of
+        # make bench-straggler on the same code 1.018-1.028x.
+        straggler_load = wait_for_quiet(args.quiet_wait) if args.quiet_wait else os.getloadavg()[0]
         started = time.time()
         report["straggler"] = straggler.run(
             os.path.join(work, "straggler"), profile.straggler, {**env, "OMP_NUM_THREADS": "1"}
         )
+        report["straggler"]["load_avg_before"] = round(straggler_load, 2)
         print(f"[{time.time() - began:6.1f}s] straggler done in {time.time() - started:.1f}s", flush=True)
     antbatch_peaks = [report[w]["peak_rss_mb"]["antbatch"] for w in inputs]
     report["peak_rss_mb"] = max(antbatch_peaks) if antbatch_peaks else None
