@@ -75,10 +75,12 @@ class ClaimStats:
     skipped: int = 0  # shards found committed (a rerun, or a lost race)
     backups: int = 0  # speculative tries of shards that a slower worker still held
     # What looking costs (requests): heartbeats read to steal, back up or take over; looks at
-    # done.json while idle; roster listings (two listings each).
+    # done.json while idle; roster listings (two listings each); heartbeat listings to tell
+    # whether it is alone (one each).
     beats_read: int = 0
     idle_looks: int = 0
     rosters: int = 0
+    alone_looks: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -156,6 +158,7 @@ class Claimer:
         self._token = identity.token
         self._roster: _Roster | None = None
         self._others_seen = False  # another worker's heartbeat was listed (``alone``)
+        self._alone_at: float | None = None  # when ``alone`` last listed the heartbeats
         self._scanned_at: float | None = None  # the roster whose heartbeats _watch last judged
         self._last_sweep: float | None = None
         self._runs: deque[tuple[int, int]] = deque()  # runs a sweep found nobody working on
@@ -227,10 +230,15 @@ class Claimer:
     def alone(self) -> bool:
         """Whether no other worker of the job has beaten, but those whose leases it took over:
         then nobody can steal from its run, and holding tries ahead keeps them from nobody (NOTE
-        [read-ahead] in the worker loop). Two listings, read again at most once a poll interval
-        while alone; once another worker has been seen, never again."""
-        if not self._others_seen:
-            self._others_seen = bool(set(self._current_roster().versions) - {self._token} - self._handled)
+        [read-ahead] in the worker loop). One listing, again at most once a poll interval while
+        alone; once another worker has been seen, never again. Not the roster's listings: a
+        roster read at the end of a run would stand in for the fresh one that the tail's steals
+        and backups read once the run is out."""
+        now = self.ledger.clock()
+        if not self._others_seen and (self._alone_at is None or now - self._alone_at >= self._poll):
+            self._alone_at = now
+            self.stats.alone_looks += 1
+            self._others_seen = bool(set(self.ledger.worker_versions()) - {self._token} - self._handled)
         return not self._others_seen
 
     def heartbeat_fields(self) -> dict[str, Any]:

@@ -212,13 +212,15 @@ def test_a_worker_stops_probing_slots_once_a_probe_finds_its_worker_started() ->
 
 
 def test_a_worker_is_alone_until_another_has_beaten_and_then_for_good() -> None:
-    """``alone`` lets a lone worker hold tries to the end (NOTE [read-ahead]): two listings a
-    poll interval while alone, none once another worker has been seen."""
+    """``alone`` lets a lone worker hold tries to the end (NOTE [read-ahead]): a listing a poll
+    interval while alone, none once another worker has been seen, and no roster read (the
+    tail's steals read theirs fresh)."""
     sim = Sim.create(shards=8)
     first = sim.worker("first")
     before = sim.requests()
     assert first.claimer.alone() and first.claimer.alone()
-    assert sim.requests() - before == 2  # the roster's two listings, cached for a poll interval
+    assert sim.requests() - before == 1  # one listing, good for a poll interval
+    assert first.claimer.stats.rosters == 0 and first.claimer.stats.alone_looks == 1
     second = sim.worker("second")
     assert first.claimer.alone()  # not yet listed again
     sim.clock.advance(POLL)
