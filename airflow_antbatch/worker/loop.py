@@ -265,7 +265,7 @@ class Worker:
         through three simulated devices, a lone worker's window narrowed when calm and shrank with
         its run, and its last shards came one at a time, each read and preprocessed while the
         devices waited (device_chain: 1,804 against 1,908 rows/s, medians of 6). Called outside
-        the lock: it may list the roster."""
+        the lock: it may list the heartbeats."""
         left = self.claimer.run_left()
         narrowing = self._window > TAIL_LEASES and self._calm >= CALM_SETTLES - 1
         if left < self._window or narrowing:
