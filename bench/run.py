@@ -322,7 +322,8 @@ def calibrate_device(input_dir: str, batch_size: int, batches: int = 4) -> float
 
 
 def wait_for_quiet(max_wait_s: float, threshold: float = 0.5) -> float:
-    """Give other work on the machine a chance to finish; returns the 1-minute load average seen."""
+    """Give other work on the machine a chance to finish; returns the 1-minute load average seen
+    (at once, for a wait of 0)."""
     deadline = time.time() + max_wait_s
     load = os.getloadavg()[0]
     while load > threshold and time.time() < deadline:
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     if not with_ray and not args.no_ray:
         print(f"warning: {RAY_PYTHON} missing (make bench-venv); Ray Data is left out", file=sys.stderr)
     out_path = args.out or os.path.join(RESULTS, f"{profile.name}.json")
-    load_before = wait_for_quiet(args.quiet_wait) if args.quiet_wait else os.getloadavg()[0]
+    load_before = wait_for_quiet(args.quiet_wait)
     began = time.time()  # after the wait: wall_s is the benchmark's own time
     env = {
         **os.environ,
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         # work before it (Ray's teardown) would slow only the former. In quick.json at 4d67f0b the
         # first two of three runs gave 1.060x and 1.058x the ideal, the third 1.021x, and runs of
         # make bench-straggler on the same code 1.018-1.028x.
-        straggler_load = wait_for_quiet(args.quiet_wait) if args.quiet_wait else os.getloadavg()[0]
+        straggler_load = wait_for_quiet(args.quiet_wait)
         started = time.time()
         report["straggler"] = straggler.run(
             os.path.join(work, "straggler"), profile.straggler, {**env, "OMP_NUM_THREADS": "1"}

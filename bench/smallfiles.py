@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     if profile.objects % GROUP:
         parser.error(f"--objects must be a multiple of {GROUP}")
     out_path = args.out or os.path.join(RESULTS, "smallfiles-quick.json" if args.quick else "smallfiles.json")
-    load_before = wait_for_quiet(args.quiet_wait) if args.quiet_wait else os.getloadavg()[0]
+    load_before = wait_for_quiet(args.quiet_wait)
     began = time.time()
     work = os.path.join(args.work, f"smallfiles-{profile.name}-{os.getpid()}")
     fetch_log = os.path.join(work, "fetch-log")
