@@ -241,6 +241,11 @@ class Claimer:
             self._others_seen = bool(set(self.ledger.worker_versions()) - {self._token} - self._handled)
         return not self._others_seen
 
+    @property
+    def found_alone(self) -> bool:
+        """What ``alone`` last found, without listing: False until it has listed once."""
+        return self._alone_at is not None and not self._others_seen
+
     def heartbeat_fields(self) -> dict[str, Any]:
         """What other workers read to steal from this one or take its leases over."""
         with self._lock:
