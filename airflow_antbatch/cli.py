@@ -162,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--progress-interval", type=float, default=30.0, help="seconds between progress lines in the log (0: none)"
     )
+    p.add_argument(
+        "--drain-s",
+        type=_seconds_or_zero,
+        default=0.0,
+        help="on SIGTERM, seconds to keep scoring the shards in hand that finish in time before giving the "
+        "rest back (default 0: give all back at once; launchers pass the pod's grace period less 15)",
+    )
 
     p = sub.add_parser("merge", help="pack many small objects into large Parquet packs (once; reruns resume)")
     p.add_argument("sources", nargs="*", help="prefixes, globs or objects to pack")
@@ -272,6 +279,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         cache=CacheOptions(max_bytes=int(args.cache_mb * 2**20), directory=args.cache_dir),
         progress_interval_s=args.progress_interval,
         slot=args.slot,
+        drain_s=args.drain_s,
     )
     doc = summary.to_dict()
     if args.summary_file:
@@ -290,7 +298,7 @@ def _worker_here(args: argparse.Namespace, plan_uri: str, worker_id: str, **opti
     stop = threading.Event()
 
     def on_term(signum: int, _frame: FrameType | None) -> None:
-        log.warning("signal %d: no new claims; releasing the shard in hand", signum)
+        log.warning("signal %d: no new claims; finishing or releasing the shards in hand", signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_term)
@@ -392,12 +400,20 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _seconds(text: str) -> float:
     """An argparse type: a positive number of seconds."""
+    value = _seconds_or_zero(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _seconds_or_zero(text: str) -> float:
+    """An argparse type: a number of seconds, 0 included."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 _WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # Heartbeat states after which the process holds nothing and will not write again.
 EXITED_STATES = frozenset({"finished", "preempted", "failed"})
+# A stopped worker finishing the tries it kept before its exit (NOTE [drain] in worker/drain.py).
+DRAINING = "draining"
 _READ_THREADS = 32  # records read side by side (finalize, status): one GET each on an object store
 _HEARTBEAT_FIELDS = ("token", "worker_id", "beat", "state", "time")  # what every heartbeat holds
 _RECENT_FAILURES = 20  # failed tries a heartbeat carries, newest last
@@ -229,6 +231,7 @@ class Ledger:
         self._liveness = Liveness(self.ttl_s, clock)  # by beat counters read from heartbeats
         self._listed_liveness = Liveness(self.ttl_s, clock)  # by heartbeat versions in listings
         self._beat_cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._found_held = ("", 0)  # the shard and try try_claim last found held: left_to_predecessor
         self._status_beats: dict[str, tuple[str, dict[str, Any]]] = {}  # token -> (version, record)
         self._next_epoch: dict[str, int] = {}
         self._failures: dict[str, set[int]] = {}
@@ -400,6 +403,7 @@ class Ledger:
                 if self._read_commit(shard_id) is not None:
                     return ShardState.COMMITTED
                 checked_commit = True
+            self._found_held = (shard_id, epoch)
             if not investigate and not (own_slot and self._my_earlier_incarnation(shard_id, epoch, identity)):
                 return ShardState.LEASED
             if not self._try_is_over(shard_id, epoch, identity):
@@ -420,12 +424,29 @@ class Ledger:
             if release.get("failed"):
                 self._failures.setdefault(shard_id, set()).add(epoch)
             return True
-        if self._my_earlier_incarnation(shard_id, epoch, identity):
-            # An earlier incarnation of this same worker slot (a retried task or pod): it is
-            # dead or being replaced, so its tries are over without waiting out the TTL.
-            return True
         owner = self._read_claim(shard_id, epoch)["token"]
+        if identity.earlier_incarnation(owner):
+            # An earlier incarnation of this same worker slot (a retried task or pod): it is
+            # dead or being replaced, so its tries are over without waiting out the TTL, unless
+            # it is finishing them in its grace period (NOTE [drain] in worker/drain.py).
+            return not self._draining(owner)
         return self._liveness.gone(owner, self._recent_heartbeat(owner))
+
+    def _draining(self, token: str) -> bool:
+        heartbeat = self._recent_heartbeat(token)
+        if heartbeat is None or heartbeat.get("state") != DRAINING:
+            return False
+        return not self._liveness.gone(token, heartbeat)
+
+    def left_to_predecessor(self, shard_id: str, identity: WorkerIdentity) -> bool:
+        """Whether the try of the shard that ``try_claim`` last found held belongs to an earlier
+        incarnation of this worker finishing it before its exit (NOTE [drain]): the heir walks
+        on past it. No request: the claim and the heartbeat were read to find it held."""
+        held, epoch = self._found_held
+        claim = self._claims.get((shard_id, epoch)) if held == shard_id else None
+        if claim is None or not identity.earlier_incarnation(str(claim["token"])):
+            return False
+        return self._draining(str(claim["token"]))
 
     def back_up(self, shard_id: str, epoch: int, identity: WorkerIdentity) -> Lease | None:
         """Start a speculative backup of try ``epoch``, which its owner still holds: try

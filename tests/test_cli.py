@@ -108,9 +108,15 @@ def _wait_for_marker(markers: pathlib.Path, timeout: float) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("drain", [(), ("--drain-s", "30")], ids=["release", "drain"])
 def test_sigterm_releases_the_shard_and_exits_with_the_preempted_code(
-    transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path, subprocess_env: dict[str, str]
+    transactions: tuple[pathlib.Path, pa.Table],
+    tmp_path: pathlib.Path,
+    subprocess_env: dict[str, str],
+    drain: tuple[str, ...],
 ) -> None:
+    """SIGTERM mid-shard: the worker gives the shard back, or with a drain budget (NOTE
+    [drain]) commits it first; either way it exits with the preempted code."""
     directory, table = transactions
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -122,15 +128,21 @@ def test_sigterm_releases_the_shard_and_exits_with_the_preempted_code(
     )  # fmt: skip
     plan_uri = json.loads(plan.stdout)["plan_uri"]
     worker = subprocess.Popen(
-        [*ANTBATCH, "worker", "--spec", plan_uri, "--worker-id", "w0"], stdout=subprocess.PIPE, text=True, env=env
+        [*ANTBATCH, "worker", "--spec", plan_uri, "--worker-id", "w0", *drain],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     _wait_for_marker(markers, timeout=60)
     worker.send_signal(signal.SIGTERM)
     stdout, _ = worker.communicate(timeout=60)
     assert worker.returncode == exit_codes.PREEMPTED
-    assert json.loads(stdout)["outcome"] == "preempted"
+    summary = json.loads(stdout)
+    assert summary["outcome"] == "preempted"
     ledger = Ledger.open(plan_uri)
-    assert len(ledger.store.list("releases")) == 1
+    drained = bool(drain)
+    assert summary["shards_committed"] == drained  # the shard in hand: committed, or given back
+    assert len(ledger.store.list("releases")) == summary["claiming"]["claims"] - drained
     # A replacement worker takes the released shard over at once and finishes the job.
     done = _antbatch("worker", "--spec", plan_uri, "--worker-id", "w1", env={**env, "ANTBATCH_TEST_BATCH_DELAY": "0"})
     assert done.returncode == 0, done.stderr

@@ -24,7 +24,7 @@ from airflow_antbatch import layout
 from airflow_antbatch.errors import LedgerCorruptError, SpecError
 from airflow_antbatch.examples import tabular
 from airflow_antbatch.layout import PLAN_FILE
-from airflow_antbatch.ledger import Lease, Ledger, WorkerIdentity
+from airflow_antbatch.ledger import DRAINING, Lease, Ledger, WorkerIdentity
 from airflow_antbatch.planning import plan_job
 from airflow_antbatch.shards import JobPlan, Piece, Shard
 from airflow_antbatch.spec import JobSpec
@@ -315,6 +315,38 @@ class TestLedgerProtocol:
         assert new.epoch == 1
         assert not a1.ledger.holds(old)
         assert a2.finish(new)
+
+    @pytest.mark.parametrize(
+        "then",
+        [
+            "commits",  # the drain finished it: the heir finds it committed
+            "releases",  # the drain ran out: the heir takes the next try at once
+            "stops beating",  # SIGKILL mid-drain: the heir waits out a TTL
+        ],
+    )
+    def test_a_new_incarnation_leaves_a_draining_predecessors_try_to_it(self, job: Job, then: str) -> None:
+        """NOTE [drain]: the heir of a slot walks on past a try its predecessor finishes in its
+        grace period, instead of fencing it out and scoring it again from its first row."""
+        a1 = job.worker("slot-1")
+        s0 = job.shard_ids[0]
+        old = a1.lease(s0)
+        a1.beat(DRAINING)
+        a2 = a1.restarted()
+        assert a2.ledger.try_claim(s0, a2.identity, investigate=False) is ShardState.LEASED
+        assert a2.ledger.left_to_predecessor(s0, a2.identity)
+        assert not job.worker("slot-2").ledger.left_to_predecessor(s0, a2.identity)  # asked of its own claims only
+        if then == "commits":
+            assert a1.finish(old)
+            assert a2.claim(s0) is ShardState.COMMITTED
+            return
+        if then == "releases":
+            a1.ledger.release(old, reason="preempted", failed=False)
+        else:
+            job.clock.advance(TTL / 4)  # the heir's cached read of the heartbeat goes stale
+            assert a2.claim(s0) is ShardState.LEASED
+            job.clock.advance(TTL)
+        new = a2.lease(s0)
+        assert new.epoch == 1 and not a1.ledger.holds(old)
 
     @pytest.mark.parametrize("final_state", ["finished", "preempted", "failed"])
     def test_an_exited_owner_leaves_its_leases_at_once(self, job: Job, final_state: str) -> None:

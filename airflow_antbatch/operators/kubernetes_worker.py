@@ -43,9 +43,9 @@ if TYPE_CHECKING:
 
     from airflow_antbatch.version_compat import Context
 
-# The worker, on SIGTERM, stops claiming, lets the batch in the model finish, releases the
-# shard it holds and writes its summary: seconds on CPU, up to tens of seconds for a large GPU
-# batch. Past the default lease_ttl_s (60 s) its shard would be taken over anyway.
+# The worker, on SIGTERM, stops claiming, keeps scoring the shards in hand that commit within the
+# grace period less DRAIN_MARGIN_S (15 s), releases the others and writes its summary (NOTE
+# [drain] in worker/drain.py). Its heartbeat keeps its leases alive meanwhile.
 TERMINATION_GRACE_S = 60
 SUMMARY_FILE = "/airflow/xcom/return.json"  # where the provider's XCom sidecar reads the result
 LABEL_COMPONENT = "antbatch/component"
@@ -68,7 +68,9 @@ class WorkerPodOperator(PodOperatorAdapter):
     :param preprocess_workers: a fixed preprocess pool size (0: in a thread); default elastic.
     :param torch_threads: model intra-op threads; default derived from the CPU budget.
     :param container_resources: ``V1ResourceRequirements`` or the same as a dict.
-    :param termination_grace_period: seconds the worker gets on SIGTERM to release its shard.
+    :param termination_grace_period: seconds the worker gets on SIGTERM (preemption, a spot
+        reclaim, a deleted pod): it finishes the shards in hand that commit within this less 15 s,
+        and releases the others.
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class WorkerPodOperator(PodOperatorAdapter):
 
     def antbatch_arguments(self, plan_uri: str, worker_id: str, **options: Any) -> list[str]:
         """``antbatch`` arguments running one worker with this operator's sizing (plus ``options``)."""
+        from airflow_antbatch.worker.drain import drain_budget
         from airflow_antbatch.worker.local import worker_arguments
 
         return worker_arguments(
@@ -108,6 +111,7 @@ class WorkerPodOperator(PodOperatorAdapter):
             cpu_budget=self.cpu_budget or cpu_budget_of(self.container_resources),
             preprocess_workers=self.preprocess_workers,
             torch_threads=self.torch_threads,
+            drain_s=drain_budget(self.termination_grace_period),
             **options,
         )
 

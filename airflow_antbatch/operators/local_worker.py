@@ -50,7 +50,8 @@ class LocalBatchWorkerOperator(BaseOperator):
         model thread, after a torch import of its own).
     :param torch_threads: model intra-op threads; default derived from the CPU budget.
     :param workers_on_host: how many local workers may run side by side on one machine.
-    :param kill_grace_s: how long a stopped worker gets to release its shard before SIGKILL.
+    :param kill_grace_s: how long a stopped worker gets before SIGKILL: it finishes the shards in
+        hand that commit within this less 15 s, and releases the others.
     """
 
     template_fields: Sequence[str] = ("plan_uri", "worker_id", "slot")
@@ -89,6 +90,7 @@ class LocalBatchWorkerOperator(BaseOperator):
         return {"workers_on_host": max_workers}
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from airflow_antbatch.worker.drain import drain_budget
         from airflow_antbatch.worker.local import worker_command
 
         with tempfile.TemporaryDirectory(prefix="antbatch-") as tmp:
@@ -102,6 +104,7 @@ class LocalBatchWorkerOperator(BaseOperator):
                 preprocess_workers=self.preprocess_workers,
                 torch_threads=self.torch_threads,
                 summary_file=summary_file,
+                drain_s=drain_budget(self.kill_grace_s),
             )
             self.log.info("Running %s", " ".join(cmd))
             code = self._run(cmd)

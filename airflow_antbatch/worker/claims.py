@@ -479,6 +479,8 @@ class Claimer:
                 if mine
                 else self.ledger.try_claim(shard_id, self.identity, investigate=False, own_slot=not self._stolen)
             )
+            # Its predecessor in the slot finishes that try before it exits (NOTE [drain]): walk on.
+            left = outcome is ShardState.LEASED and self.ledger.left_to_predecessor(shard_id, self.identity)
             with self._lock:
                 # A committed shard ends a run too, unless this worker has claimed nothing yet
                 # (a rerun): then a listing of commits lets it skip every committed shard.
@@ -488,6 +490,10 @@ class Claimer:
                 # one position instead of leaving the rest to the victim (a slow one, at the tail).
                 raced_victim, self._split_at = self._split_at == position, None
                 probed_taken, self._probe_at = self._probe_at == position, None
+                if left:
+                    self._cursor = position + 1
+                    self.stats.skipped += 1
+                    continue
                 if outcome is ShardState.LEASED or (outcome is ShardState.COMMITTED and not resuming):
                     self.stats.collisions += 1
                     if probed_taken:  # that slot's worker started after all: see _probe_slot

@@ -31,6 +31,7 @@ class Heartbeat:
         self._interval = interval_s
         self._stats = stats
         self._beat = 0
+        self.state = "running"  # what each beat says until the final one (or "draining")
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{identity.worker_id}", daemon=True)
@@ -39,10 +40,10 @@ class Heartbeat:
         self.beat()
         self._thread.start()
 
-    def beat(self, state: str = "running") -> None:
+    def beat(self, state: str | None = None) -> None:
         with self._lock:
             self._beat += 1
-            self._ledger.heartbeat(self._identity, self._beat, state=state, stats=self._stats())
+            self._ledger.heartbeat(self._identity, self._beat, state=state or self.state, stats=self._stats())
 
     def stop(self, final_state: str) -> None:
         """Stop beating and write the final state, so that others need not wait out a TTL."""

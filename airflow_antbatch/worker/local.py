@@ -34,6 +34,7 @@ def worker_arguments(
     torch_threads: int | None = None,
     summary_file: str | None = None,
     slot: str | None = None,
+    drain_s: float | None = None,
 ) -> list[str]:
     """The ``antbatch`` arguments that run one worker, for subprocesses and pods alike.
 
@@ -47,6 +48,7 @@ def worker_arguments(
         ("--cpu-budget", cpu_budget),
         ("--preprocess-workers", preprocess_workers),  # 0 is a setting: preprocess in a thread
         ("--torch-threads", torch_threads),
+        ("--drain-s", drain_s),  # what it may finish on SIGTERM (NOTE [drain] in worker/drain.py)
     ):
         if value is not None:
             args += [flag, str(value)]

@@ -51,9 +51,11 @@ import pyarrow.parquet as pq
 
 from airflow_antbatch import layout
 from airflow_antbatch.errors import AntBatchError, ShardError, StoreError
+from airflow_antbatch.ledger import DRAINING
 from airflow_antbatch.store import AtomicStore
 from airflow_antbatch.worker.backoff import retry_store
 from airflow_antbatch.worker.claims import Claimer
+from airflow_antbatch.worker.drain import RecentPace, slowest, tries_to_finish
 from airflow_antbatch.worker.heartbeat import Heartbeat
 from airflow_antbatch.worker.local import available_cpus
 from airflow_antbatch.worker.model_stage import ScoringStage
@@ -61,7 +63,7 @@ from airflow_antbatch.worker.near_cache import CacheOptions, NearCache
 from airflow_antbatch.worker.pipeline import Pipeline, PipelineOptions
 from airflow_antbatch.worker.progress import ProgressLog
 from airflow_antbatch.worker.reader import iter_batches
-from airflow_antbatch.worker.stages import QUEUE_DEPTH
+from airflow_antbatch.worker.stages import POLL_S, QUEUE_DEPTH
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -147,6 +149,7 @@ class Worker:
         cache: CacheOptions | None = None,
         progress_interval_s: float = 30.0,
         slot: tuple[int, int] | None = None,
+        drain_s: float = 0.0,
     ) -> None:
         self.ledger = ledger
         self.plan = ledger.plan
@@ -164,7 +167,6 @@ class Worker:
             options,
             read=self._read,
             finish=self._finish,
-            stop=self.stop,
             quarantine_limit=self.plan.spec.quarantine_limit,
         )
         self.summary = WorkerSummary(identity.worker_id, identity.token, cpu_budget=options.cpu_budget)
@@ -182,6 +184,11 @@ class Worker:
         self._starved: tuple[float, float, float] | None = None  # first model's wait, reader's, at: last settle
         self._calm = 0  # settles in a row since the first model last waited for want of a claim
         self._most_held = 0  # the most tries held at once: the summary's read_ahead_window
+        self._drain_s = drain_s  # after a stop, how long it may finish what it holds (NOTE [drain])
+        self._pace = RecentPace()
+        self._ran = threading.Event()  # pipeline.run returned: nothing left to drain
+        self._drained = threading.Event()  # stopped, and nothing kept to finish: store retries end
+        self._drainer = threading.Thread(target=self._drain, name="antbatch-drain", daemon=True)
         self.claimer = Claimer(ledger, identity, slot=slot, poll_interval_s=self.poll_interval_s, stop=self.stop)
         self._heartbeat = Heartbeat(ledger, identity, max(0.05, ttl / 4), self._stats)
         self._progress = ProgressLog(self.summary, self.claimer.run_left, progress_interval_s)
@@ -205,13 +212,16 @@ class Worker:
         final = "failed"
         if self.plan.spec.backup_tries:
             self._races.start()
+        self._drainer.start()
         try:
             self.pipeline.run(self._claims())
             final = "preempted" if self.stop.is_set() else "finished"
         finally:
             self._races_stop.set()
-            if self._races.is_alive():
-                self._races.join()
+            self._ran.set()
+            for thread in (self._races, self._drainer):
+                if thread.is_alive():
+                    thread.join()
             self._progress.stop()
             for work in self.pipeline.unfinished:
                 self._release_quietly(work.lease, "worker stopped on an error")
@@ -326,6 +336,60 @@ class Worker:
                     self._heartbeat.beat()
             yield lease, self.plan.shard(self.plan.index_of(lease.shard_id))
 
+    # -- stopping ------------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Once stopped: keep scoring the tries at the front that commit within the drain budget,
+        give the others back now, and what is kept but not committed when it runs out (NOTE [drain])."""
+        while not self.stop.wait(POLL_S):
+            if self._ran.is_set():
+                return
+        flow = self.pipeline.flow
+        with self._changed:
+            held = list(self._leases)
+        rows_left = [self._rows_left(shard_id) for shard_id in held]
+        rate = slowest(self._pace.rows_per_s(), *(self._rate_so_far(shard_id) for shard_id in held[:1]))
+        keep = held[: tries_to_finish(rows_left, rate, self._drain_s)]
+        flow.give_back(keep)
+        if keep:
+            self._finish_kept(keep, rows_left[: len(keep)], len(held) - len(keep))
+        self._drained.set()
+
+    def _finish_kept(self, keep: list[str], rows_left: list[int], others: int) -> None:
+        """Drain: the heartbeat says so (the heir of its slot then leaves these tries alone) until
+        they are committed or the budget runs out."""
+        self._heartbeat.state = DRAINING
+        log.warning(
+            "%s: stopped; finishing %s (%d rows) within %.0fs, giving back %d other tries",
+            self.identity.worker_id,
+            ", ".join(keep),
+            sum(rows_left),
+            self._drain_s,
+            others,
+        )
+        with contextlib.suppress(StoreError):
+            self._heartbeat.beat()
+        if not self._ran.wait(self._drain_s):
+            log.warning(
+                "%s: the drain ran out after %.0fs; giving the rest back", self.identity.worker_id, self._drain_s
+            )
+            self.pipeline.flow.give_back()
+
+    def _rate_so_far(self, shard_id: str) -> float | None:
+        """Rows per second of a try in flight since its first row was read: slow while the
+        pipeline fills, so on the safe side."""
+        work = self.pipeline.flow.shards.get(shard_id)
+        if work is None or not work.rows:
+            return None
+        return work.rows / max(1e-9, time.monotonic() - work.started)
+
+    def _rows_left(self, shard_id: str) -> int:
+        """Rows of a try in flight not yet through the last model stage; 0 where the plan does not
+        know a shard's rows (JSON lines): the budget bounds such a drain."""
+        work = self.pipeline.flow.shards.get(shard_id)
+        done = work.rows + sum(q.batch.num_rows for q in list(work.quarantined)) if work is not None else 0
+        return max(0, (self.plan.shard_rows(self.plan.index_of(shard_id)) or 0) - done)
+
     def _wait(self, seconds: float) -> None:
         """How the claimer waits: woken early when a shard in flight settles or the worker stops."""
         with self._changed:
@@ -375,7 +439,7 @@ class Worker:
         lease = work.lease
         if isinstance(work.error, Overtaken):
             return self._give_up(work, work.error)
-        if self.stop.is_set():
+        if self.pipeline.flow.given_back(lease.shard_id):
             self.ledger.release(lease, reason="preempted", failed=False)
             log.warning("%s: released shard %s on SIGTERM", self.identity.worker_id, lease.shard_id)
             return False
@@ -438,6 +502,7 @@ class Worker:
             log.warning("%s: shard %s was committed by another try", self.identity.worker_id, shard_id)
             return True
         self._streak = ("", [])
+        self._pace.committed(time.monotonic(), table.num_rows)
         self.summary.shards_committed += 1
         self.summary.rows_committed += table.num_rows
         self.summary.rows_quarantined += quarantined
@@ -546,7 +611,8 @@ class Worker:
         return name
 
     def _patiently(self, call: Callable[[], T], what: str) -> T:
-        return retry_store(call, what=what, patience_s=self.store_patience_s, stop=self.stop)
+        # Once stopped, a store outage is ridden out only while kept tries drain (NOTE [drain]).
+        return retry_store(call, what=what, patience_s=self.store_patience_s, stop=self._drained)
 
     def _release_quietly(self, lease: Lease, reason: str) -> None:
         try:

@@ -76,11 +76,10 @@ class Pipeline:
         *,
         read: Callable[[Shard], Iterator[pa.RecordBatch]],
         finish: Callable[[ShardWork], None],
-        stop: threading.Event,
         quarantine_limit: int = 10,
     ) -> None:
         self.options = options
-        self.flow = Flow(stop, threading.Event(), quarantine_limit)
+        self.flow = Flow(threading.Event(), quarantine_limit)
         in_threads = code.preprocess_ref is None or options.preprocess_workers == 0
         self.scaler = ElasticScaler(
             options.cpu_budget,

@@ -42,6 +42,7 @@ def run_worker(
     progress_interval_s: float = 30.0,
     slot: tuple[int, int] | None = None,
     preprocess_while_pool_starts: bool = True,
+    drain_s: float = 0.0,
 ) -> WorkerSummary:
     """Load the plan and the user code, then process shards until none is left.
 
@@ -59,7 +60,9 @@ def run_worker(
     this worker claims first (see NOTE [claiming] in worker/claims.py).
     ``preprocess_while_pool_starts=False`` keeps every record in the pool's processes, where one
     that crashes the hook is quarantined, at the price of waiting for their start (see
-    ``preprocess_stage``).
+    ``preprocess_stage``). Once ``stop`` is set, the worker claims nothing more and keeps scoring
+    the shards in hand that it expects to commit within ``drain_s`` seconds, giving the others
+    back at once (NOTE [drain] in worker/drain.py).
 
     The summary's ``time_to_first_batch_s`` counts from the start of this process: for
     ``antbatch run`` with one worker, from the command's start.
@@ -102,6 +105,7 @@ def run_worker(
         cache=cache,
         progress_interval_s=progress_interval_s,
         slot=slot,
+        drain_s=drain_s,
     )
     log.info("%s: pipeline ready %.2fs after the process started", identity.worker_id, _age())
     summary = worker.run()

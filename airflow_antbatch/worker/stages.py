@@ -13,7 +13,8 @@ NOTE [pipeline shutdown]: no thread of the pipeline can hang. Every wait on a ch
 timed (``POLL_S``) and gives up once the pipeline aborts; a stage that raises sets the abort
 (``Pipeline`` guards every thread), so the others return within ``POLL_S``, and the error is
 re-raised in the caller. The end of the stream is ``DONE``, which every stage forwards before
-it returns. A failed shard's rows, or any row once the worker stops, are dropped on the way.
+it returns. A failed shard's rows, or those of a shard the worker gives back once it stops
+(NOTE [drain] in worker/drain.py), are dropped on the way.
 """
 
 from __future__ import annotations
@@ -110,17 +111,28 @@ class ShardWork:
 
 @dataclasses.dataclass
 class Flow:
-    """What every stage sees: the shards in flight, the worker's stop and the pipeline's abort."""
+    """What every stage sees: the shards in flight, what the stopped worker gives back and the
+    pipeline's abort."""
 
-    stop: threading.Event
     abort: threading.Event
     quarantine_limit: int
     shards: dict[str, ShardWork] = dataclasses.field(default_factory=dict)
+    kept: frozenset[str] | None = None  # once the worker stopped: the tries it still finishes
 
     def dropping(self, shard_id: str) -> bool:
-        """Whether a shard's rows need no more work: it failed, or the worker is stopping."""
+        """Whether a shard's rows need no more work: it failed, or the stopped worker gives it back."""
         work = self.shards.get(shard_id)
-        return self.stop.is_set() or work is None or work.error is not None
+        return work is None or work.error is not None or self.given_back(shard_id)
+
+    def given_back(self, shard_id: str) -> bool:
+        """Whether the worker stopped and gives this try back unfinished (NOTE [drain])."""
+        kept = self.kept
+        return kept is not None and shard_id not in kept
+
+    def give_back(self, keep: Iterable[str] = ()) -> None:
+        """From now on, drop the rows of every try but ``keep``: only ever fewer (NOTE [drain])."""
+        keep = frozenset(keep)
+        self.kept = keep if self.kept is None else self.kept & keep
 
     def fail(self, shard_id: str, exc: Exception) -> None:
         work = self.shards.get(shard_id)

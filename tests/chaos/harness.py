@@ -362,6 +362,7 @@ class _Run:
             preprocess_workers=1,
             torch_threads=1,
             slot=f"{slot.index}/{len(self.slots)}" if self.schedule.slotted else None,
+            drain_s=self.schedule.drain_s or None,
         )
         if self.dying is not None and self.dying.slot == slot.index and slot.starts == 1:
             wrapper = [sys.executable, "-m", "tests.chaos.die_before_commit", str(self.dying.nth), str(self.die_marker)]

@@ -41,8 +41,9 @@ from tests.conftest import TABULAR, write_transactions
 from tests.s3_servers import StoreLocation
 
 # With small=True these two schedules hold every local fault kind between them: seed 4 dies
-# between an output put and its commit, is stopped past the lease TTL and SIGTERMed; seed 33
-# loses a preprocess child, is SIGKILLed and stopped past the TTL.
+# between an output put and its commit, is stopped past the lease TTL and SIGTERMed (its workers
+# drain for 2 s first: NOTE [drain]); seed 33 loses a preprocess child, is SIGKILLed and stopped
+# past the TTL.
 QUICK_LOCAL_SEEDS = [4, 33]
 QUICK_SEAWEEDFS_SEED = 4  # a kill between the output PUT and the commit, on S3
 

@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from airflow_antbatch import layout
-from airflow_antbatch.ledger import Lease, Ledger, WorkerIdentity
+from airflow_antbatch.ledger import DRAINING, Lease, Ledger, WorkerIdentity
 from airflow_antbatch.planning import plan_job
 from airflow_antbatch.shards import JobPlan
 from airflow_antbatch.spec import JobSpec
@@ -259,6 +259,28 @@ def test_a_rerun_of_a_killed_worker_ends_with_its_work_not_a_ttl_later() -> None
     # 8 shards of work (4 s here) and one idle poll: the killed incarnation's heartbeat is not
     # waited out (that took 3.5 TTLs: a TTL, then the idle wait grown long)
     assert sim.clock() - started <= 8 * POLL / 4 + POLL / 4
+
+
+def test_the_heir_of_a_draining_worker_walks_on_past_the_try_it_finishes() -> None:
+    """NOTE [drain]: a replaced pod's worker finishes its try in its grace period while its heir
+    starts on the slot's run: the heir leaves that try to it, neither fencing it out nor ending
+    its run there, and the predecessor's commit stands."""
+    sim = Sim.create(shards=10)
+    draining = sim.worker("w0", slot=(0, 1))
+    draining.step()  # holds shard 0
+    draining.beat(DRAINING)
+    heir = sim.worker("w0", slot=(0, 1))
+    for _ in range(12):
+        heir.step()
+        sim.clock.advance(POLL / 8)
+    first = sim.plan.shard_ids[0]
+    assert first not in sim.committed() and len(sim.committed()) >= 3  # walked on past it
+    draining.step()  # the drain commits it
+    draining.beat("preempted")
+    run_to_end(sim, [heir], max_rounds=400)
+    epochs = sim.committed()
+    assert len(epochs) == 10 and epochs[first] == 0  # the predecessor's try, not fenced out
+    assert heir.committed == 9
 
 
 def test_a_rerun_of_a_finished_job_costs_one_read() -> None:

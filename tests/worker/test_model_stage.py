@@ -36,7 +36,7 @@ class OnCpu(torch.nn.Module):
 
 
 def run_stage(model: torch.nn.Module, scaler: ElasticScaler) -> ScoringStage:
-    flow = Flow(threading.Event(), threading.Event(), quarantine_limit=0)
+    flow = Flow(threading.Event(), quarantine_limit=0)
     flow.shards["s"] = ShardWork(lease=None, shard=None)  # type: ignore[arg-type]
     stage = ScoringStage(flow, ModelRunner(ModelStage(name="m", model="x"), model), 0, scaler)
     inbox, outbox = Channel(flow.abort, depth=BATCHES + 1), Channel(flow.abort, depth=BATCHES + 1)
