@@ -158,11 +158,14 @@ bench-straggler: $(STAMP)
 # Elastic pool (issue 14, docs/benchmarks.md "Elastic pool"): the mapped fan-out against the pool
 # (the real PoolController) on bench/elastic_trace.json, simulated time, under a minute.
 # bench/results/elastic.json; docs/benchmarks-elastic.png is drawn in bench/.venv-ray.
-.PHONY: bench-elastic
+.PHONY: bench-elastic bench-preempt
 
 bench-elastic: $(STAMP)
 	$(PY) -m bench.elastic
 	$(PY) -m bench.docgen
+
+bench-preempt: $(STAMP)
+	$(PY) -m bench.preempt
 
 # The GPU check (issue 16, docs/benchmarks.md "GPU"): on a lent GPU machine, with that machine's
 # own python3 (torch with CUDA, pyarrow, fsspec, numpy; no venv, no Airflow), at most 8 minutes.

@@ -33,6 +33,7 @@ RENDERERS: dict[str, str] = {
     "standing": "bench.report:render_standing",
     "resume": "bench.resume_report:render",
     "elastic": "bench.elastic_report:render",
+    "preempt": "bench.preempt_report:render",
     "straggler": "bench.straggler_report:render",
     "gpu": "bench.gpu_report:render",
     "newuser": "bench.newuser_report:render_newuser",
@@ -75,6 +76,18 @@ def stale_blocks(text: str, rendered: str) -> list[str]:
     """The names of the blocks whose text differs between two versions of the doc."""
     before = {m.group(2): m.group(3) for m in BLOCK.finditer(text)}
     return [m.group(2) for m in BLOCK.finditer(rendered) if before.get(m.group(2)) != m.group(3)]
+
+
+def write_result(path: str, report: Mapping[str, object], *, regenerate: bool = True) -> int:
+    """Write a benchmark's result file, then (``regenerate``) the doc from the folder it is in."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=1)
+        handle.write("\n")
+    return main(["--results", os.path.dirname(os.path.abspath(path))]) if regenerate else 0
 
 
 def main(argv: list[str] | None = None) -> int:

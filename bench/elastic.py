@@ -22,7 +22,14 @@ Lost and duplicated shards are judged from the ledger's commit records; pod-seco
 by use (``bench.elastic_usage``), and ``floor`` says how low any launcher's ratio could go (the
 work alone). ``--seed`` (14) is run in full; ``--seeds`` (15,16,17) run the same four and are
 summed up a line each under ``seeds`` (the work drawn and the preemption victims change, the
-trace does not). Virtual time: the whole benchmark takes under a minute of real time.
+trace does not).
+
+A preempted worker drains (NOTE [drain] in worker/drain.py) in every run, both launchers
+alike: 45 s on a capacity drop (priority preemption honours the pods' 60 s grace period), 15
+s on a spot reclaim (GKE's 30 s notice). ``drain`` (``--drain-seeds``, 14-21) runs the three
+launchers on each of those seeds with the drain and without it, and gives the means: what
+preemption cut short, pod-seconds and makespans. Virtual time: the whole benchmark takes
+about two minutes of real time.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ from bench.simclock import SimClock
 from bench.simstore import SimStore
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from bench.elastic_cluster import Pod
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,6 +104,11 @@ class Setup:
     startup_timeout_s: float = 120.0  # KubernetesPodOperator's startup_timeout_seconds
     deadline_s: float = 3000.0
     patient_startup_timeout_s: float = 24 * 3600.0  # mapped_patient: what a shared cluster's DAG author sets
+    # What a preempted worker may drain (NOTE [drain]), both launchers alike: priority preemption
+    # (a shrink) honours the pods' grace period (60 s: drain_budget(60)); a spot reclaim gives
+    # the node's notice (30 s on GKE: drain_budget(30)).
+    drain_s: float = 45.0
+    reclaim_drain_s: float = 15.0
 
 
 class _Job:
@@ -113,7 +127,7 @@ class _Job:
         self.output = SimStore(self.sim, seed=setup.seed + 1, name="output")
         self.state.preload(layout.PLAN_FILE, b"plan")
         self.fleet = Fleet(self.sim, self.cfg, self.plan, self.work, (self.state, self.output))
-        self.cluster = Cluster(self.sim, trace.pod_start_s, setup.seed)
+        self.cluster = Cluster(self.sim, trace.pod_start_s, setup.seed, (setup.drain_s, setup.reclaim_drain_s))
         self.end_s = 0.0
         self.decisions: list[tuple[float, int, str]] = []  # (t, wanted, reason) where the wanted count changed
 
@@ -197,14 +211,15 @@ class _Job:
         reclaims = {t for t, kind, _ in self.cluster.events if kind == "preempt"}
         rows: dict[str, list[tuple[float, float | None]]] = {"reclaim": [], "shrink": []}
         for pod in self.cluster.every:
-            if pod.reason != "DisruptionTarget" or pod.ended_s is None or pod.ended_s >= self.end_s:
+            taken = pod.taken_s  # its SIGTERM: a drain (NOTE [drain]) goes on beside its heir
+            if pod.reason != "DisruptionTarget" or taken is None or taken >= self.end_s:
                 continue
-            after = [p for p in self.cluster.every if p.slot == pod.slot and p.created_s >= pod.ended_s]
+            after = [p for p in self.cluster.every if p.slot == pod.slot and p.created_s >= taken]
             if not after:
                 continue
             nxt = min(after, key=lambda p: p.created_s)
-            working = nxt.started_s - pod.ended_s if _started(nxt) and nxt.started_s is not None else None
-            rows["reclaim" if pod.ended_s in reclaims else "shrink"].append((nxt.created_s - pod.ended_s, working))
+            working = nxt.started_s - taken if _started(nxt) and nxt.started_s is not None else None
+            rows["reclaim" if taken in reclaims else "shrink"].append((nxt.created_s - taken, working))
         return {kind: _spread(pairs) for kind, pairs in rows.items()}
 
 
@@ -295,15 +310,47 @@ def pool(settings: PoolSettings) -> Any:
     return drive
 
 
-def run_all(trace: Trace, setup: Setup, *, log: Any = sys.stderr) -> dict[str, Any]:
-    """The three runs over the same plan, work and trace; the result document's body."""
-    base = PoolSettings(min_workers=setup.min_workers, max_workers=trace.max_workers)
-    runs = {
+def _launcher_runs(trace: Trace, setup: Setup) -> dict[str, dict[str, Any]]:
+    """Both launchers, mapped twice (KPO defaults, a patient startup timeout), on one setup."""
+    return {
         "mapped": _Job(trace, setup).run(mapped, setup.startup_timeout_s),
         "mapped_patient": _Job(trace, setup).run(mapped, setup.patient_startup_timeout_s),
-        "pool": _Job(trace, setup).run(pool(base)),
+        "pool": _Job(trace, setup).run(
+            pool(PoolSettings(min_workers=setup.min_workers, max_workers=trace.max_workers))
+        ),
     }
-    deadline = _Job(trace, setup).run(pool(dataclasses.replace(base, deadline_s=setup.deadline_s)))
+
+
+def drain_effect(trace: Trace, setup: Setup, seeds: Iterable[int]) -> dict[str, Any]:
+    """NOTE [drain]: each launcher over the same seeds with preempted workers draining and with
+    them giving their try back at once: means of what preemption cut short, and of the totals.
+    Seeds, because one run's timing is chaotic (a kept shard moves every later claim)."""
+    seeds = list(seeds)
+    out: dict[str, Any] = {"seeds": seeds, "budget_s": {"shrink": setup.drain_s, "reclaim": setup.reclaim_drain_s}}
+    for label, drains in (("off", (0.0, 0.0)), ("on", (setup.drain_s, setup.reclaim_drain_s))):
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for seed in seeds:
+            run = dataclasses.replace(setup, seed=seed, drain_s=drains[0], reclaim_drain_s=drains[1])
+            for name, r in _launcher_runs(trace, run).items():
+                rows.setdefault(name, []).append(r)
+        out[label] = {
+            name: {
+                "makespan_s": round(statistics.fmean(r["makespan_s"] for r in runs), 1),
+                "pod_seconds": round(statistics.fmean(r["pod_seconds"] for r in runs), 1),
+                "cut_short_s": round(statistics.fmean(r["pod_seconds_by_use"]["preempted"] for r in runs), 1),
+                "lost": sum(r["lost"] for r in runs),
+                "duplicated": sum(r["duplicated"] for r in runs),
+            }
+            for name, runs in rows.items()
+        }
+    return out
+
+
+def run_all(trace: Trace, setup: Setup, *, log: Any = sys.stderr) -> dict[str, Any]:
+    """The three runs over the same plan, work and trace; the result document's body."""
+    runs = _launcher_runs(trace, setup)
+    settings = PoolSettings(min_workers=setup.min_workers, max_workers=trace.max_workers, deadline_s=setup.deadline_s)
+    deadline = _Job(trace, setup).run(pool(settings))
     work_s = deadline["work_s"]
     runs["deadline"] = {
         "deadline_s": setup.deadline_s,
@@ -393,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
         default="15,16,17",
         help="more seeds, run whole and summed up under 'seeds' (comma-separated; '' for none)",
     )
+    parser.add_argument(
+        "--drain-seeds",
+        default="14-21",
+        help="seeds FIRST-LAST for the drain's effect: every launcher with and without it ('' for none)",
+    )
     parser.add_argument("--out", default=os.path.join(RESULTS, "elastic.json"))
     parser.add_argument("--no-plot", action="store_true", help="do not redraw docs/benchmarks-elastic.png")
     args = parser.parse_args(argv)
@@ -407,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         if str(seed) not in seeds:
             print(f"seed {seed}:", file=sys.stderr)
             seeds[str(seed)] = seed_summary(run_all(trace, dataclasses.replace(setup, seed=seed)))
+    if args.drain_seeds:
+        first, _, last = args.drain_seeds.partition("-")
+        print(f"drain on and off, seeds {args.drain_seeds}", file=sys.stderr)
+        body["drain"] = drain_effect(trace, setup, range(int(first), int(last or first) + 1))
     report = {
         "command": "python -m bench.elastic",
         "finished_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),

@@ -9,6 +9,13 @@ heartbeat thread. A pod's worker is ``bench.scale._Worker`` (the real ``Claimer`
 replacement takes its predecessor's tries over as a real one does. A pod's clock counts from
 its own start (as the worker's rows/s does) and its sleeps stop at a kill: what SIGTERM does
 to a real worker then follows (the lease in hand released as preempted, a final heartbeat).
+
+A preempted pod is taken back gracefully (NOTE [drain] in worker/drain.py): it gets SIGTERM and
+runs (billed, outside the capacity: its node is going) while its worker drains, up to a budget:
+``drain_s`` for a shrink (priority preemption honours the pod's grace period), ``reclaim_drain_s``
+for a spot reclaim (the node's notice). The worker finishes the try in hand where its pace says
+the rest fits (``tries_to_finish``), else gives it back at once, and exits with the preempted
+state; the pod then fails with reason DisruptionTarget. A budget of 0 kills the pod at once.
 """
 
 from __future__ import annotations
@@ -16,16 +23,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+import threading
 import zlib
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from airflow_antbatch.ledger import WorkerIdentity
+from airflow_antbatch.ledger import DRAINING, WorkerIdentity
 from airflow_antbatch.pool import PodView, worker_id
 from airflow_antbatch.worker.claims import Claimer
-from bench.scale import _Tally, _Worker
+from airflow_antbatch.worker.drain import slowest, tries_to_finish
+from bench.scale import ROWS_PER_SHARD, _Tally, _Worker
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from airflow_antbatch.ledger import Lease
     from airflow_antbatch.shards import JobPlan
     from bench.scale import Config
@@ -34,6 +45,7 @@ if TYPE_CHECKING:
 
 KILL_CHECK_S = 1.0  # a pod's sleeps wake this often to see whether it was killed
 HOST_POLL_S = 1.0  # a slot's host looks for a newly scheduled pod this often
+HOST_LANES = 2  # pods of one slot that run at once: one being taken back (draining) and its heir
 
 
 class Killed(Exception):
@@ -62,6 +74,10 @@ class Pod:
     reason: str | None = None
     killed: bool = False
     tries: list[Try] = dataclasses.field(default_factory=list)  # its shard tries (bench.elastic_usage)
+    sigterm: threading.Event = dataclasses.field(default_factory=threading.Event)  # being taken back
+    taken_s: float | None = None  # when the cluster took it back (SIGTERM, or a kill without a drain)
+    drain_until: float | None = None  # the cluster's time its worker's drain budget runs out
+    hosted: bool = False  # a host thread has taken it up
 
     def view(self, now: float) -> PodView:
         return PodView(
@@ -72,15 +88,17 @@ class Pod:
             age_s=now - self.created_s,
             reason=self.reason,
             exit_code=None if self.reason is None else 143,
+            deleting=self.sigterm.is_set() and self.ended_s is None,
         )
 
 
 class Cluster:
     """Slots over time and a FIFO queue of pods waiting for one; every change is logged."""
 
-    def __init__(self, sim: SimClock, pod_start_s: float, seed: int) -> None:
+    def __init__(self, sim: SimClock, pod_start_s: float, seed: int, drains: tuple[float, float] = (0.0, 0.0)) -> None:
         self.sim = sim
         self.pod_start_s = pod_start_s
+        self.drain_s, self.reclaim_drain_s = drains
         self.capacity = 0
         self.pods: dict[str, Pod] = {}  # what a listing shows: deleted pods vanish
         self.every: list[Pod] = []
@@ -115,19 +133,35 @@ class Cluster:
     def set_capacity(self, slots: int) -> None:
         self.events.append((self.sim.now(), "freed" if slots > self.capacity else "shrunk", slots))
         self.capacity = slots
-        self._preempt(len(self.running()) - slots)
+        self._preempt(len(self._holding()) - slots, self.drain_s)
         self._schedule()
 
     def preempt(self, count: int) -> None:
         """Spot nodes reclaimed and replaced at once: ``count`` pods lose their node, not the slots."""
         self.events.append((self.sim.now(), "preempt", count))
-        self._preempt(count)
+        self._preempt(count, self.reclaim_drain_s)
         self._schedule()
 
-    def _preempt(self, count: int) -> None:
-        running = self.running()
-        for pod in self._rng.sample(running, max(0, min(count, len(running)))):
+    def drained(self, pod: Pod) -> None:
+        """The worker of a pod being taken back exited: its slot is free."""
+        if pod.ended_s is None:
             self._end(pod, "Failed", "DisruptionTarget")
+            self._schedule()
+
+    def _holding(self) -> list[Pod]:
+        """Pods holding a slot of the capacity: not those being taken back, whose nodes go (the
+        preemptor's, or a reclaimed spot node's) while they drain."""
+        return [p for p in self.running() if not p.sigterm.is_set()]
+
+    def _preempt(self, count: int, drain_s: float) -> None:
+        running = self._holding()
+        for pod in self._rng.sample(running, max(0, min(count, len(running)))):
+            pod.taken_s = self.sim.now()
+            if drain_s > 0 and pod.started_s is not None and pod.started_s >= 0:
+                pod.reason, pod.drain_until = "DisruptionTarget", self.sim.now() + drain_s
+                pod.sigterm.set()  # billed until its worker exits
+            else:
+                self._end(pod, "Failed", "DisruptionTarget")
 
     def _end(self, pod: Pod, phase: str, reason: str | None) -> None:
         if pod in self._queue:
@@ -136,7 +170,7 @@ class Cluster:
         self._log()
 
     def _schedule(self) -> None:
-        while self._queue and len(self.running()) < self.capacity:
+        while self._queue and len(self._holding()) < self.capacity:
             pod = self._queue.popleft()
             pod.scheduled_s, pod.phase = self.sim.now(), "Running"
         self._log()
@@ -153,16 +187,23 @@ class PodClock:
         self._sim = sim
         self._pod = pod
         self._start = sim.now()
+        self.keep: Callable[[float], bool] | None = None  # while scoring: whether to drain the try (seconds left)
 
     def now(self) -> float:
         return self._sim.now() - self._start
 
     def sleep(self, seconds: float) -> None:
+        """Sleeps end at a kill; after SIGTERM, only a try its worker keeps goes on, to the drain's end."""
         end = self._sim.now() + seconds
+        kept = False
         while True:
-            if self._pod.killed:
-                raise Killed(self._pod.name)
-            left = end - self._sim.now()
+            pod, left = self._pod, end - self._sim.now()
+            if pod.killed:
+                raise Killed(pod.name)
+            if pod.sigterm.is_set():
+                kept = kept or (self.keep is not None and self.keep(left))
+                if not kept or (pod.drain_until is not None and self._sim.now() >= pod.drain_until):
+                    raise Killed(pod.name)
             if left <= 0:
                 return
             self._sim.sleep(min(KILL_CHECK_S, left))
@@ -204,24 +245,49 @@ class PodWorker(_Worker):
             slot=(slot, run.workers),
             poll_interval_s=run.cfg.poll_interval_s,
             rng=random.Random(zlib.crc32(f"{run.cfg.seed}/{incarnation}".encode())),
+            stop=pod.sigterm,
         )
         self.lease: Lease | None = None
+        self.state = "running"  # what its beats say until the final one
         self.pod = pod
         self.cluster = run.cluster_sim  # the cluster's clock, for the pod's try records
+        self.pod_clock = run.sim
+
+    def final_state(self) -> str:
+        return "preempted" if self.pod.sigterm.is_set() else "finished"
 
     def process(self, lease: Lease) -> None:
         self.lease, self.claimer.current = lease, lease.shard_id
         if self.claimer.at_tail():  # as worker.loop does: idle workers and the pool read a fresh heartbeat
             self.beat()
         at, won, outcome = self.cluster.now(), self.shards_committed, "killed"
+        seconds = self.run.work[lease.shard_id]
+        self.pod_clock.keep = lambda left: self._drains(left, seconds)
         try:
             super().process(lease)
             outcome = "committed" if self.shards_committed > won else "wasted"
         finally:
+            self.pod_clock.keep = None
             self.pod.tries.append(Try(lease.shard_id, at, self.cluster.now(), outcome))
         self.lease = self.claimer.current = None
         if outcome == "committed":  # worker.loop's beat after a commit comes once the try is settled
             self.beat()
+
+    def _drains(self, left_s: float, seconds: float) -> bool:
+        """``worker.loop``'s choice at SIGTERM, for its one try: its rows left at its recent pace."""
+        pace = self.claimer.pace()
+        rows_left = round(ROWS_PER_SHARD * max(0.0, left_s) / seconds) if seconds > 0 else 0
+        so_far = ROWS_PER_SHARD / seconds if seconds > left_s > 0 else None  # its rows at an even rate
+        rows_per_s = slowest(ROWS_PER_SHARD / pace if pace else None, so_far)
+        budget = (self.pod.drain_until or 0.0) - self.cluster.now()
+        if tries_to_finish([rows_left], rows_per_s, budget) < 1:
+            return False
+        self.state = DRAINING  # the heir of its slot leaves the try to it
+        self.beat()
+        return True
+
+    def beat(self, state: str | None = None) -> None:
+        super().beat(state or self.state)
 
     def terminate(self) -> None:
         """SIGTERM, as ``worker.loop`` handles it: release the try in hand, a final heartbeat."""
@@ -243,7 +309,7 @@ class Fleet:
         self.slots = 0
         self.over = False  # set by the launcher once its job is done: the hosts stop
         self.cluster: Cluster
-        self.current: dict[int, PodWorker] = {}
+        self.current: dict[tuple[int, int], PodWorker] = {}  # (slot, lane) -> the worker it runs
 
     def commit_extra(self, name: str) -> dict[str, Any]:
         return {"sha256": hashlib.sha256(name.encode()).hexdigest()}
@@ -251,15 +317,17 @@ class Fleet:
     def spawn(self, cluster: Cluster, slots: int) -> None:
         self.cluster, self.slots = cluster, slots
         for slot in range(slots):
-            self.sim.spawn(self._host, slot, name=f"host-{slot}")
-            self.sim.spawn(self._beats, slot, name=f"beats-{slot}")
+            for lane in range(HOST_LANES):
+                self.sim.spawn(self._host, slot, lane, name=f"host-{slot}-{lane}")
+                self.sim.spawn(self._beats, slot, lane, name=f"beats-{slot}-{lane}")
 
-    def _host(self, slot: int) -> None:
+    def _host(self, slot: int, lane: int) -> None:
         while not self.over:
             pod = next((p for p in self.cluster.every if p.slot == slot and _ready(p)), None)
             if pod is None:
                 self.sim.sleep(HOST_POLL_S)
                 continue
+            pod.hosted = True
             assert pod.scheduled_s is not None
             self.sim.sleep(max(0.0, pod.scheduled_s + self.cluster.pod_start_s - self.sim.now()))
             if pod.killed:
@@ -267,23 +335,26 @@ class Fleet:
                 continue
             pod.started_s = self.sim.now()
             worker = PodWorker(PodRun(self, pod), slot, pod.name.replace("pool-", "i"), pod)
-            self.current[slot] = worker
+            self.current[slot, lane] = worker
             try:
                 worker.main()
             except Killed:
                 worker.terminate()
             else:
-                self.cluster.exited(pod)
-            del self.current[slot]
+                if not pod.sigterm.is_set():
+                    self.cluster.exited(pod)
+            if pod.sigterm.is_set():
+                self.cluster.drained(pod)
+            del self.current[slot, lane]
 
-    def _beats(self, slot: int) -> None:
+    def _beats(self, slot: int, lane: int) -> None:
         interval = self.cfg.lease_ttl_s / 4
         while not self.over:
             self.sim.sleep(interval)
-            worker = self.current.get(slot)
+            worker = self.current.get((slot, lane))
             if worker is not None and not worker.stopped:
                 worker.beat()
 
 
 def _ready(pod: Pod) -> bool:
-    return pod.scheduled_s is not None and pod.started_s is None
+    return pod.scheduled_s is not None and not pod.hosted

@@ -79,6 +79,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"(min_workers {d['min_workers']}; "
         f"{d['workers_needed_at_full_speed']} would do at full speed).",
         *_seeds(r.get("seeds") or {}),
+        *_drain(r.get("drain")),
         "",
         "| reaction | " + " | ".join(label for _, label in RUNS) + " |",
         "|---|" + "---:|" * len(RUNS),
@@ -111,6 +112,32 @@ def _seeds(seeds: dict[str, Any]) -> list[str]:
             f"| {ratio['mapped_patient']:.2f}x ({fl['mapped_patient']['least_pool_ratio']:.2f}x) "
             f"| {x['makespan_s']['deadline']:.0f} s, {'met' if x['deadline_met'] else '**missed**'} "
             f"| {x['lost']} / {x['duplicated']} |"
+        )
+    return lines
+
+
+def _drain(drain: dict[str, Any] | None) -> list[str]:
+    """The drain's effect (NOTE [drain]): every launcher with and without it, means over seeds."""
+    if not drain:
+        return []
+    seeds, budget = drain["seeds"], drain["budget_s"]
+    lines = [
+        "",
+        f"Preempted workers drain in every run above: {budget['shrink']:.0f} s on a capacity drop, "
+        f"{budget['reclaim']:.0f} s on a spot reclaim (NOTE [drain] in `worker/drain.py`). With and without "
+        f"it, means over seeds {seeds[0]}-{seeds[-1]}:",
+        "",
+        "| run | cut short by preemption: off / on | pod-seconds: off / on | makespan: off / on | lost / duplicated |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, label in RUNS:
+        off, on = drain["off"][key], drain["on"][key]
+        lines.append(
+            f"| {label} | {_num(off['cut_short_s'])} / {_num(on['cut_short_s'])} "
+            f"({on['cut_short_s'] / off['cut_short_s'] - 1:+.0%}) "
+            f"| {_num(off['pod_seconds'])} / {_num(on['pod_seconds'])} "
+            f"| {off['makespan_s']:.0f} / {on['makespan_s']:.0f} s "
+            f"| {off['lost'] + on['lost']} / {off['duplicated'] + on['duplicated']} |"
         )
     return lines
 

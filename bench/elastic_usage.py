@@ -13,8 +13,9 @@ unschedulable pod holds nothing and is not billed (``pending_unbilled`` is shown
 - ``idle_no_work``: running, no try in hand, and nothing left to claim: every uncommitted shard
   was in some other pod's hands (the tail, and a pool's extras between ticks);
 - ``terminating``: from deletion to the slot being free. The simulated kubelet frees the slot at
-  deletion and a worker releases its lease on SIGTERM at once, so this is 0 here; on a real
-  cluster it is the time a worker takes to exit (about a second), per deleted pod.
+  deletion; a preempted worker's drain (NOTE [drain]) is on its try, committed or cut short,
+  and it exits as soon as that try ends, so this is 0 here; on a real cluster it is the time a
+  worker takes to exit (about a second), per deleted pod.
 
 "Something to claim" is judged from the tries themselves: a shard is claimable from time 0 until
 its commit, except while some try of it is in flight. A lease that dies without a release (a

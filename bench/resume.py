@@ -499,16 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     from bench.resume_report import bars, text_table
 
     report["bars"] = bars(report)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(report, handle, indent=1)
     print(text_table(report))
     print(f"wrote {args.out} in {report['wall_s']:.0f}s")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
-    if not args.no_report:
-        return docgen.main(["--results", os.path.dirname(os.path.abspath(args.out))])
-    return 0
+    return docgen.write_result(args.out, report, regenerate=not args.no_report)
 
 
 if __name__ == "__main__":

@@ -178,11 +178,15 @@ class _Worker:
             tally.leases += 1
             self.process(lease)
         self.stopped = True
-        self.beat("finished")
+        self.beat(self.final_state())
         tally.exits.append(sim.now())
         stats = getattr(self.claimer, "stats", None)
         if stats is not None and hasattr(stats, "to_dict"):
             tally.claimer.update(stats.to_dict())
+
+    def final_state(self) -> str:
+        """The last heartbeat's state: a claimer with nothing left returns None only when finished."""
+        return "finished"
 
     def process(self, lease: Lease) -> None:
         """One shard as ``worker.loop`` finishes it: output PUT, fencing read, commit, beat, settle.
