@@ -27,14 +27,15 @@ def markdown(r: dict[str, Any]) -> str:
         f"{data['rows']:,} rows in shards of {data['max_shard_rows']:,} (batches of {data['batch_size']}), "
         f"medians of {repeats} interleaved repeats; load average before {r['load_avg_before'][0]}.",
         "",
-        "| SIGTERM mid-shard | rows scored twice | SIGTERM to exit | job wall time (both workers) "
-        "| duplicated / missing ids |",
+        "| SIGTERM mid-shard | rows scored twice: median (each repeat) | SIGTERM to exit "
+        "| job wall time (both workers) | duplicated / missing ids |",
         "|---|---:|---:|---:|---:|",
     ]
     for key, label in RUNS:
         m = median[key]
+        each = ", ".join(f"{n:,}" for n in m["rows_scored_twice_each"])
         lines.append(
-            f"| {label} | {m['rows_scored_twice']:,.0f} | {m['exit_after_signal_s']:.2f} s | {m['job_wall_s']:.2f} s "
-            f"| {m['duplicates']} / {m['missing']} |"
+            f"| {label} | {m['rows_scored_twice']:,.0f} ({each}) | {m['exit_after_signal_s']:.2f} s "
+            f"| {m['job_wall_s']:.2f} s | {m['duplicates']} / {m['missing']} |"
         )
     return "\n".join(lines)

@@ -21,7 +21,7 @@ def _run(drain_s: float, twice: int, exit_s: float) -> dict[str, object]:
     }
 
 
-def test_the_report_renders_the_medians_from_the_result_file(tmp_path: pathlib.Path) -> None:
+def test_the_report_renders_the_medians_and_each_repeat_from_the_result_file(tmp_path: pathlib.Path) -> None:
     runs = {
         "release": [_run(0.0, 512, 0.2), _run(0.0, 768, 0.3), _run(0.0, 256, 0.2)],
         "drain": [_run(30.0, 0, 0.9), _run(30.0, 0, 1.1), _run(30.0, 0, 0.8)],
@@ -38,7 +38,7 @@ def test_the_report_renders_the_medians_from_the_result_file(tmp_path: pathlib.P
     }
     (tmp_path / "preempt.json").write_text(json.dumps(doc))
     text = preempt_report.render(tmp_path)
-    assert "| `--drain-s 0`: give back at once | 512 | 0.20 s | 12.00 s | 0 / 0 |" in text
-    assert "| `--drain-s 30`: finish what fits | 0 | 0.90 s | 12.00 s | 0 / 0 |" in text
+    assert "| `--drain-s 0`: give back at once | 512 (512, 768, 256) | 0.20 s | 12.00 s | 0 / 0 |" in text
+    assert "| `--drain-s 30`: finish what fits | 0 (0, 0, 0) | 0.90 s | 12.00 s | 0 / 0 |" in text
     assert "medians of 3 interleaved repeats" in text
     assert "make bench-preempt" in preempt_report.render(tmp_path / "missing")
