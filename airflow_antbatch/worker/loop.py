@@ -55,7 +55,7 @@ from airflow_antbatch.ledger import DRAINING
 from airflow_antbatch.store import AtomicStore
 from airflow_antbatch.worker.backoff import retry_store
 from airflow_antbatch.worker.claims import Claimer
-from airflow_antbatch.worker.drain import RecentPace, slowest, tries_to_finish
+from airflow_antbatch.worker.drain import RecentPace, estimated_rows, slowest, tries_to_finish
 from airflow_antbatch.worker.heartbeat import Heartbeat
 from airflow_antbatch.worker.local import available_cpus
 from airflow_antbatch.worker.model_stage import ScoringStage
@@ -355,15 +355,15 @@ class Worker:
             self._finish_kept(keep, rows_left[: len(keep)], len(held) - len(keep))
         self._drained.set()
 
-    def _finish_kept(self, keep: list[str], rows_left: list[int], others: int) -> None:
+    def _finish_kept(self, keep: list[str], rows_left: list[int | None], others: int) -> None:
         """Drain: the heartbeat says so (the heir of its slot then leaves these tries alone) until
         they are committed or the budget runs out."""
         self._heartbeat.state = DRAINING
         log.warning(
-            "%s: stopped; finishing %s (%d rows) within %.0fs, giving back %d other tries",
+            "%s: stopped; finishing %s (%s rows) within %.0fs, giving back %d other tries",
             self.identity.worker_id,
             ", ".join(keep),
-            sum(rows_left),
+            "unknown" if None in rows_left else sum(left or 0 for left in rows_left),
             self._drain_s,
             others,
         )
@@ -383,12 +383,15 @@ class Worker:
             return None
         return work.rows / max(1e-9, time.monotonic() - work.started)
 
-    def _rows_left(self, shard_id: str) -> int:
-        """Rows of a try in flight not yet through the last model stage; 0 where the plan does not
-        know a shard's rows (JSON lines): the budget bounds such a drain."""
+    def _rows_left(self, shard_id: str) -> int | None:
+        """Rows of a try in flight not yet through the last model stage; None where neither the
+        plan nor this worker's commits say how many rows the shard holds."""
+        rows = estimated_rows(self.plan.shard(self.plan.index_of(shard_id)), self._pace.rows_per_byte())
+        if rows is None:
+            return None
         work = self.pipeline.flow.shards.get(shard_id)
         done = work.rows + sum(q.batch.num_rows for q in list(work.quarantined)) if work is not None else 0
-        return max(0, (self.plan.shard_rows(self.plan.index_of(shard_id)) or 0) - done)
+        return max(0, rows - done)
 
     def _wait(self, seconds: float) -> None:
         """How the claimer waits: woken early when a shard in flight settles or the worker stops."""
@@ -502,7 +505,9 @@ class Worker:
             log.warning("%s: shard %s was committed by another try", self.identity.worker_id, shard_id)
             return True
         self._streak = ("", [])
-        self._pace.committed(time.monotonic(), table.num_rows)
+        self._pace.committed(
+            time.monotonic(), table.num_rows + quarantined, self.plan.shard(self.plan.index_of(shard_id)).size
+        )
         self.summary.shards_committed += 1
         self.summary.rows_committed += table.num_rows
         self.summary.rows_quarantined += quarantined

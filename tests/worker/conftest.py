@@ -12,12 +12,10 @@ from airflow_antbatch.spec import JobSpec
 from tests.conftest import TABULAR
 
 
-@pytest.fixture
-def plan_uri(transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path) -> str:
-    """The tabular example job over ``transactions``: 6 shards of 500 rows, batches of 100."""
-    directory, _ = transactions
-    spec = JobSpec(
-        input_uri=str(directory),
+def tabular_spec(input_uri: str, tmp_path: pathlib.Path) -> JobSpec:
+    """The tabular example job over ``input_uri``: shards of 500 rows, batches of 100."""
+    return JobSpec(
+        input_uri=input_uri,
         output_uri=str(tmp_path / "out"),
         model=f"{TABULAR}:build_model",
         id_column="txn_id",
@@ -25,4 +23,9 @@ def plan_uri(transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path
         batch_size=100,
         lease_ttl_s=5.0,
     )
-    return plan_job(spec).plan_uri
+
+
+@pytest.fixture
+def plan_uri(transactions: tuple[pathlib.Path, pa.Table], tmp_path: pathlib.Path) -> str:
+    """The tabular example job over ``transactions``: 6 shards of 500 rows."""
+    return plan_job(tabular_spec(str(transactions[0]), tmp_path)).plan_uri

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import threading
 
@@ -13,10 +14,20 @@ from hypothesis import strategies as st
 
 from airflow_antbatch.examples import tabular
 from airflow_antbatch.ledger import Ledger, WorkerIdentity
-from airflow_antbatch.worker.drain import DRAIN_MARGIN_S, RecentPace, drain_budget, slowest, tries_to_finish
+from airflow_antbatch.planning import plan_job
+from airflow_antbatch.spec import JobSpec
+from airflow_antbatch.worker.drain import (
+    DRAIN_MARGIN_S,
+    RecentPace,
+    drain_budget,
+    estimated_rows,
+    slowest,
+    tries_to_finish,
+)
 from airflow_antbatch.worker.job_code import JobCode
 from airflow_antbatch.worker.loop import Worker
 from tests.slow_model import SlowModel
+from tests.worker.conftest import tabular_spec
 
 
 @pytest.mark.parametrize(
@@ -26,12 +37,15 @@ from tests.slow_model import SlowModel
         ([100, 500], 100.0, 3.0, 1),  # nearly done, then a whole shard: only the first
         ([500], 100.0, 4.0, 0),  # 5 s left of it: given back at once, not at the deadline
         ([500, 500], None, 30.0, 1),  # no pace yet: the first only
+        ([None, 500], 100.0, 30.0, 1),  # rows not known: the first only
+        ([100, None, 100], 100.0, 30.0, 1),  # ... and never past one not known
+        ([500, 100], 100.0, 3.0, 0),  # the first does not fit: nothing kept behind it
         ([500], 100.0, 0.0, 0),  # no budget: today's release at once
         ([], 100.0, 30.0, 0),
     ],
 )
 def test_tries_to_finish_keeps_the_front_that_fits(
-    rows_left: list[int], rows_per_s: float | None, budget_s: float, kept: int
+    rows_left: list[int | None], rows_per_s: float | None, budget_s: float, kept: int
 ) -> None:
     assert tries_to_finish(rows_left, rows_per_s, budget_s) == kept
 
@@ -61,14 +75,38 @@ def test_a_straggler_is_judged_by_its_own_rate_not_the_recent_pace() -> None:
 
 def test_the_pace_leaves_out_the_first_commit_and_the_budget_the_margin() -> None:
     pace = RecentPace()
-    pace.committed(10.0, 500)  # its rows took the pipeline's fill too
-    assert pace.rows_per_s() is None
-    pace.committed(12.0, 400)
-    pace.committed(14.0, 600)
-    assert pace.rows_per_s() == 250.0
+    assert pace.rows_per_byte() is None
+    pace.committed(10.0, 500, 50_000)  # its rows took the pipeline's fill too
+    assert pace.rows_per_s() is None and pace.rows_per_byte() == 0.01  # but not the rows' length
+    pace.committed(12.0, 400, 30_000)
+    pace.committed(14.0, 600, 70_000)
+    assert pace.rows_per_s() == 250.0 and pace.rows_per_byte() == 0.01
     assert drain_budget(60) == 60 - DRAIN_MARGIN_S
     assert drain_budget(None) == 30 - DRAIN_MARGIN_S  # Kubernetes' default grace period
     assert drain_budget(5) == 0.0
+
+
+@pytest.fixture
+def jsonl_spec(tmp_path: pathlib.Path, transactions: tuple[pathlib.Path, pa.Table]) -> JobSpec:
+    """The transactions as three JSON-lines files, which the plan cuts by bytes at about 500
+    estimated rows a shard: rows it can only guess."""
+    directory = tmp_path / "jsonl"
+    directory.mkdir()
+    for i, part in enumerate(transactions[1].to_batches(max_chunksize=1000)):
+        (directory / f"part-{i}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in part.to_pylist()))
+    return tabular_spec(str(directory), tmp_path)
+
+
+def test_a_text_shards_rows_are_reckoned_from_its_bytes_at_the_committed_rows_per_byte(
+    jsonl_spec: JobSpec,
+) -> None:
+    shards = list(plan_job(jsonl_spec).plan.shards)
+    assert all(shard.rows is None for shard in shards)
+    assert estimated_rows(shards[0], None) is None  # nothing committed yet: not known
+    rows_per_byte = 3000 / sum(shard.size for shard in shards)  # what commits of every shard would say
+    estimates = [estimated_rows(shard, rows_per_byte) for shard in shards]
+    assert sum(e or 0 for e in estimates) == pytest.approx(3000, abs=len(shards))
+    assert all(400 <= (e or 0) <= 540 for e in estimates[:-1])  # cut at about 500 estimated rows
 
 
 def _stopping_worker(plan_uri: str, stop_after_batches: int, drain_s: float, delay_s: float = 0.0) -> Worker:
@@ -120,3 +158,14 @@ def test_a_drain_that_runs_out_gives_the_shard_back_unfinished(
     assert len(ledger.store.list("releases")) == summary.claiming["claims"]
     assert not ledger.commit_records()
     _another_worker_commits(plan_uri, 6, transactions[1])
+
+
+def test_a_worker_stopped_on_json_lines_drains_and_another_scores_the_rest_once(
+    jsonl_spec: JobSpec, transactions: tuple[pathlib.Path, pa.Table]
+) -> None:
+    """Once it has committed a shard, the stopped worker reckons the rows of those in hand from
+    their bytes; whatever it keeps or gives back, every row is scored once."""
+    planned = plan_job(jsonl_spec)
+    first = _stopping_worker(planned.plan_uri, stop_after_batches=16, drain_s=30.0).run()
+    assert first.outcome == "preempted" and first.shards_committed >= 1
+    _another_worker_commits(planned.plan_uri, len(planned.plan.shards) - first.shards_committed, transactions[1])
