@@ -41,6 +41,8 @@ _WORKER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 EXITED_STATES = frozenset({"finished", "preempted", "failed"})
 # A stopped worker finishing the tries it kept before its exit (NOTE [drain] in worker/drain.py).
 DRAINING = "draining"
+# Heartbeat states of a process that holds tries and beats: what a job's status counts as live.
+LIVE_STATES = frozenset({"running", DRAINING})
 _READ_THREADS = 32  # records read side by side (finalize, status): one GET each on an object store
 _HEARTBEAT_FIELDS = ("token", "worker_id", "beat", "state", "time")  # what every heartbeat holds
 _RECENT_FAILURES = 20  # failed tries a heartbeat carries, newest last
@@ -581,7 +583,7 @@ class Ledger:
         beats = self._heartbeats()
         marked = self.idle_tokens() if idle else set()
         workers = [_worker_status(doc, doc["token"] in marked) for doc in beats]
-        live = [w for w in workers if w.state == "running" and w.last_beat_age_s < self.ttl_s]
+        live = [w for w in workers if w.state in LIVE_STATES and w.last_beat_age_s < self.ttl_s]
         failures = _failures_from(beats)
         counts = dict.fromkeys(ShardState, 0)
         stopped = None if done is None else done.get("stopped")

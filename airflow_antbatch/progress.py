@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from airflow_antbatch import layout
 from airflow_antbatch.layout import MANIFEST_NAME
-from airflow_antbatch.ledger import Ledger
+from airflow_antbatch.ledger import LIVE_STATES, Ledger
 from airflow_antbatch.store import AtomicStore
 
 if TYPE_CHECKING:
@@ -32,11 +32,12 @@ MAX_QUARANTINE_FILES = 200  # listed in a snapshot; their row counts come from t
 
 
 def is_stale(worker: WorkerStatus, lease_ttl_s: float) -> bool:
-    """A worker that says it is running but has not beaten for a lease TTL: dead, stuck or cut off.
+    """A worker that says it is running (or draining) but has not beaten for a lease TTL: dead,
+    stuck or cut off.
 
     Its shards are taken over by others after the same TTL, so this is the moment to look at it.
     """
-    return worker.state == "running" and worker.last_beat_age_s >= lease_ttl_s
+    return worker.state in LIVE_STATES and worker.last_beat_age_s >= lease_ttl_s
 
 
 @dataclasses.dataclass(frozen=True)

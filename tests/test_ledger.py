@@ -405,6 +405,11 @@ class TestLedgerProtocol:
             "read": 1,
         }
 
+        # One that drains still holds what it keeps (NOTE [drain]): leased, not pending.
+        b.beat("draining", current_shard=s1)
+        status = job.ledger().status()
+        assert (status.leased, status.pending) == (1, 1)
+
         # An owner that says it exited holds nothing, whatever its last claim.
         b.beat("preempted")
         status = job.ledger().status()

@@ -86,9 +86,11 @@ def test_table_after_finish_says_succeeded(
     assert "0 rows" in out  # nothing quarantined
 
 
-def test_a_silent_running_worker_is_marked_stale(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("state", ["running", "draining"])  # draining: NOTE [drain], SIGKILLed mid-drain
+def test_a_silent_live_worker_is_marked_stale(tmp_path: pathlib.Path, state: str) -> None:
     job = RunningJob.plan(tmp_path, lease_ttl_s=1.0)
     job.hold(0)
+    job.heartbeat(state)
     console = Console(file=io.StringIO(), width=200)
     threading.Event().wait(1.2)  # the heartbeat goes quiet for longer than the lease TTL
     snap = show(JobProgress(job.plan_uri), as_json=False, console=console)
