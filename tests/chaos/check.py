@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import io
+import json
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -37,6 +38,7 @@ class Verdict:
     duplicated: int  # committed rows beyond one per input row
     wasted_tries: int  # claims that did not commit
     wasted_rows: int  # their shards' rows
+    backups: int  # tries started as speculative backups: each race to the commit wastes one at most
     orphans: int  # files in the output folder after finalize that the manifest does not list
     losing_files: int  # files of tries that did not commit, found before finalize (it removes them)
     problems: list[str] = dataclasses.field(default_factory=list)  # manifest, content or ledger disagreements
@@ -84,7 +86,8 @@ def check_job(plan_uri: str, storage_options: dict[str, Any], expected: Counter[
         got.update(ids)
     shard_rows = {s.shard_id: s.rows or 0 for s in plan.shards}
     committed = {shard: record.epoch for shard, record in records.items()}
-    wasted = [(shard, epoch) for shard, epoch in _claims(ledger) if committed.get(shard) != epoch]
+    claims = _claims(ledger)
+    wasted = [(shard, epoch) for shard, epoch in claims if committed.get(shard) != epoch]
     listed = {entry["path"] for entry in files}
     orphans = _present(output) - listed - named - {MANIFEST_NAME}
     if finalized and orphans & losing:
@@ -95,6 +98,7 @@ def check_job(plan_uri: str, storage_options: dict[str, Any], expected: Counter[
         duplicated=sum((got - expected).values()),
         wasted_tries=len(wasted),
         wasted_rows=sum(shard_rows[shard] for shard, _ in wasted),
+        backups=sum(_is_backup(ledger, shard, epoch) for shard, epoch in claims if epoch),
         orphans=len(orphans),
         losing_files=len(losing),
         problems=problems,
@@ -179,6 +183,12 @@ def modified_times(store: AtomicStore, rel: str, *, recursive: bool = True) -> d
             continue
         out[name[len(prefix) :]] = when.timestamp() if isinstance(when, dt.datetime) else float(when)
     return out
+
+
+def _is_backup(ledger: Ledger, shard_id: str, epoch: int) -> bool:
+    """Whether a try was started as a backup of the one before (its claim says so)."""
+    data = ledger.store.read(layout.claim_key(shard_id, epoch))
+    return data is not None and bool(json.loads(data).get("backup"))
 
 
 def _claims(ledger: Ledger) -> list[tuple[str, int]]:

@@ -101,10 +101,12 @@ class RunResult:
 
     @property
     def wasted_bound_tries(self) -> int:
-        """MAX_LEASES per worker hit, MAX_LEASES per worker slot per store outage."""
+        """MAX_LEASES per worker hit, MAX_LEASES per worker slot per store outage, and one per
+        speculative backup: a worker slowed by a fault (a lost preprocess child) may be backed
+        up at the tail, and whichever try loses that race is wasted by design."""
         hits = sum(1 for i in self.injected if i.kind in LEASE_LOSING)
         outages = sum(1 for i in self.injected if i.kind == STORE_OUTAGE)
-        return MAX_LEASES * (hits + outages * self.schedule.workers)
+        return MAX_LEASES * (hits + outages * self.schedule.workers) + self.verdict.backups
 
     @property
     def within_bound(self) -> bool:

@@ -129,22 +129,23 @@ def test_checker_finds_lost_duplicated_wasted_and_rewritten(tmp_path: pathlib.Pa
     run_worker(plan_uri, "w0", preprocess_workers=0, torch_threads=1)
     expected = Counter(table.column("txn_id").to_pylist())
     clean = check_job(plan_uri, {}, expected)
-    assert dataclasses.astuple(clean) == (40, 0, 0, 0, 0, 0, 0, [])
+    assert dataclasses.astuple(clean) == (40, 0, 0, 0, 0, 0, 0, 0, [])
 
     # One more input row than was committed: lost.
     assert check_job(plan_uri, {}, expected + Counter({10**9: 1})).lost == 1
-    # A try that never committed: wasted, counted in its shard's rows; the file it wrote is a
-    # losing try's, which finalize removes.
+    # A try that never committed (a backup that lost its race): wasted, counted in its shard's
+    # rows and as a backup; the file it wrote is a losing try's, which finalize removes.
     ledger = Ledger.open(plan_uri)
     shard = ledger.plan.shard_ids[0]
     output = AtomicStore(spec.output_uri)
     [record] = [r for r in ledger.commit_records() if r.shard_id == shard]
-    assert ledger.store.create(layout.claim_key(shard, 1), b"{}")
+    assert ledger.store.create(layout.claim_key(shard, 1), b'{"backup": true}')
     loser = layout.output_name(ledger.plan.attempt, shard, 1)
     output.put(loser, output.read(record.file) or b"")
     # Finalized before the loser was written: finalizing again removes it all the same.
     wasted = check_job(plan_uri, {}, expected)
     assert (wasted.wasted_tries, wasted.wasted_rows, wasted.losing_files, wasted.orphans) == (1, 10, 1, 0)
+    assert wasted.backups == 1
     assert wasted.exactly_once and output.read(loser) is None
     # The committed file written again with the same bytes (a zombie would write the same rows):
     # the content matches, but it was written after its commit.
