@@ -386,12 +386,12 @@ class Worker:
     def _rows_left(self, shard_id: str) -> int | None:
         """Rows of a try in flight not yet through the last model stage; None where neither the
         plan nor this worker's commits say how many rows the shard holds."""
-        rows = estimated_rows(self.plan.shard(self.plan.index_of(shard_id)), self._pace.rows_per_byte())
+        work = self.pipeline.flow.shards.get(shard_id)  # None: claimed, not read yet
+        shard = work.shard if work is not None else self.plan.shard(self.plan.index_of(shard_id))
+        rows = estimated_rows(shard, self._pace.rows_per_byte())
         if rows is None:
             return None
-        work = self.pipeline.flow.shards.get(shard_id)
-        done = work.rows + sum(q.batch.num_rows for q in list(work.quarantined)) if work is not None else 0
-        return max(0, rows - done)
+        return max(0, rows - (work.rows + work.rows_quarantined if work is not None else 0))
 
     def _wait(self, seconds: float) -> None:
         """How the claimer waits: woken early when a shard in flight settles or the worker stops."""
@@ -487,7 +487,7 @@ class Worker:
             self.summary.rows_lost += table.num_rows
             log.warning("%s: lease on %s was taken over; not committing", self.identity.worker_id, shard_id)
             return False
-        quarantined = sum(q.batch.num_rows for q in work.quarantined)
+        quarantined = work.rows_quarantined
         committed = self._patiently(
             lambda: self.ledger.commit(
                 lease,
@@ -505,9 +505,7 @@ class Worker:
             log.warning("%s: shard %s was committed by another try", self.identity.worker_id, shard_id)
             return True
         self._streak = ("", [])
-        self._pace.committed(
-            time.monotonic(), table.num_rows + quarantined, self.plan.shard(self.plan.index_of(shard_id)).size
-        )
+        self._pace.committed(time.monotonic(), table.num_rows + quarantined, work.shard.size)
         self.summary.shards_committed += 1
         self.summary.rows_committed += table.num_rows
         self.summary.rows_quarantined += quarantined

@@ -101,6 +101,11 @@ class ShardWork:
     def rows(self) -> int:
         return sum(t.num_rows for t in self.tables)
 
+    @property
+    def rows_quarantined(self) -> int:
+        """Input rows set aside as bad records (a copy of the list: stages may still append)."""
+        return sum(q.batch.num_rows for q in list(self.quarantined))
+
     def fail(self, exc: Exception) -> None:
         if self.error is None:
             self.error = exc
